@@ -1,0 +1,237 @@
+"""Data-plane throughput and latency: Bridgeway vs an nginx reverse proxy, same upstream, same run.
+
+    python bench/proxy.py [--duration 10] [--connections 64] [--rounds 1] [--only direct,nginx]
+                          [--bridgeway-cmd "python -m bridgeway serve"] [--markdown]
+
+Rows: `direct` (wrk -> upstream nginx), `nginx` (wrk -> nginx proxy -> upstream),
+`bridgeway` (wrk -> gateway /bridge/bench/ -> upstream). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    CPU_LOAD,
+    CPU_PROXY,
+    DEFAULT_BRIDGEWAY_CMD,
+    Procs,
+    WrkResult,
+    free_port,
+    log,
+    nginx_proxy_server,
+    run_wrk,
+    sigterm_as_interrupt,
+    start_bridgeway,
+    start_nginx,
+    tail,
+    tree_cpu_seconds,
+    upstream_server,
+    wait_http,
+)
+
+TARGETS = ("direct", "nginx", "bridgeway")
+LABELS = {"direct": "direct (no proxy)", "nginx": "nginx proxy", "bridgeway": "bridgeway"}
+MIN_THROUGHPUT_RATIO = 0.45  # bridgeway req/s >= 0.45 x nginx proxy
+MAX_P99_RATIO = 3.0  # bridgeway p99 <= 3 x nginx proxy
+WARMUP_S = 2.0
+SATURATED_CPU = 0.85  # a proxy below this share of its core was not the bottleneck
+
+
+@dataclass(frozen=True)
+class Measurement:
+    wrk: WrkResult
+    cpu: float  # cores used by the server wrk talks to (its whole process tree) while measured
+
+    @property
+    def per_cpu_s(self) -> float:
+        """Requests per CPU-second of the server: efficiency, even when the load side is the cap."""
+        return self.wrk.rps / self.cpu if self.cpu else 0.0
+
+
+def measure(url: str, pid: int, connections: int, duration: float) -> Measurement:
+    run_wrk(url, connections=connections, duration=WARMUP_S)
+    before = tree_cpu_seconds(pid)
+    r = run_wrk(url, connections=connections, duration=duration)
+    return Measurement(r, (tree_cpu_seconds(pid) - before) / duration)
+
+
+def median(ms: list[Measurement]) -> Measurement:
+    """Median of each figure over rounds; errors are summed (any error matters)."""
+    med = statistics.median
+    return Measurement(
+        WrkResult(
+            rps=med([m.wrk.rps for m in ms]),
+            p50_ms=med([m.wrk.p50_ms for m in ms]),
+            p99_ms=med([m.wrk.p99_ms for m in ms]),
+            requests=sum(m.wrk.requests for m in ms),
+            non_2xx=sum(m.wrk.non_2xx for m in ms),
+            socket_errors=sum(m.wrk.socket_errors for m in ms),
+        ),
+        cpu=med([m.cpu for m in ms]),
+    )
+
+
+def table_rows(results: dict[str, Measurement]) -> list[list[str]]:
+    ref = results.get("nginx")
+    rows = []
+    for name, m in results.items():
+        r = m.wrk
+        thr = p99 = eff = "-"
+        if ref:
+            t, q = r.rps / ref.wrk.rps, r.p99_ms / ref.wrk.p99_ms
+            thr, p99 = f"{t:.2f}x", f"{q:.2f}x"
+            eff = f"{m.per_cpu_s / ref.per_cpu_s:.2f}x" if ref.per_cpu_s else "-"
+            if name == "bridgeway":  # show the targets next to the figures
+                thr += f" (target >= {MIN_THROUGHPUT_RATIO}: {'ok' if t >= MIN_THROUGHPUT_RATIO else 'MISS'})"
+                p99 += f" (target <= {MAX_P99_RATIO:g}: {'ok' if q <= MAX_P99_RATIO else 'MISS'})"
+        rows.append(
+            [
+                LABELS[name],
+                f"{r.rps:,.0f}",
+                f"{r.p50_ms:.2f} ms",
+                f"{r.p99_ms:.2f} ms",
+                str(r.errors),
+                f"{m.cpu * 100:.0f}%",
+                f"{m.per_cpu_s:,.0f}",
+                thr,
+                p99,
+                eff,
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "target",
+    "requests/s",
+    "p50",
+    "p99",
+    "errors",
+    "server CPU",
+    "req/CPU-s",
+    "req/s vs nginx",
+    "p99 vs nginx",
+    "req/CPU-s vs nginx",
+]
+
+
+def print_table(title: str, rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print(f"{title}\n")
+        print("| " + " | ".join(HEADERS) + " |")
+        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADERS))) + "|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(x) for x in col) for col in zip(HEADERS, *rows, strict=False)]
+        print(title)
+        for row in [HEADERS, *rows]:
+            print(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+        return
+    table = Table(title=title)
+    for i, h in enumerate(HEADERS):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=200).print(table)  # wide enough to keep rows on one line when piped
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per target per round")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the table shows medians")
+    p.add_argument("--only", default=",".join(TARGETS), help=f"comma list of {','.join(TARGETS)}")
+    p.add_argument(
+        "--bridgeway-cmd",
+        default=DEFAULT_BRIDGEWAY_CMD,
+        help="command to start the gateway; '--config <file> --workers 1' is appended",
+    )
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    args = p.parse_args()
+    args.only = [t.strip() for t in args.only.split(",") if t.strip()]
+    if bad := set(args.only) - set(TARGETS):
+        p.error(f"unknown targets: {', '.join(sorted(bad))}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    with (
+        sigterm_as_interrupt(),
+        tempfile.TemporaryDirectory(prefix="bridgeway-bench-") as tmp,
+        Procs() as procs,
+    ):
+        work = Path(tmp)
+        up_port = free_port()
+        upstream = start_nginx(procs, work, "upstream", upstream_server(up_port), cpu=CPU_LOAD)
+        wait_http(up_port, "/", upstream)
+        targets: dict[str, tuple[str, int]] = {}  # name -> (url, pid of the server wrk talks to)
+        for name in (t for t in TARGETS if t in args.only):  # fixed order: direct, nginx, bridgeway
+            port = free_port()
+            if name == "direct":
+                targets[name] = (f"http://127.0.0.1:{up_port}/", upstream.pid)
+            elif name == "nginx":
+                proc = start_nginx(procs, work, "proxy", nginx_proxy_server(port, up_port), cpu=CPU_PROXY)
+                wait_http(port, "/", proc)
+                targets[name] = (f"http://127.0.0.1:{port}/", proc.pid)
+            else:
+                try:
+                    proc = start_bridgeway(procs, work, port, up_port, args.bridgeway_cmd)
+                except (RuntimeError, TimeoutError) as e:
+                    log(f"bridgeway did not start: {e}\n{tail(work / 'bridgeway.log')}")
+                    continue
+                targets[name] = (f"http://127.0.0.1:{port}/bridge/bench/", proc.pid)
+
+        runs: dict[str, list[Measurement]] = {name: [] for name in targets}
+        for rnd in range(args.rounds):  # interleave targets so drift on a noisy host hits all alike
+            for name, (url, pid) in targets.items():
+                log(
+                    f"round {rnd + 1}/{args.rounds}: {name} {url} (warm-up {WARMUP_S:g}s, measure {args.duration:g}s)"
+                )
+                m = measure(url, pid, args.connections, args.duration)
+                log(
+                    f"  {m.wrk.rps:,.0f} req/s, p50 {m.wrk.p50_ms:.2f} ms, p99 {m.wrk.p99_ms:.2f} ms, "
+                    f"errors {m.wrk.errors}, server CPU {m.cpu:.0%}"
+                )
+                runs[name].append(m)
+
+        results = {name: median(ms) for name, ms in runs.items()}
+        if "bridgeway" in results and results["bridgeway"].wrk.errors:
+            log(f"bridgeway had errors; last log lines:\n{tail(work / 'bridgeway.log')}")
+    title = (
+        f"wrk -t1 -c{args.connections} -d{args.duration:g}s --latency, {args.rounds} round(s) "
+        f"(median); proxy on core {CPU_PROXY}, wrk + upstream nginx on core {CPU_LOAD}"
+    )
+    print_table(title, table_rows(results), args.markdown)
+    if starved := [LABELS[n] for n, m in results.items() if n != "direct" and m.cpu < SATURATED_CPU]:
+        print(
+            f"\nnote: {', '.join(starved)} used < {SATURATED_CPU:.0%} of its core: the host was contended "
+            "or the load side capped it; compare req/CPU-s rather than req/s."
+        )
+    return 0 if "bridgeway" in results or "bridgeway" not in args.only else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; all started processes were stopped")
+        sys.exit(130)

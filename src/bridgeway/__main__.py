@@ -1,0 +1,3 @@
+from bridgeway.cli import main
+
+main()

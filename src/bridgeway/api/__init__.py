@@ -1,0 +1,3 @@
+from bridgeway.api.app import build_api
+
+__all__ = ["build_api"]

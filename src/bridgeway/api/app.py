@@ -1,0 +1,78 @@
+"""The management API (/api/v1), FastAPI with its OpenAPI at /docs.
+
+It talks to the very objects the data plane uses (the gateway's registry), so there is one
+truth. Every route requires the admin bearer token; errors leave in the gateway's one shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from bridgeway import __version__
+from bridgeway.api import services
+from bridgeway.errors import GatewayError, error_body
+from bridgeway.observability.tracing import new_trace_id, parse_traceparent
+
+if TYPE_CHECKING:
+    from bridgeway.server import Gateway
+
+_CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 409: "CONFLICT"}
+
+
+def _trace_id(request: Request) -> str:
+    parent = parse_traceparent(request.headers.get("traceparent", "").encode() or None)
+    return parent[0] if parent else new_trace_id()
+
+
+def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    body = error_body(code, message, _trace_id(request))
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def require_admin(request: Request) -> None:
+    """Bearer token check in constant time against the stored hash."""
+    gateway: Gateway = request.app.state.gateway
+    expected = gateway.admin_token_sha256
+    if expected is None:
+        raise GatewayError("UNAUTHENTICATED", "the management API is disabled: set admin.token in the config")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = hashlib.sha256(token.strip().encode()).digest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
+        raise GatewayError("UNAUTHENTICATED", "a valid admin bearer token is required")
+
+
+def build_api(gateway: Gateway) -> FastAPI:
+    api = FastAPI(
+        title="Bridgeway management API",
+        version=__version__,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    api.state.gateway = gateway
+    api.include_router(services.router, prefix="/api/v1", dependencies=[Depends(require_admin)])
+
+    @api.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError):
+        headers = {"WWW-Authenticate": 'Bearer realm="bridgeway"'} if exc.status == 401 else None
+        return _error(request, exc.status, exc.code, exc.message, headers)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(request, exc.status_code, _CODES.get(exc.status_code, "BAD_REQUEST"), str(exc.detail))
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
+        )
+        return _error(request, 422, "VALIDATION_ERROR", problems or "invalid request")
+
+    return api

@@ -1,0 +1,145 @@
+"""Typed models of bridgeway.yaml.
+
+Human units are parsed here, once, at load time (`250ms`, `5MB`, `20%`), so nothing on the
+request path ever looks at a string from the config again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+
+from bridgeway.config.units import parse_duration, parse_size
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _percent(value: object) -> float:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f'"{value}" is not a percentage') from None
+    if not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f'"{value}" is not a percentage (use "20%" or 0.2)')
+    return float(value)
+
+
+Percent = Annotated[float, BeforeValidator(_percent)]
+
+
+def instance_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f'"{url}" is not an instance URL (expected http://host:port)')
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f'"{url}" has an invalid port') from None
+    if parts.query or parts.fragment:
+        raise ValueError(f'"{url}" must not carry a query or fragment')
+    return url.rstrip("/")
+
+
+InstanceURL = Annotated[str, AfterValidator(instance_url)]
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f'"{value}" is not a listen address (expected host:port)')
+    return value
+
+
+Listen = Annotated[str, AfterValidator(_listen)]
+ServiceName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryConfig(Model):
+    attempts: int = Field(2, ge=1, le=10, description="tries in all, the first included")
+    budget: Percent = 0.2
+    min_per_second: float = Field(3.0, ge=0)
+    per_try_timeout: Duration | None = None
+    backoff: Duration = 0.025
+    max_backoff: Duration = 0.25
+    non_idempotent: bool = Field(False, description="also retry POST/PATCH after the request was sent")
+    on_status: frozenset[int] = frozenset({502, 503, 504})
+
+
+class HealthConfig(Model):
+    path: str = "/health"
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    healthy: int = Field(2, ge=1, description="consecutive passes to bring an instance back")
+    unhealthy: int = Field(3, ge=1, description="consecutive failures to take it out")
+
+
+class OutlierConfig(Model):
+    failures: int = Field(5, ge=1)
+    base_ejection: Duration = 30.0
+    max_ejection: Duration = 300.0
+
+
+class BreakerConfig(Model):
+    failures: int = Field(5, ge=1)
+    open_for: Duration = 30.0
+    probes: int = Field(1, ge=1)
+
+
+class PoolConfig(Model):
+    max_connections: int = Field(512, ge=1)
+    max_idle: int = Field(128, ge=0)
+    idle_timeout: Duration = 60.0
+
+
+class ServiceConfig(Model):
+    instances: list[InstanceURL] = []
+    balancer: Literal["round_robin", "least_requests", "p2c_ewma"] = "p2c_ewma"
+    timeout: Duration = Field(30.0, description="until the response head, all tries included")
+    connect_timeout: Duration = 2.0
+    read_timeout: Duration | None = Field(None, description="idle limit between body chunks; default timeout")
+    max_body: Size = 10 * 1024 * 1024
+    registration_ttl: Duration = 30.0
+    retries: RetryConfig = RetryConfig()
+    health: HealthConfig | None = None
+    outlier: OutlierConfig = OutlierConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    pool: PoolConfig = PoolConfig()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ServiceConfig:
+        if len(set(self.instances)) != len(self.instances):
+            raise ValueError("instances are listed twice")
+        return self
+
+
+class AdminConfig(Model):
+    token: SecretStr | None = Field(None, description="bearer token for /api/v1; stored only as a hash")
+
+
+class LoggingConfig(Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = True
+
+
+class Config(Model):
+    listen: Listen = "127.0.0.1:8080"
+    max_header_size: Size = 64 * 1024
+    admin: AdminConfig = AdminConfig()
+    logging: LoggingConfig = LoggingConfig()
+    services: dict[ServiceName, ServiceConfig] = {}
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])

@@ -1,0 +1,332 @@
+"""The /bridge/{service}/{path} pipeline: request in, one upstream chosen, response streamed back.
+
+Per request: parse the path, filter headers, read or stream the body, then try instances
+(balancer -> breaker -> pooled call), retrying only where it is safe and the budget allows,
+and stream the answer back. Everything configurable was compiled into the `Service` already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import AsyncIterator
+
+from bridgeway.dataplane.instance import Instance
+from bridgeway.dataplane.retry import backoff, is_retryable
+from bridgeway.dataplane.service import Service
+from bridgeway.dataplane.upstream import UpstreamError, UpstreamResponse
+from bridgeway.errors import GatewayError
+
+# RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by the gateway itself on the way up.
+REWRITTEN = frozenset({b"host", b"content-length", b"expect", b"traceparent", b"x-forwarded-host"})
+# Small bodies are read whole: they can be retried and go upstream in one write.
+BUFFER_LIMIT = 1 << 20
+
+_BAD_PATH = re.compile(rb"%(?![0-9A-Fa-f]{2})|(?:^|/)(?:\.|%2[eE]){2}(?:/|$)|[\x00-\x20\x7f]|#")
+
+
+class Call:
+    """One request's facts, gathered once while reading its head."""
+
+    __slots__ = ("method", "target", "headers", "content_length", "chunked", "request_id", "client_host")
+
+    def __init__(self) -> None:
+        self.request_id: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+
+
+def parse_target(scope: dict, prefix_len: int) -> bytes:
+    """The upstream path and query: what follows /bridge/{service}, checked for escapes."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    rest = raw[prefix_len:] or b"/"
+    if not rest.startswith(b"/") or _BAD_PATH.search(rest):
+        raise GatewayError("BAD_PATH", "the path is malformed or tries to leave the service")
+    query = scope.get("query_string")
+    return rest + b"?" + query if query else rest
+
+
+def forward_headers(scope: dict, call: Call, trace_header: bytes) -> list[tuple[bytes, bytes]]:
+    """Filter the client's headers for the upstream and add the X-Forwarded-* set."""
+    out: list[tuple[bytes, bytes]] = []
+    host = b""
+    xff = b""
+    dropped = HOP_BY_HOP
+    for name, value in scope["headers"]:
+        if name == b"connection":
+            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            dropped = dropped | {t.strip().lower() for t in value.split(b",")}
+    for name, value in scope["headers"]:
+        if name in dropped or name in REWRITTEN:
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                call.content_length = _content_length(value, call.content_length)
+            elif name == b"transfer-encoding":
+                call.chunked = True
+            continue
+        if name == b"x-forwarded-for":
+            xff = value
+            continue
+        if name == b"x-request-id":
+            call.request_id = value
+        out.append((name, value))
+    client = scope.get("client")
+    call.client_host = client[0] if client else ""
+    addr = call.client_host.encode()
+    out.append((b"x-forwarded-for", xff + b", " + addr if xff else addr))
+    out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    if host:
+        out.append((b"x-forwarded-host", host))
+    out.append((b"traceparent", trace_header))
+    return out
+
+
+def _content_length(value: bytes, seen: int | None) -> int:
+    if not value.isdigit() or (seen is not None and int(value) != seen):
+        raise GatewayError("BAD_REQUEST", "invalid Content-Length")
+    return int(value)
+
+
+async def read_body(receive, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError("BODY_TOO_LARGE", f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def stream_body(receive, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError("BODY_TOO_LARGE", f"request body exceeds {limit} bytes")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+class ClientGone(Exception):
+    """The client disconnected; nothing more to send."""
+
+
+class StreamCut(Exception):
+    """The upstream failed after the response had started: the client's stream is cut short
+    (returning without the final body message makes the server close the connection)."""
+
+    def __init__(self, status: int, code: str):
+        super().__init__(code)
+        self.status = status
+        self.code = code
+
+
+def response_headers(resp: UpstreamResponse, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    dropped = HOP_BY_HOP
+    headers = resp.headers
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"connection":
+            dropped = dropped | {t.strip().lower() for t in value.split(b",")}
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in dropped:
+            out.append((lname, value))
+    out.extend(extra)
+    return out
+
+
+async def call_upstream(
+    service: Service, method: str, call: Call, body: bytes | AsyncIterator[bytes], started: float
+) -> tuple[UpstreamResponse, Instance]:
+    """Try instances until one answers acceptably, within the deadline, retries and budget."""
+    cfg = service.config
+    retries = cfg.retries
+    deadline = started + cfg.timeout
+    method_b = method.encode()
+    replayable = isinstance(body, bytes)
+    tried: list = []
+    service.budget.record_request(started)
+    attempt = 0
+    while True:
+        attempt += 1
+        now = time.monotonic()
+        inst = service.balancer.pick(service.instances, now, tried)
+        if inst is None:
+            raise GatewayError("NO_HEALTHY_INSTANCE", f"service {service.name!r} has no healthy instance")
+        ticket = service.breaker.admit(now)
+        if ticket is None:
+            raise GatewayError("CIRCUIT_OPEN", f"service {service.name!r} is failing; its circuit breaker is open")
+        tried.append(inst)
+        budget_left = deadline - now
+        timeout = min(budget_left, retries.per_try_timeout) if retries.per_try_timeout else budget_left
+        inst.inflight += 1
+        t0 = now
+        try:
+            resp = await service.pools[inst.url].request(
+                method_b,
+                service.base_paths[inst.url] + call.target,
+                call.headers,
+                body,
+                read_timeout=timeout,
+                content_length=call.content_length if not replayable else None,
+            )
+        except UpstreamError as exc:
+            now = time.monotonic()
+            inst.inflight -= 1
+            service.breaker.record(ticket, False, now)
+            inst.outlier.record(False, now)
+            service.metrics.upstream_error(exc.code)
+            safe = is_retryable(method, request_sent=exc.request_sent, retry_non_idempotent=retries.non_idempotent)
+            if (
+                attempt < retries.attempts
+                and (replayable or not exc.request_sent)
+                and safe
+                and await _retry_pause(service, now, deadline, attempt)
+            ):
+                continue
+            if exc.code == "UPSTREAM_TIMEOUT" and now >= deadline:
+                raise GatewayError("UPSTREAM_TIMEOUT", f"service {service.name!r} did not answer in time") from None
+            raise GatewayError(exc.code, _MESSAGES[exc.code].format(service.name)) from None
+        except BaseException:
+            inst.inflight -= 1
+            service.breaker.release(ticket)
+            raise
+        now = time.monotonic()
+        ok = resp.status < 500
+        service.breaker.record(ticket, ok, now)
+        inst.outlier.record(ok, now)
+        inst.observe_latency(now - t0, now)
+        service.metrics.upstream.observe(now - t0)
+        if (
+            not ok
+            and resp.status in retries.on_status
+            and attempt < retries.attempts
+            and replayable
+            and is_retryable(method, request_sent=True, retry_non_idempotent=retries.non_idempotent)
+            and await _retry_pause(service, now, deadline, attempt)
+        ):
+            inst.inflight -= 1
+            resp.release()
+            continue
+        return resp, inst
+
+
+async def _retry_pause(service: Service, now: float, deadline: float, attempt: int) -> bool:
+    """Wait out the back-off if the deadline and the retry budget allow another try."""
+    retries = service.config.retries
+    pause = backoff(attempt - 1, retries.backoff, retries.max_backoff, random.random())
+    if now + pause >= deadline or not service.budget.try_spend(now):
+        return False
+    service.metrics.retries.inc()
+    if pause > 0:
+        await asyncio.sleep(pause)
+    return True
+
+
+_MESSAGES = {
+    "UPSTREAM_CONNECT": "could not connect to service {!r}",
+    "UPSTREAM_TIMEOUT": "service {!r} did not answer in time",
+    "UPSTREAM_PROTOCOL": "service {!r} answered with a malformed response",
+    "UPSTREAM_CLOSED": "service {!r} closed the connection before answering",
+}
+
+
+async def proxy_http(
+    service: Service, scope: dict, receive, send, prefix_len: int, trace_header: bytes, reply_headers: list
+) -> int:
+    """Forward one HTTP request to `service`; returns the status sent. Errors before the
+    response starts are raised as GatewayError; after it starts, the stream is cut."""
+    call = Call()
+    call.target = parse_target(scope, prefix_len)
+    call.headers = forward_headers(scope, call, trace_header)
+    if call.request_id is not None:
+        reply_headers.append((b"x-request-id", call.request_id))
+    limit = service.config.max_body
+    length = call.content_length
+    body: bytes | AsyncIterator[bytes]
+    if length is not None:
+        if length > limit:
+            raise GatewayError("BODY_TOO_LARGE", f"request body of {length} bytes exceeds {limit}")
+        body = b"" if length == 0 else await read_body(receive, limit) if length <= BUFFER_LIMIT else stream_body(receive, limit)
+    elif call.chunked:
+        body = stream_body(receive, limit)
+    else:
+        body = b""
+    started = time.monotonic()
+    resp, inst = await call_upstream(service, scope["method"], call, body, started)
+    try:
+        headers = response_headers(resp, reply_headers)
+        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
+        if resp.complete:
+            data = await resp.read()
+            await send(start)
+            await send({"type": "http.response.body", "body": data})
+        else:
+            await send(start)
+            try:
+                await stream_response(resp, send, receive if isinstance(body, bytes) else None)
+            except UpstreamError as exc:
+                inst.outlier.record(False, time.monotonic())
+                service.metrics.upstream_error(exc.code)
+                raise StreamCut(resp.status, exc.code) from None
+    finally:
+        inst.inflight -= 1
+        resp.release()
+    return resp.status
+
+
+async def stream_response(resp: UpstreamResponse, send, receive) -> None:
+    """Relay a streamed body. The ASGI server does not fail `send` once the client is gone, so
+    a long stream (SSE) watches `receive` for the disconnect and stops reading the upstream."""
+    task = asyncio.current_task()
+    gone = asyncio.ensure_future(receive()) if receive is not None else None
+
+    def stop(_: asyncio.Future) -> None:
+        task.cancel()
+
+    if gone is not None:
+        gone.add_done_callback(stop)
+    try:
+        async for chunk in resp:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    except asyncio.CancelledError:
+        if gone is not None and gone.done() and not gone.cancelled():
+            task.uncancel()
+            raise ClientGone from None
+        raise
+    finally:
+        if gone is not None:
+            gone.remove_done_callback(stop)
+            gone.cancel()

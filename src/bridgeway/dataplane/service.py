@@ -1,0 +1,170 @@
+"""A service's live state and the registry of all of them.
+
+`Registry.apply(config)` compiles a config into `Service` objects and swaps them in at once; an
+in-flight request keeps the `Service` it started with, so a reload never fails a request. State
+worth keeping (instance health and latency, breaker, pools) is carried over when its config is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from bridgeway.config.models import Config, ServiceConfig
+from bridgeway.dataplane.balancer import make_balancer
+from bridgeway.dataplane.breaker import CircuitBreaker
+from bridgeway.dataplane.instance import ActiveHealth, Instance, OutlierDetector
+from bridgeway.dataplane.retry import RetryBudget
+from bridgeway.dataplane.upstream import UpstreamPool
+from bridgeway.observability.metrics import ServiceMetrics
+
+POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still streaming on it
+
+
+class Service:
+    __slots__ = ("name", "config", "instances", "balancer", "breaker", "budget", "pools", "metrics", "base_paths")
+
+    def __init__(self, name: str, config: ServiceConfig, previous: Service | None):
+        self.name = name
+        self.config = config
+        self.balancer = make_balancer(config.balancer, random.Random())
+        keep_breaker = previous is not None and previous.config.breaker == config.breaker
+        self.breaker = (
+            previous.breaker
+            if keep_breaker
+            else CircuitBreaker(
+                failures=config.breaker.failures,
+                open_for=config.breaker.open_for,
+                half_open_probes=config.breaker.probes,
+            )
+        )
+        retries = config.retries
+        keep_budget = previous is not None and previous.config.retries == retries
+        self.budget = previous.budget if keep_budget else RetryBudget(retries.budget, retries.min_per_second)
+        self.metrics = previous.metrics if previous else ServiceMetrics(name)
+
+        old = {i.url: i for i in previous.instances} if previous else {}
+        same_checks = previous is not None and (previous.config.health, previous.config.outlier) == (
+            config.health,
+            config.outlier,
+        )
+        self.instances: list[Instance] = []
+        for url in config.instances:
+            inst = old.get(url) if same_checks else None
+            self.instances.append(inst if inst is not None and inst.source == "config" else self._new_instance(url))
+        # Instances that registered themselves at run time outlive a reload.
+        for inst in previous.instances if previous else ():
+            if inst.source == "registered" and inst.url not in config.instances:
+                self.instances.append(inst if same_checks else self._new_instance(inst.url, inst.expires_at))
+
+        keep_pools = previous is not None and previous.config.pool == config.pool
+        self.pools: dict[str, UpstreamPool] = {}
+        self.base_paths: dict[str, bytes] = {}
+        for inst in self.instances:
+            self._attach(inst, previous.pools.get(inst.url) if keep_pools and previous else None)
+
+    def _new_instance(self, url: str, expires_at: float | None = None) -> Instance:
+        health = self.config.health
+        outlier = self.config.outlier
+        inst = Instance.from_url(
+            url,
+            health=ActiveHealth(health.healthy, health.unhealthy) if health else ActiveHealth(),
+            outlier=OutlierDetector(outlier.failures, outlier.base_ejection, outlier.max_ejection),
+        )
+        if expires_at is not None:
+            inst.source = "registered"
+            inst.expires_at = expires_at
+        return inst
+
+    def _attach(self, inst: Instance, pool: UpstreamPool | None) -> None:
+        cfg = self.config.pool
+        self.pools[inst.url] = pool or UpstreamPool(
+            inst.host,
+            inst.port,
+            max_connections=cfg.max_connections,
+            max_idle=cfg.max_idle,
+            idle_timeout=cfg.idle_timeout,
+            connect_timeout=self.config.connect_timeout,
+        )
+        self.base_paths[inst.url] = urlsplit(inst.url).path.rstrip("/").encode()
+
+    # -- run-time registration -------------------------------------------------------------
+
+    def register(self, url: str, ttl: float, now: float) -> tuple[Instance, bool]:
+        """Add an instance, or renew its lease (a heartbeat). Returns (instance, created)."""
+        for inst in self.instances:
+            if inst.url == url:
+                if inst.source == "registered":
+                    inst.expires_at = now + ttl
+                return inst, False
+        inst = self._new_instance(url, now + ttl)
+        self._attach(inst, None)
+        self.instances = [*self.instances, inst]  # copy-on-write: pickers iterate without locks
+        return inst, True
+
+    def deregister(self, url: str) -> bool:
+        for inst in self.instances:
+            if inst.url == url and inst.source == "registered":
+                self._drop([inst])
+                return True
+        return False
+
+    def expire(self, now: float) -> list[Instance]:
+        gone = [i for i in self.instances if i.expires_at is not None and i.expires_at <= now]
+        if gone:
+            self._drop(gone)
+        return gone
+
+    def _drop(self, gone: list[Instance]) -> None:
+        self.instances = [i for i in self.instances if i not in gone]
+        for inst in gone:
+            self.base_paths.pop(inst.url, None)
+            close_later(self.pools.pop(inst.url))
+
+    def snapshot(self, now: float) -> dict:
+        return {
+            "name": self.name,
+            "balancer": self.config.balancer,
+            "breaker": self.breaker.snapshot(now),
+            "instances": [inst.snapshot(now) | {"pool": self.pools[inst.url].stats} for inst in self.instances],
+        }
+
+
+class Registry:
+    """Every service by name: one truth for the data plane and the management API."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, Service] = {}
+
+    def apply(self, config: Config) -> None:
+        old = self.services
+        self.services = {name: Service(name, cfg, old.get(name)) for name, cfg in config.services.items()}
+        for name, service in old.items():
+            kept = self.services.get(name)
+            for url, pool in service.pools.items():
+                if kept is None or kept.pools.get(url) is not pool:
+                    close_later(pool)
+
+    def snapshot(self, now: float) -> list[dict]:
+        return [s.snapshot(now) for s in self.services.values()]
+
+    def expire(self, now: float) -> list[tuple[str, Instance]]:
+        return [(s.name, i) for s in self.services.values() for i in s.expire(now)]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for s in self.services.values() for p in s.pools.values()))
+
+
+def close_later(pool: UpstreamPool, grace: float = POOL_GRACE) -> None:
+    """Close a pool that left the config once the requests still using it are done."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(grace, lambda: loop.create_task(pool.close()))
+
+
+def all_instances(registry: Registry) -> Iterable[tuple[Service, Instance]]:
+    for service in registry.services.values():
+        for inst in service.instances:
+            yield service, inst

@@ -1,0 +1,235 @@
+"""The ASGI application: top-level dispatch by path prefix, the lifespan, and config reloads.
+
+No framework sits on the data plane: `/bridge/...` goes straight to the proxy pipeline. The
+management API (FastAPI) is mounted under `/api/v1`, with its OpenAPI at `/docs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import time
+
+import orjson
+
+from bridgeway import __version__
+from bridgeway.config import Config, ConfigError, load_config
+from bridgeway.dataplane.health import HealthChecker
+from bridgeway.dataplane.proxy import ClientGone, StreamCut, proxy_http
+from bridgeway.dataplane.service import Registry
+from bridgeway.dataplane.websocket import proxy_websocket
+from bridgeway.errors import GatewayError, error_body
+from bridgeway.observability import logs, metrics
+from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
+
+BRIDGE = "/bridge/"
+JSON = (b"content-type", b"application/json")
+API_PREFIXES = ("/api/", "/docs", "/openapi.json")
+
+
+class Gateway:
+    """One worker's gateway: the registry of services, the management API, and the dispatch."""
+
+    def __init__(self, config: Config, config_path: str | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.registry = Registry()
+        self.health = HealthChecker(self.registry)
+        self.ready = False
+        self.started_at = time.time()
+        self.admin_token_sha256 = _token_hash(config)
+        self.log = logs.get_logger()
+        self._state_collector = metrics.StateCollector(lambda: self.registry.snapshot(time.monotonic()))
+        from bridgeway.api import build_api  # the API imports Gateway's types; keep the edge one-way
+
+        self.api = build_api(self)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        logs.configure(self.config.logging.level)
+        self.registry.apply(self.config)
+        self.health.start()
+        loop = asyncio.get_running_loop()
+        # Outside the main thread (an embedding test) reloads go through the API only.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.ready = True
+        self.log.info("gateway_started", listen=self.config.listen, services=list(self.config.services))
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        await self.health.stop()
+        await self.registry.close()
+
+    def reload(self) -> list[str]:
+        """Re-read the config file; a valid one takes over at once, an invalid one changes nothing.
+        Returns the problems found (empty when the new config serves)."""
+        if not self.config_path:
+            return ["no config file to reload from"]
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            metrics.config_reloaded(False)
+            self.log.error("config_rejected", path=self.config_path, problems=exc.problems)
+            return exc.problems
+        if config.listen != self.config.listen:
+            self.log.warning("listen_change_needs_restart", listen=self.config.listen)
+        self.registry.apply(config)
+        self.config = config
+        self.admin_token_sha256 = _token_hash(config)
+        metrics.config_reloaded(True)
+        self.log.info("config_reloaded", path=self.config_path, services=list(config.services))
+        return []
+
+    def reload_everywhere(self) -> list[str]:
+        """Reload here and, with several workers, have the supervisor tell the others too."""
+        problems = self.reload()
+        if not problems and os.environ.get("BRIDGEWAY_SUPERVISED") == "1":
+            os.kill(os.getppid(), signal.SIGHUP)
+        return problems
+
+    # -- ASGI ----------------------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            if path.startswith(BRIDGE):
+                await self._bridge(scope, receive, send)
+            elif path in self._ops:
+                await self._ops[path](self, send)
+            elif path.startswith(API_PREFIXES):
+                await self.api(scope, receive, send)
+            else:
+                trace_id = new_trace_id()
+                await send_error(send, GatewayError("NOT_FOUND", f"no route for {path[:200]!r}"), trace_id, [])
+        elif kind == "websocket":
+            if scope["path"].startswith(BRIDGE):
+                service, _ = self._service_for(scope["path"])
+                if service is not None:
+                    await proxy_websocket(service, scope, receive, send, len(BRIDGE) + len(service.name))
+                    return
+            await send({"type": "websocket.close", "code": 4404})
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    def _service_for(self, path: str):
+        name, _, _ = path[len(BRIDGE) :].partition("/")
+        return self.registry.services.get(name), name
+
+    async def _bridge(self, scope, receive, send) -> None:
+        started = time.perf_counter()
+        parent = parse_traceparent(_header(scope, b"traceparent"))
+        trace_id, flags = parent if parent else (new_trace_id(), "01")
+        span = traceparent(trace_id, new_span_id(), flags)
+        reply_headers = [(b"traceparent", span)]
+        service, name = self._service_for(scope["path"])
+        service_metrics = service.metrics if service else metrics.UNMATCHED
+        service_metrics.inflight.inc()
+        status = 500
+        try:
+            if service is None:
+                raise GatewayError("UNKNOWN_SERVICE", f"no service named {name[:100]!r}")
+            status = await proxy_http(
+                service, scope, receive, send, len(BRIDGE) + len(name), span, reply_headers
+            )
+        except GatewayError as exc:
+            status = exc.status
+            await send_error(send, exc, trace_id, reply_headers)
+        except ClientGone:
+            status = 499  # as nginx logs it: the client closed the request
+        except StreamCut as exc:
+            status = exc.status
+            self.log.warning("stream_cut", service=name, code=exc.code, trace_id=trace_id)
+        finally:
+            service_metrics.inflight.dec()
+            seconds = time.perf_counter() - started
+            service_metrics.answered(status, seconds)
+            if self.config.logging.access:
+                self.log.info(
+                    "request",
+                    service=name,
+                    method=scope["method"],
+                    route=f"/bridge/{name}",
+                    status=status,
+                    duration_ms=round(seconds * 1000, 3),
+                    trace_id=trace_id,
+                )
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- operations endpoints ------------------------------------------------------------------
+
+    async def _health(self, send) -> None:
+        now = time.monotonic()
+        services = {}
+        degraded = False
+        for s in self.registry.services.values():
+            up = sum(1 for i in s.instances if i.available(now))
+            services[s.name] = {"instances": len(s.instances), "available": up, "breaker": s.breaker.state(now).value}
+            degraded |= up == 0
+        body = {
+            "status": "degraded" if degraded else "ok",
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "checks": {"config": {"status": "ok", "services": len(services)}, "services": services},
+        }
+        await send_json(send, 200, body)
+
+    async def _live(self, send) -> None:
+        await send_json(send, 200, {"status": "alive"})
+
+    async def _ready(self, send) -> None:
+        await send_json(send, 200 if self.ready else 503, {"status": "ready" if self.ready else "starting"})
+
+    async def _metrics(self, send) -> None:
+        body, content_type = metrics.render(self._state_collector)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type.encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    _ops = {"/health": _health, "/health/live": _live, "/health/ready": _ready, "/metrics": _metrics}
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _token_hash(config: Config) -> bytes | None:
+    token = config.admin.token
+    return hashlib.sha256(token.get_secret_value().encode()).digest() if token else None
+
+
+async def send_json(send, status: int, body: object, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [JSON, *(headers or [])]})
+    await send({"type": "http.response.body", "body": orjson.dumps(body)})
+
+
+async def send_error(send, exc: GatewayError, trace_id: str, headers: list) -> None:
+    await send({"type": "http.response.start", "status": exc.status, "headers": [JSON, *headers, *exc.headers]})
+    await send({"type": "http.response.body", "body": error_body(exc.code, exc.message, trace_id)})
+
+
+def create_app() -> Gateway:
+    """Factory for granian: each worker builds its gateway from $BRIDGEWAY_CONFIG."""
+    path = os.environ["BRIDGEWAY_CONFIG"]
+    return Gateway(load_config(path), path)
