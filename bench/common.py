@@ -163,6 +163,15 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def core_jiffies(core: int) -> tuple[int, int]:
+    """(idle, total) jiffies of one core from /proc/stat; steal counts as busy (the hypervisor took it)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            v = [int(x) for x in line.split()[1:9]]  # user..steal; guest time is already in user
+            return v[3] + v[4], sum(v)
+    raise ValueError(f"no cpu{core} in /proc/stat")
+
+
 # --- nginx -------------------------------------------------------------------------------
 
 

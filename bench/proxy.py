@@ -24,6 +24,7 @@ from common import (  # noqa: E402
     DEFAULT_BRIDGEWAY_CMD,
     Procs,
     WrkResult,
+    core_jiffies,
     free_port,
     log,
     nginx_proxy_server,
@@ -49,18 +50,27 @@ SATURATED_CPU = 0.85  # a proxy below this share of its core was not the bottlen
 class Measurement:
     wrk: WrkResult
     cpu: float  # cores used by the server wrk talks to (its whole process tree) while measured
+    core_idle: float  # share of the proxy's core left idle: > 0 means the proxy was not the bottleneck
 
     @property
     def per_cpu_s(self) -> float:
         """Requests per CPU-second of the server: efficiency, even when the load side is the cap."""
         return self.wrk.rps / self.cpu if self.cpu else 0.0
 
+    @property
+    def core_other(self) -> float:
+        """Share of the proxy's core taken by anything else: other processes, steal, softirq."""
+        return max(0.0, 1.0 - self.core_idle - self.cpu)
+
 
 def measure(url: str, pid: int, connections: int, duration: float) -> Measurement:
     run_wrk(url, connections=connections, duration=WARMUP_S)
-    before = tree_cpu_seconds(pid)
+    cpu0, (idle0, total0) = tree_cpu_seconds(pid), core_jiffies(CPU_PROXY)
     r = run_wrk(url, connections=connections, duration=duration)
-    return Measurement(r, (tree_cpu_seconds(pid) - before) / duration)
+    idle1, total1 = core_jiffies(CPU_PROXY)
+    return Measurement(
+        r, (tree_cpu_seconds(pid) - cpu0) / duration, (idle1 - idle0) / max(total1 - total0, 1)
+    )
 
 
 def median(ms: list[Measurement]) -> Measurement:
@@ -76,6 +86,7 @@ def median(ms: list[Measurement]) -> Measurement:
             socket_errors=sum(m.wrk.socket_errors for m in ms),
         ),
         cpu=med([m.cpu for m in ms]),
+        core_idle=med([m.core_idle for m in ms]),
     )
 
 
@@ -209,7 +220,8 @@ def main() -> int:
                 m = measure(url, pid, args.connections, args.duration)
                 log(
                     f"  {m.wrk.rps:,.0f} req/s, p50 {m.wrk.p50_ms:.2f} ms, p99 {m.wrk.p99_ms:.2f} ms, "
-                    f"errors {m.wrk.errors}, server CPU {m.cpu:.0%}"
+                    f"errors {m.wrk.errors}, server CPU {m.cpu:.0%}, core {CPU_PROXY}: "
+                    f"idle {m.core_idle:.0%}, other work {m.core_other:.0%}"
                 )
                 runs[name].append(m)
 
@@ -221,11 +233,14 @@ def main() -> int:
         f"(median); proxy on core {CPU_PROXY}, wrk + upstream nginx on core {CPU_LOAD}"
     )
     print_table(title, table_rows(results), args.markdown)
-    if starved := [LABELS[n] for n, m in results.items() if n != "direct" and m.cpu < SATURATED_CPU]:
-        print(
-            f"\nnote: {', '.join(starved)} used < {SATURATED_CPU:.0%} of its core: the host was contended "
-            "or the load side capped it; compare req/CPU-s rather than req/s."
-        )
+    for name, m in results.items():
+        if name != "direct" and m.cpu < SATURATED_CPU:
+            print(
+                f"\nnote: {LABELS[name]} used {m.cpu:.0%} of core {CPU_PROXY} (idle {m.core_idle:.0%}, "
+                f"other work {m.core_other:.0%}): "
+                + ("the load side capped it" if m.core_idle > m.core_other else "the host took the core")
+                + "; compare req/CPU-s rather than req/s."
+            )
     return 0 if "bridgeway" in results or "bridgeway" not in args.only else 1
 
 

@@ -101,7 +101,9 @@ def test_sub_second_window_is_one_bucket():
     assert sum(budget.try_spend(0.0) for _ in range(10)) == 5
 
 
-@pytest.mark.parametrize("kwargs", [{"ratio": -0.1}, {"min_per_second": -1}, {"window": 0}, {"window": math.inf}])
+@pytest.mark.parametrize(
+    "kwargs", [{"ratio": -0.1}, {"min_per_second": -1}, {"window": 0}, {"window": math.inf}]
+)
 def test_budget_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         RetryBudget(**kwargs)

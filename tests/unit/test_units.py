@@ -174,7 +174,9 @@ def test_parse_rate(text, count, period):
     assert rate.per_second == count / period
 
 
-@pytest.mark.parametrize("bad", ["100", "100/", "/s", "0/s", "-1/s", "1.5/s", "100/5", "100/x", "100/0s", "a/s", "1/2/s"])
+@pytest.mark.parametrize(
+    "bad", ["100", "100/", "/s", "0/s", "-1/s", "1.5/s", "100/5", "100/x", "100/0s", "a/s", "1/2/s"]
+)
 def test_parse_rate_rejects(bad):
     with pytest.raises(ValueError) as err:
         parse_rate(bad)
@@ -200,7 +202,16 @@ def test_rate_validates_and_is_frozen():
         Rate(1, 1.0).count = 2  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("text", "shown"), [("100/s", "100/s"), ("1000/min", "1000/m"), ("2/500ms", "2/500ms"), ("20/10s", "20/10s"), ("1/day", "1/d")])
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("100/s", "100/s"),
+        ("1000/min", "1000/m"),
+        ("2/500ms", "2/500ms"),
+        ("20/10s", "20/10s"),
+        ("1/day", "1/d"),
+    ],
+)
 def test_rate_str(text, shown):
     assert str(parse_rate(text)) == shown
 

@@ -96,7 +96,9 @@ async def keepalive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     """Answers every request with its method, target and body."""
     while (req := await read_request(reader)) is not None:
         lines, body = req
-        writer.write(respond(lines[0] + b"|" + body, extra=b"X-Seen-Host: " + header(lines, b"host")[0] + b"\r\n"))
+        writer.write(
+            respond(lines[0] + b"|" + body, extra=b"X-Seen-Host: " + header(lines, b"host")[0] + b"\r\n")
+        )
         await writer.drain()
 
 
@@ -200,6 +202,7 @@ async def test_chunked_response() -> None:
         for _ in range(2):
             resp = await pool.request(b"GET", b"/", [])
             assert await resp.read() == b"hello world"
+            assert resp.headers == [(b"Transfer-Encoding", b"chunked")]  # trailers are not headers
             resp.release()
         assert srv.accepted == 1
 
@@ -586,6 +589,24 @@ async def test_stale_connection_not_retried_for_streamed_body() -> None:
         assert srv.accepted == 1
 
 
+async def test_unsolicited_data_on_idle_connection_closes_it() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(respond(b"ok"))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(respond(b"nobody asked"))  # out of sync from here on
+            await writer.drain()
+
+    async with Server(handler) as srv, pool_for(srv) as pool:
+        resp = await pool.request(b"GET", b"/", [])
+        assert await resp.read() == b"ok"
+        await until(lambda: pool.stats["open"] == 0)
+        resp = await pool.request(b"GET", b"/", [])
+        assert await resp.read() == b"ok"
+        assert srv.accepted == 2
+
+
 async def test_idle_connections_expire() -> None:
     async with Server(keepalive_echo) as srv, pool_for(srv, idle_timeout=0.1) as pool:
         resp = await pool.request(b"GET", b"/", [])
@@ -712,6 +733,24 @@ async def test_cancel_mid_body_then_release_closes_connection() -> None:
         await until(lambda: srv.closed == 1)
 
 
+async def test_release_from_another_task_wakes_the_reader() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        await writer.drain()
+        await reader.read()
+
+    async with Server(handler) as srv, pool_for(srv) as pool:
+        resp = await pool.request(b"GET", b"/", [])
+        assert await anext(aiter(resp)) == b"abc"
+        reader = asyncio.create_task(resp.read())
+        await asyncio.sleep(0.02)
+        resp.release()
+        with pytest.raises(UpstreamClosed):
+            await reader
+        assert pool.stats["open"] == 0
+
+
 async def test_cancel_during_streamed_upload_closes_connection() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
@@ -751,6 +790,23 @@ async def test_early_response_stops_upload() -> None:
         assert resp.status == 413
         assert await resp.read() == b"too big"
         resp.release()
+        assert pool.stats["open"] == 0
+
+
+async def test_upload_to_upstream_that_stops_reading_times_out() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(10)  # never reads the body: the socket buffers fill up
+
+    async def gen() -> AsyncIterator[bytes]:
+        chunk = b"s" * 65536
+        for _ in range(4096):  # up to 256 MiB; flow control must stop us long before
+            yield chunk
+
+    async with Server(handler) as srv, pool_for(srv) as pool:
+        with pytest.raises(UpstreamTimeout) as info:
+            await pool.request(b"PUT", b"/", [], gen(), read_timeout=0.3)
+        assert info.value.request_sent
         assert pool.stats["open"] == 0
 
 

@@ -86,6 +86,12 @@ class OutlierConfig(Model):
     base_ejection: Duration = 30.0
     max_ejection: Duration = 300.0
 
+    @model_validator(mode="after")
+    def _ordered(self) -> OutlierConfig:
+        if not 0 < self.base_ejection <= self.max_ejection:
+            raise ValueError("base_ejection must be above 0 and at most max_ejection")
+        return self
+
 
 class BreakerConfig(Model):
     failures: int = Field(5, ge=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from math import exp
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -164,7 +165,7 @@ class Instance:
         if seconds >= self.latency_ewma or self.latency_at is None:
             self.latency_ewma = seconds
         else:
-            w = math.exp(-max(0.0, now - self.latency_at) / DECAY_SECONDS)
+            w = exp(-max(0.0, now - self.latency_at) / DECAY_SECONDS)
             self.latency_ewma = self.latency_ewma * w + seconds * (1.0 - w)
         self.latency_at = now
 
@@ -176,7 +177,10 @@ class Instance:
         at = self.latency_at
         if at is None:
             return _UNMEASURED_PENALTY * self.inflight
-        return self.latency_ewma * math.exp(-max(0.0, now - at) / DECAY_SECONDS) * (self.inflight + 1)
+        age = now - at
+        if age > 0.0:
+            return self.latency_ewma * exp(-age / DECAY_SECONDS) * (self.inflight + 1)
+        return self.latency_ewma * (self.inflight + 1)
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """For the admin API."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from bridgeway.config.models import Config, ServiceConfig
 from bridgeway.dataplane.balancer import make_balancer
@@ -89,7 +88,7 @@ class Service:
             idle_timeout=cfg.idle_timeout,
             connect_timeout=self.config.connect_timeout,
         )
-        self.base_paths[inst.url] = urlsplit(inst.url).path.rstrip("/").encode()
+        self.base_paths[inst.url] = inst.base_path.encode()
 
     # -- run-time registration -------------------------------------------------------------
 

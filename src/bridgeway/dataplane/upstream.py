@@ -273,10 +273,13 @@ class _Connection(asyncio.Protocol):
 
     # -- request side -----------------------------------------------------------------------------
 
-    def begin(self, is_head: bool, read_timeout: float | None, req_done: bool) -> asyncio.Future[UpstreamResponse]:
+    def begin(
+        self, is_head: bool, read_timeout: float | None, req_done: bool
+    ) -> asyncio.Future[UpstreamResponse]:
         """Arm the connection for one request; returns the future of the response head."""
         fut = self._head_fut = self._loop.create_future()
-        self._headers = []
+        if self._headers:  # trailers of the previous response landed here
+            self._headers = []
         self._is_head = is_head
         self._read_timeout = read_timeout
         self._got_data = False
@@ -284,19 +287,27 @@ class _Connection(asyncio.Protocol):
         self._eof_body = False
         return fut
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float | None) -> None:
         """Wait until the transport's write buffer is below its high-water mark (or the
-        connection is gone / the response head arrived -- the caller re-checks)."""
+        connection is gone / the response head arrived -- the caller re-checks). An upstream
+        that stops reading for `timeout` seconds fails with UpstreamTimeout."""
         if not self._write_paused or self._state == _CLOSED:
             return
-        fut = self._drain_fut = self._loop.create_future()
+        loop = self._loop
+        fut = self._drain_fut = loop.create_future()
+        timer = None if timeout is None else loop.call_at(loop.time() + timeout, _expire_drain, fut)
         try:
             await fut
         finally:
             self._drain_fut = None
+            if timer is not None:
+                timer.cancel()
 
     def abort(self) -> None:
-        """Close now and never reuse. Idempotent. Pending waiters are left to their owners."""
+        """Close now and never reuse. Idempotent.
+
+        A response still streaming from this connection fails (its reader wakes up); the head
+        future is left to its owner, who is the one closing the connection in that phase."""
         state = self._state
         if state == _CLOSED:
             return
@@ -305,7 +316,11 @@ class _Connection(asyncio.Protocol):
         if state == _IDLE:
             pool._idle.remove(self)  # rare (expiry/server close): O(max_idle) is fine
         self._head_fut = None
-        self._resp = None
+        resp = self._resp
+        if resp is not None:
+            self._resp = None
+            if resp._error is None and not resp.complete:
+                resp._fail(UpstreamClosed("upstream connection closed before the body was complete"))
         self._wake_drain()
         if self.transport is not None:
             self.transport.abort()  # abort, not close: never flush half a request body
@@ -348,8 +363,8 @@ class _Connection(asyncio.Protocol):
             fut.set_exception(err)
         resp = self._resp
         if resp is not None and not resp.complete:
-            if self._eof_body:
-                # Body delimited by connection close: EOF is its normal end.
+            if self._eof_body and exc is None:
+                # Body delimited by connection close: a clean EOF is its normal end.
                 self._resp = None
                 resp.complete = True
                 resp._conn = None
@@ -386,6 +401,8 @@ class _Connection(asyncio.Protocol):
         self._head_fut = None
         keep_alive = self._keep_alive = parser.should_keep_alive()
         headers = self._headers
+        # The response owns `headers` now; trailers (and the next head) go to a fresh list.
+        self._headers = []
         resp = self._resp = UpstreamResponse(status, headers, keep_alive, self, self._read_timeout)
         if self._is_head:
             self._reset_parser = True
@@ -560,7 +577,11 @@ class UpstreamPool:
                     conn.abort()
                     conn = await self._acquire()
             else:
-                conn = await self._acquire(retried)
+                try:
+                    conn = await self._acquire(fresh=retried)
+                except UpstreamConnectError as exc:
+                    exc.request_sent = retried  # on the retry, the first attempt's bytes were sent
+                    raise
             fut = conn.begin(is_head, read_timeout, stream is None)
             try:
                 transport = conn.transport
@@ -568,7 +589,7 @@ class UpstreamPool:
                 if body:
                     transport.write(body)
                 if stream is not None:
-                    await self._send_stream(conn, fut, stream, content_length)
+                    await self._send_stream(conn, fut, stream, content_length, read_timeout)
                 if read_timeout is None:
                     return await fut
                 return await self._wait_head(fut, read_timeout)
@@ -626,6 +647,7 @@ class UpstreamPool:
         fut: asyncio.Future[UpstreamResponse],
         stream: AsyncIterator[bytes],
         content_length: int | None,
+        read_timeout: float | None,
     ) -> None:
         """Copy an async-iterator body to the socket, waiting on write flow control so memory
         stays bounded. Stops early if the upstream answers (or dies) before the body is sent."""
@@ -646,7 +668,7 @@ class UpstreamPool:
                     raise ValueError("request body is longer than its declared content_length")
                 transport.write(chunk)
             if conn._write_paused:
-                await conn.drain()
+                await conn.drain(read_timeout)
         if conn._state == _CLOSED or fut.done():
             return
         if chunked:
@@ -776,14 +798,20 @@ class UpstreamPool:
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
-        for conn in list(self._conns):
-            conn._fail_all(UpstreamClosed(f"upstream pool for {self._origin} was closed"))
+        # Waiters first, so the slots freed below are not handed to them.
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(UpstreamConnectError(f"upstream pool for {self._origin} is closed"))
+        for conn in list(self._conns):
+            conn._fail_all(UpstreamClosed(f"upstream pool for {self._origin} was closed"))
 
 
 def _expire_head(fut: asyncio.Future[UpstreamResponse]) -> None:
     if not fut.done():
         fut.set_exception(UpstreamTimeout("upstream did not send a response head in time"))
+
+
+def _expire_drain(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(UpstreamTimeout("upstream stopped reading the request body"))
