@@ -18,14 +18,13 @@ import orjson
 from bridgeway import __version__
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
-from bridgeway.dataplane.proxy import ClientGone, StreamCut, proxy_http
+from bridgeway.dataplane.proxy import BRIDGE, Call, ClientGone, StreamCut, proxy_http, read_head
 from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability import logs, metrics
-from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
+from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
 
-BRIDGE = "/bridge/"
 JSON = (b"content-type", b"application/json")
 API_PREFIXES = ("/api/", "/docs", "/openapi.json")
 
@@ -39,10 +38,10 @@ class Gateway:
         self.registry = Registry()
         self.health = HealthChecker(self.registry)
         self.ready = False
+        self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
         self.log = logs.get_logger()
-        self._state_collector = metrics.StateCollector(lambda: self.registry.snapshot(time.monotonic()))
         from bridgeway.api import build_api  # the API imports Gateway's types; keep the edge one-way
 
         self.api = build_api(self)
@@ -53,6 +52,8 @@ class Gateway:
         logs.configure(self.config.logging.level)
         self.registry.apply(self.config)
         self.health.start()
+        if os.environ.get(metrics.METRICS_DIR):
+            self._publisher = asyncio.create_task(self._publish_metrics())
         loop = asyncio.get_running_loop()
         # Outside the main thread (an embedding test) reloads go through the API only.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -62,8 +63,15 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self._publisher:
+            self._publisher.cancel()
         await self.health.stop()
         await self.registry.close()
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            metrics.write_snapshot()
+            await asyncio.sleep(1.0)
 
     def reload(self) -> list[str]:
         """Re-read the config file; a valid one takes over at once, an invalid one changes nothing.
@@ -123,30 +131,32 @@ class Gateway:
 
     async def _bridge(self, scope, receive, send) -> None:
         started = time.perf_counter()
-        parent = parse_traceparent(_header(scope, b"traceparent"))
-        trace_id, flags = parent if parent else (new_trace_id(), "01")
-        span = traceparent(trace_id, new_span_id(), flags)
-        reply_headers = [(b"traceparent", span)]
         service, name = self._service_for(scope["path"])
         service_metrics = service.metrics if service else metrics.UNMATCHED
-        service_metrics.inflight.inc()
+        service_metrics.inflight += 1
+        call = Call()
+        reply_headers: list[tuple[bytes, bytes]] = []
         status = 500
         try:
+            read_head(scope, call)
+            span = traceparent(call.trace_id, new_span_id(), call.trace_flags)
+            call.headers.append((b"traceparent", span))
+            reply_headers.append((b"traceparent", span))
+            if call.request_id is not None:
+                reply_headers.append((b"x-request-id", call.request_id))
             if service is None:
                 raise GatewayError("UNKNOWN_SERVICE", f"no service named {name[:100]!r}")
-            status = await proxy_http(
-                service, scope, receive, send, len(BRIDGE) + len(name), span, reply_headers
-            )
+            status = await proxy_http(service, scope, receive, send, call, reply_headers)
         except GatewayError as exc:
             status = exc.status
-            await send_error(send, exc, trace_id, reply_headers)
+            await send_error(send, exc, call.trace_id or new_trace_id(), reply_headers)
         except ClientGone:
             status = 499  # as nginx logs it: the client closed the request
         except StreamCut as exc:
             status = exc.status
-            self.log.warning("stream_cut", service=name, code=exc.code, trace_id=trace_id)
+            self.log.warning("stream_cut", service=name, code=exc.code, trace_id=call.trace_id)
         finally:
-            service_metrics.inflight.dec()
+            service_metrics.inflight -= 1
             seconds = time.perf_counter() - started
             service_metrics.answered(status, seconds)
             if self.config.logging.access:
@@ -157,7 +167,7 @@ class Gateway:
                     route=f"/bridge/{name}",
                     status=status,
                     duration_ms=round(seconds * 1000, 3),
-                    trace_id=trace_id,
+                    trace_id=call.trace_id,
                 )
 
     async def _lifespan(self, receive, send) -> None:
@@ -200,18 +210,11 @@ class Gateway:
         await send_json(send, 200 if self.ready else 503, {"status": "ready" if self.ready else "starting"})
 
     async def _metrics(self, send) -> None:
-        body, content_type = metrics.render(self._state_collector)
+        body, content_type = metrics.render(lambda: self.registry.snapshot(time.monotonic()))
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type.encode())]})
         await send({"type": "http.response.body", "body": body})
 
     _ops = {"/health": _health, "/health/live": _live, "/health/ready": _ready, "/metrics": _metrics}
-
-
-def _header(scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
 
 
 def _token_hash(config: Config) -> bytes | None:

@@ -16,6 +16,7 @@ from granian.http import HTTP1Settings
 from granian.server import MPServer
 
 from bridgeway.config import Config
+from bridgeway.observability.metrics import METRICS_DIR
 
 
 class _Supervisor(MPServer):
@@ -27,9 +28,9 @@ class _Supervisor(MPServer):
 def serve_forever(cfg: Config, config_path: str, workers: int) -> None:
     os.environ["BRIDGEWAY_CONFIG"] = config_path
     os.environ["BRIDGEWAY_SUPERVISED"] = "1" if workers > 1 else "0"
-    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Workers write their metrics to files here; /metrics sums them (prometheus-client multiprocess).
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bridgeway-metrics-")
+    if workers > 1:
+        # Each worker publishes its counters here once a second; a scrape sums them all.
+        os.environ[METRICS_DIR] = tempfile.mkdtemp(prefix="bridgeway-metrics-")
     server = _Supervisor(
         "bridgeway.server:create_app",
         address=cfg.host,

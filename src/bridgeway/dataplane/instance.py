@@ -188,10 +188,11 @@ class Instance:
         return {
             "url": self.url,
             "source": self.source,
+            "available": self.available(now),
             "healthy": self.health.healthy,
             "ejected": ejected_for > 0,
-            "ejected_for": ejected_for,
+            "ejected_for": round(ejected_for, 3),
             "inflight": self.inflight,
-            "latency_ms": self.latency_ewma * 1000.0,
-            "expires_in": None if self.expires_at is None else max(0.0, self.expires_at - now),
+            "latency_ms": round(self.latency_ewma * 1000.0, 3),
+            "expires_in": None if self.expires_at is None else round(max(0.0, self.expires_at - now), 3),
         }

@@ -18,6 +18,7 @@ from bridgeway.dataplane.retry import backoff, is_retryable
 from bridgeway.dataplane.service import Service
 from bridgeway.dataplane.upstream import UpstreamError, UpstreamResponse
 from bridgeway.errors import GatewayError
+from bridgeway.observability.tracing import new_trace_id, parse_traceparent
 
 # RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
 HOP_BY_HOP = frozenset(
@@ -33,75 +34,95 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by the gateway itself on the way up.
-REWRITTEN = frozenset({b"host", b"content-length", b"expect", b"traceparent", b"x-forwarded-host"})
+BRIDGE = "/bridge/"
 # Small bodies are read whole: they can be retried and go upstream in one write.
 BUFFER_LIMIT = 1 << 20
 
 _BAD_PATH = re.compile(rb"%(?![0-9A-Fa-f]{2})|(?:^|/)(?:\.|%2[eE]){2}(?:/|$)|[\x00-\x20\x7f]|#")
+# The request headers the head pass acts on; every other header is forwarded as it is.
+_NOTED = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"traceparent",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-request-id",
+}
 
 
 class Call:
-    """One request's facts, gathered once while reading its head."""
+    """One request's facts, gathered in a single pass over its head."""
 
-    __slots__ = ("method", "target", "headers", "content_length", "chunked", "request_id", "client_host")
+    __slots__ = ("target", "headers", "content_length", "chunked", "request_id", "trace_id", "trace_flags")
 
     def __init__(self) -> None:
-        self.request_id: bytes | None = None
+        self.target = b"/"
+        self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
         self.chunked = False
+        self.request_id: bytes | None = None
+        self.trace_id = ""
+        self.trace_flags = "01"
 
 
 def parse_target(scope: dict, prefix_len: int) -> bytes:
     """The upstream path and query: what follows /bridge/{service}, checked for escapes."""
     raw = scope.get("raw_path") or scope["path"].encode()
     rest = raw[prefix_len:] or b"/"
-    if not rest.startswith(b"/") or _BAD_PATH.search(rest):
+    # The HTTP parser already refused spaces and control characters; the regex runs only when
+    # a path holds what could hide an escape.
+    if rest[0] != 47 or ((b"%" in rest or b"." in rest or b"#" in rest) and _BAD_PATH.search(rest)):
         raise GatewayError("BAD_PATH", "the path is malformed or tries to leave the service")
     query = scope.get("query_string")
     return rest + b"?" + query if query else rest
 
 
-def forward_headers(scope: dict, call: Call, trace_header: bytes) -> list[tuple[bytes, bytes]]:
-    """Filter the client's headers for the upstream and add the X-Forwarded-* set."""
-    out: list[tuple[bytes, bytes]] = []
-    host = b""
-    xff = b""
-    dropped = HOP_BY_HOP
-    for name, value in scope["headers"]:
-        if name == b"connection":
-            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            dropped = dropped | {t.strip().lower() for t in value.split(b",")}
-    for name, value in scope["headers"]:
-        if name in dropped or name in REWRITTEN:
-            if name == b"host":
-                host = value
-            elif name == b"content-length":
-                call.content_length = _content_length(value, call.content_length)
-            elif name == b"transfer-encoding":
-                call.chunked = True
-            continue
-        if name == b"x-forwarded-for":
-            xff = value
-            continue
-        if name == b"x-request-id":
-            call.request_id = value
-        out.append((name, value))
+def read_head(scope: dict, call: Call) -> None:
+    """One pass over the client's headers: note the facts, keep what goes upstream, continue or
+    start the trace, and add the X-Forwarded-* set."""
+    out = call.headers
+    lengths = []
+    host = xff = parent = None
+    connection = None
+    for item in scope["headers"]:
+        name = item[0]
+        if name not in _NOTED:
+            out.append(item)
+        elif name == b"host":
+            host = item[1]
+        elif name == b"content-length":
+            lengths.append(item[1])
+        elif name == b"transfer-encoding":
+            call.chunked = True
+        elif name == b"traceparent":
+            parent = item[1]
+        elif name == b"x-forwarded-for":
+            xff = item[1]
+        elif name == b"x-request-id":
+            call.request_id = item[1]
+            out.append(item)
+        elif name == b"connection":
+            connection = item[1]
+    traced = parse_traceparent(parent)
+    if traced:
+        call.trace_id, call.trace_flags = traced
+    else:
+        call.trace_id = new_trace_id()
+    if connection is not None:
+        # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+        named = {token.strip().lower() for token in connection.split(b",")}
+        call.headers = out = [item for item in out if item[0] not in named]
+    if lengths:
+        if any(not v.isdigit() for v in lengths) or len(set(lengths)) > 1 or call.chunked:
+            raise GatewayError("BAD_REQUEST", "invalid or conflicting Content-Length")
+        call.content_length = int(lengths[0])
     client = scope.get("client")
-    call.client_host = client[0] if client else ""
-    addr = call.client_host.encode()
+    addr = client[0].encode() if client else b""
     out.append((b"x-forwarded-for", xff + b", " + addr if xff else addr))
-    out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    out.append((b"x-forwarded-proto", b"https" if scope.get("scheme") == "https" else b"http"))
     if host:
         out.append((b"x-forwarded-host", host))
-    out.append((b"traceparent", trace_header))
-    return out
-
-
-def _content_length(value: bytes, seen: int | None) -> int:
-    if not value.isdigit() or (seen is not None and int(value) != seen):
-        raise GatewayError("BAD_REQUEST", "invalid Content-Length")
-    return int(value)
 
 
 async def read_body(receive, limit: int) -> bytes:
@@ -151,17 +172,18 @@ class StreamCut(Exception):
 
 
 def response_headers(resp: UpstreamResponse, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    dropped = HOP_BY_HOP
-    headers = resp.headers
+    """The upstream's headers, lowercased, without hop-by-hop ones, plus the gateway's own."""
     out = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"connection":
-            dropped = dropped | {t.strip().lower() for t in value.split(b",")}
-    for name, value in headers:
-        lname = name.lower()
-        if lname not in dropped:
-            out.append((lname, value))
+    connection = None
+    for name, value in resp.headers:
+        name = name.lower()
+        if name not in HOP_BY_HOP:
+            out.append((name, value))
+        elif name == b"connection":
+            connection = value
+    if connection is not None and connection.lower() not in (b"keep-alive", b"close"):
+        named = {token.strip().lower() for token in connection.split(b",")}
+        out = [item for item in out if item[0] not in named]
     out.extend(extra)
     return out
 
@@ -248,7 +270,7 @@ async def _retry_pause(service: Service, now: float, deadline: float, attempt: i
     pause = backoff(attempt - 1, retries.backoff, retries.max_backoff, random.random())
     if now + pause >= deadline or not service.budget.try_spend(now):
         return False
-    service.metrics.retries.inc()
+    service.metrics.retries += 1
     if pause > 0:
         await asyncio.sleep(pause)
     return True
@@ -262,16 +284,10 @@ _MESSAGES = {
 }
 
 
-async def proxy_http(
-    service: Service, scope: dict, receive, send, prefix_len: int, trace_header: bytes, reply_headers: list
-) -> int:
+async def proxy_http(service: Service, scope: dict, receive, send, call: Call, reply_headers: list) -> int:
     """Forward one HTTP request to `service`; returns the status sent. Errors before the
     response starts are raised as GatewayError; after it starts, the stream is cut."""
-    call = Call()
-    call.target = parse_target(scope, prefix_len)
-    call.headers = forward_headers(scope, call, trace_header)
-    if call.request_id is not None:
-        reply_headers.append((b"x-request-id", call.request_id))
+    call.target = parse_target(scope, len(BRIDGE) + len(service.name))
     limit = service.config.max_body
     length = call.content_length
     body: bytes | AsyncIterator[bytes]

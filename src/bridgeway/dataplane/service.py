@@ -18,7 +18,7 @@ from bridgeway.dataplane.breaker import CircuitBreaker
 from bridgeway.dataplane.instance import ActiveHealth, Instance, OutlierDetector
 from bridgeway.dataplane.retry import RetryBudget
 from bridgeway.dataplane.upstream import UpstreamPool
-from bridgeway.observability.metrics import ServiceMetrics
+from bridgeway.observability import metrics
 
 POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still streaming on it
 
@@ -43,7 +43,7 @@ class Service:
         retries = config.retries
         keep_budget = previous is not None and previous.config.retries == retries
         self.budget = previous.budget if keep_budget else RetryBudget(retries.budget, retries.min_per_second)
-        self.metrics = previous.metrics if previous else ServiceMetrics(name)
+        self.metrics = metrics.for_service(name)
 
         old = {i.url: i for i in previous.instances} if previous else {}
         same_checks = previous is not None and (previous.config.health, previous.config.outlier) == (

@@ -1,101 +1,201 @@
-"""Prometheus metrics.
+"""Prometheus metrics, cheap on the hot path.
 
-Hot-path metrics are label children bound once per service (no `.labels()` lookup per request);
-state that already lives in the registry (breaker state, instance health) is read at scrape time
-by a collector, so it costs nothing per request. With several workers, prometheus-client's
-multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `bridgeway serve`) sums them.
+A request costs a few integer additions on its service's `ServiceMetrics` (no locks, no label
+lookups); prometheus-client renders them, with breaker and instance state read from the
+registry, only when `/metrics` is scraped. With several workers each worker also writes its
+counters to a file in a shared directory once a second, and a scrape sums every worker's file
+(counters of exited workers are kept, as prometheus-client's multiprocess mode does; their
+in-flight gauges are not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NO_SERVICE = "-"  # label for requests that matched no service: never echo a client's path into a label
+METRICS_DIR = "BRIDGEWAY_METRICS_DIR"  # set by the supervisor when there are several workers
 
-REGISTRY = CollectorRegistry(auto_describe=True)
-_requests = Counter("bridgeway_requests", "Requests answered, by service and status", ["service", "status"], registry=REGISTRY)
-_duration = Histogram(
-    "bridgeway_request_duration_seconds", "Whole request, gateway in to response head out", ["service"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
-)
-_upstream = Histogram(
-    "bridgeway_upstream_duration_seconds", "One upstream try, request out to response head in", ["service"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
-)
-_inflight = Gauge(
-    "bridgeway_requests_in_flight", "Requests in flight", ["service"], multiprocess_mode="livesum", registry=REGISTRY
-)
-_retries = Counter("bridgeway_retries", "Upstream tries after the first", ["service"], registry=REGISTRY)
-_upstream_errors = Counter(
-    "bridgeway_upstream_errors", "Failed upstream tries, by error code", ["service", "code"], registry=REGISTRY
-)
-_reloads = Counter("bridgeway_config_reloads", "Config reloads, by result", ["result"], registry=REGISTRY)
+
+class Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
 
 
 class ServiceMetrics:
-    """The metric children of one service, bound once when its route is compiled."""
+    """The counters of one service; the proxy adds to them directly."""
 
-    __slots__ = ("name", "duration", "upstream", "inflight", "retries", "_status", "_errors")
+    __slots__ = ("name", "inflight", "retries", "statuses", "errors", "duration", "upstream")
 
     def __init__(self, name: str):
         self.name = name
-        self.duration = _duration.labels(name)
-        self.upstream = _upstream.labels(name)
-        self.inflight = _inflight.labels(name)
-        self.retries = _retries.labels(name)
-        self._status: dict[int, Counter] = {}
-        self._errors: dict[str, Counter] = {}
+        self.inflight = 0
+        self.retries = 0
+        self.statuses: dict[int, int] = {}
+        self.errors: dict[str, int] = {}
+        self.duration = Histogram()
+        self.upstream = Histogram()
+        _ALL[name] = self
 
     def answered(self, status: int, seconds: float) -> None:
-        child = self._status.get(status)
-        if child is None:
-            child = self._status[status] = _requests.labels(self.name, str(status))
-        child.inc()
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
         self.duration.observe(seconds)
 
     def upstream_error(self, code: str) -> None:
-        child = self._errors.get(code)
-        if child is None:
-            child = self._errors[code] = _upstream_errors.labels(self.name, code)
-        child.inc()
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def dump(self) -> dict:
+        return {
+            "inflight": self.inflight,
+            "retries": self.retries,
+            "statuses": {str(k): v for k, v in self.statuses.items()},
+            "errors": self.errors,
+            "duration": [self.duration.counts, self.duration.sum],
+            "upstream": [self.upstream.counts, self.upstream.sum],
+        }
 
 
-UNMATCHED = ServiceMetrics(NO_SERVICE)
+_ALL: dict[str, ServiceMetrics] = {}
+_RELOADS = {"ok": 0, "rejected": 0}
+
+
+def for_service(name: str) -> ServiceMetrics:
+    """One counter set per service name for the life of the process: reloads keep counting."""
+    return _ALL.get(name) or ServiceMetrics(name)
+
+
+UNMATCHED = for_service(NO_SERVICE)
 
 
 def config_reloaded(ok: bool) -> None:
-    _reloads.labels("ok" if ok else "rejected").inc()
+    _RELOADS["ok" if ok else "rejected"] += 1
 
 
-class StateCollector(Collector):
-    """Breaker state and instance health, read from the registry when scraped."""
+def _snapshot() -> dict:
+    return {"services": {name: m.dump() for name, m in _ALL.items()}, "reloads": _RELOADS}
 
-    def __init__(self, snapshot: Callable[[], Iterable[dict]]):
-        self._snapshot = snapshot
+
+def write_snapshot() -> None:
+    """With several workers: publish this worker's counters for whoever answers the scrape."""
+    directory = os.environ.get(METRICS_DIR)
+    if directory:
+        path = Path(directory, f"{os.getpid()}.json")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(_snapshot()))
+        tmp.replace(path)
+
+
+def _all_workers() -> list[tuple[dict, bool]]:
+    """Every worker's snapshot, and whether that worker still runs; this one's is fresh."""
+    directory = os.environ.get(METRICS_DIR)
+    if not directory:
+        return [(_snapshot(), True)]
+    own = f"{os.getpid()}.json"
+    out = [(_snapshot(), True)]
+    for path in Path(directory).glob("*.json"):
+        if path.name == own:
+            continue
+        with contextlib.suppress(OSError, orjson.JSONDecodeError):
+            out.append((orjson.loads(path.read_bytes()), _alive(int(path.stem))))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Collector(Collector):
+    def __init__(self, state: Callable[[], Iterable[dict]]):
+        self._state = state
 
     def collect(self):
+        requests = CounterMetricFamily("bridgeway_requests", "Requests answered", labels=["service", "status"])
+        inflight = GaugeMetricFamily("bridgeway_requests_in_flight", "Requests in flight", labels=["service"])
+        retries = CounterMetricFamily("bridgeway_retries", "Upstream tries after the first", labels=["service"])
+        errors = CounterMetricFamily(
+            "bridgeway_upstream_errors", "Failed upstream tries, by error code", labels=["service", "code"]
+        )
+        reloads = CounterMetricFamily("bridgeway_config_reloads", "Config reloads, by result", labels=["result"])
+        totals: dict = {}
+        for snap, alive in _all_workers():
+            for name, m in snap["services"].items():
+                t = totals.setdefault(
+                    name,
+                    {"inflight": 0, "retries": 0, "statuses": {}, "errors": {}, "duration": None, "upstream": None},
+                )
+                t["inflight"] += m["inflight"] if alive else 0
+                t["retries"] += m["retries"]
+                for key in ("statuses", "errors"):
+                    for k, v in m[key].items():
+                        t[key][k] = t[key].get(k, 0) + v
+                for key in ("duration", "upstream"):
+                    counts, total = m[key]
+                    if t[key] is None:
+                        t[key] = [list(counts), total]
+                    else:
+                        t[key] = [[a + b for a, b in zip(t[key][0], counts, strict=True)], t[key][1] + total]
+            for result, n in snap["reloads"].items():
+                totals.setdefault("_reloads", {}).setdefault(result, 0)
+                totals["_reloads"][result] += n
+        for result, n in totals.pop("_reloads", {}).items():
+            reloads.add_metric([result], n)
+        yield reloads
+        histograms = {
+            "duration": HistogramMetricFamily(
+                "bridgeway_request_duration_seconds", "Whole request, as the gateway saw it", labels=["service"]
+            ),
+            "upstream": HistogramMetricFamily(
+                "bridgeway_upstream_duration_seconds", "One upstream try, request out to response head in",
+                labels=["service"],
+            ),
+        }
+        for name, t in sorted(totals.items()):
+            inflight.add_metric([name], t["inflight"])
+            retries.add_metric([name], t["retries"])
+            for status, n in sorted(t["statuses"].items()):
+                requests.add_metric([name, str(status)], n)
+            for code, n in sorted(t["errors"].items()):
+                errors.add_metric([name, code], n)
+            for key, family in histograms.items():
+                counts, total = t[key]
+                cumulative, buckets = 0, []
+                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                    cumulative += n
+                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+                family.add_metric([name], buckets, total)
+        yield from (requests, inflight, retries, errors, *histograms.values())
+
         breaker = GaugeMetricFamily(
             "bridgeway_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["service"]
         )
         healthy = GaugeMetricFamily(
             "bridgeway_instance_healthy", "1 if the instance takes traffic", labels=["service", "instance"]
         )
-        for service in self._snapshot():
+        for service in self._state():
             breaker.add_metric([service["name"]], BREAKER_STATES[service["breaker"]["state"]])
             for inst in service["instances"]:
                 healthy.add_metric([service["name"], inst["url"]], 1 if inst["available"] else 0)
@@ -103,21 +203,8 @@ class StateCollector(Collector):
         yield healthy
 
 
-def render(state: Collector) -> tuple[bytes, str]:
-    """The /metrics body: this worker's (or, in multiprocess mode, all workers') metrics."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    else:
-        registry = CollectorRegistry()
-        registry.register(_Forward(REGISTRY))
-    registry.register(state)
+def render(state: Callable[[], Iterable[dict]]) -> tuple[bytes, str]:
+    """The /metrics body and its content type."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(state))
     return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-class _Forward(Collector):
-    def __init__(self, registry: CollectorRegistry):
-        self._registry = registry
-
-    def collect(self):
-        yield from self._registry.collect()

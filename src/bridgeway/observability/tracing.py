@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import os
+from random import getrandbits
 
 _HEX = frozenset("0123456789abcdef")
 
+# Trace ids need to be unique, not secret: the Mersenne Twister is enough and costs no syscall.
+
 
 def new_trace_id() -> str:
-    return os.urandom(16).hex()
+    return "%032x" % (getrandbits(128) or 1)  # noqa: UP031 - measured faster than an f-string
 
 
 def new_span_id() -> str:
-    return os.urandom(8).hex()
+    return "%016x" % (getrandbits(64) or 1)  # noqa: UP031
 
 
 def parse_traceparent(value: bytes | None) -> tuple[str, str] | None:
