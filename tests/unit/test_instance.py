@@ -257,6 +257,7 @@ def test_snapshot():
     assert inst.snapshot(10.0) == {
         "url": "http://a:1",
         "source": "registered",
+        "available": False,
         "healthy": True,
         "ejected": True,
         "ejected_for": 20.0,
@@ -266,4 +267,6 @@ def test_snapshot():
     }
     later = inst.snapshot(50.0)
     assert (later["ejected"], later["ejected_for"], later["expires_in"]) == (False, 0.0, 0.0)
+    assert later["available"] is False  # the lease ran out
+    assert inst.snapshot(35.0)["available"] is True  # back from ejection, lease still valid
     assert Instance("http://a:1").snapshot(0)["expires_in"] is None
