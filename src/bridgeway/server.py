@@ -18,12 +18,14 @@ import orjson
 from bridgeway import __version__
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
+from bridgeway.dataplane.leases import SqliteLeases
 from bridgeway.dataplane.proxy import BRIDGE, Call, ClientGone, StreamCut, proxy_http, read_head
 from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
+from bridgeway.workers import shared_dir
 
 JSON = (b"content-type", b"application/json")
 API_PREFIXES = ("/api/", "/docs", "/openapi.json")
@@ -35,7 +37,8 @@ class Gateway:
     def __init__(self, config: Config, config_path: str | None = None):
         self.config = config
         self.config_path = config_path
-        self.registry = Registry()
+        shared = shared_dir()
+        self.registry = Registry(SqliteLeases(str(shared / "leases.db")) if shared else None)
         self.health = HealthChecker(self.registry)
         self.ready = False
         self._publisher: asyncio.Task | None = None
@@ -52,7 +55,7 @@ class Gateway:
         logs.configure(self.config.logging.level)
         self.registry.apply(self.config)
         self.health.start()
-        if os.environ.get(metrics.METRICS_DIR):
+        if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())
         loop = asyncio.get_running_loop()
         # Outside the main thread (an embedding test) reloads go through the API only.
@@ -96,7 +99,7 @@ class Gateway:
     def reload_everywhere(self) -> list[str]:
         """Reload here and, with several workers, have the supervisor tell the others too."""
         problems = self.reload()
-        if not problems and os.environ.get("BRIDGEWAY_SUPERVISED") == "1":
+        if not problems and shared_dir() is not None:
             os.kill(os.getppid(), signal.SIGHUP)
         return problems
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 
@@ -16,7 +17,7 @@ from granian.http import HTTP1Settings
 from granian.server import MPServer
 
 from bridgeway.config import Config
-from bridgeway.observability.metrics import METRICS_DIR
+from bridgeway.workers import SHARED_DIR_ENV
 
 
 class _Supervisor(MPServer):
@@ -27,10 +28,9 @@ class _Supervisor(MPServer):
 
 def serve_forever(cfg: Config, config_path: str, workers: int) -> None:
     os.environ["BRIDGEWAY_CONFIG"] = config_path
-    os.environ["BRIDGEWAY_SUPERVISED"] = "1" if workers > 1 else "0"
     if workers > 1:
-        # Each worker publishes its counters here once a second; a scrape sums them all.
-        os.environ[METRICS_DIR] = tempfile.mkdtemp(prefix="bridgeway-metrics-")
+        # Workers share instance leases and publish their counters here.
+        os.environ[SHARED_DIR_ENV] = tempfile.mkdtemp(prefix="bridgeway-")
     server = _Supervisor(
         "bridgeway.server:create_app",
         address=cfg.host,
@@ -45,4 +45,8 @@ def serve_forever(cfg: Config, config_path: str, workers: int) -> None:
         log_level="warning",
         log_access=False,
     )
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        if workers > 1:
+            shutil.rmtree(os.environ[SHARED_DIR_ENV], ignore_errors=True)

@@ -55,7 +55,7 @@ async def register(request: Request, response: Response, name: str, body: Regist
     service = _service(request, name)
     now = time.monotonic()
     ttl = body.ttl or service.config.registration_ttl
-    inst, created = service.register(body.url, ttl, now)
+    inst, created = request.app.state.gateway.registry.register(service, body.url, ttl)
     if not created:
         response.status_code = 200
     return inst.snapshot(now)
@@ -63,7 +63,8 @@ async def register(request: Request, response: Response, name: str, body: Regist
 
 @router.delete("/services/{name}/instances", status_code=204, summary="Deregister an instance")
 async def deregister(request: Request, name: str, url: str) -> Response:
-    if not _service(request, name).deregister(url.rstrip("/")):
+    registry = request.app.state.gateway.registry
+    if not registry.deregister(_service(request, name), url.rstrip("/")):
         raise GatewayError("NOT_FOUND", "no registered instance with that url (config instances stay)")
     return Response(status_code=204)
 

@@ -28,6 +28,7 @@ class HealthChecker:
         self._probing: set[Instance] = set()
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._next_sync = 0.0
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -45,6 +46,9 @@ class HealthChecker:
     async def _run(self) -> None:
         while True:
             now = self.clock()
+            if now >= self._next_sync:
+                self._next_sync = now + 1.0
+                self.registry.sync_leases()
             for name, inst in self.registry.expire(now):
                 log.info("instance_expired", service=name, instance=inst.url)
             for service in list(self.registry.services.values()):

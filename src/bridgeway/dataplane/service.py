@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterable
 
 from bridgeway.config.models import Config, ServiceConfig
 from bridgeway.dataplane.balancer import make_balancer
 from bridgeway.dataplane.breaker import CircuitBreaker
 from bridgeway.dataplane.instance import ActiveHealth, Instance, OutlierDetector
+from bridgeway.dataplane.leases import Leases, MemoryLeases
 from bridgeway.dataplane.retry import RetryBudget
 from bridgeway.dataplane.upstream import UpstreamPool
 from bridgeway.observability import metrics
@@ -135,8 +137,34 @@ class Service:
 class Registry:
     """Every service by name: one truth for the data plane and the management API."""
 
-    def __init__(self) -> None:
+    def __init__(self, leases: Leases | None = None) -> None:
         self.services: dict[str, Service] = {}
+        self.leases = leases or MemoryLeases()
+
+    def register(self, service: Service, url: str, ttl: float) -> tuple[Instance, bool]:
+        """A run-time registration or heartbeat: recorded for every worker, applied here now."""
+        self.leases.put(service.name, url, time.time() + ttl)
+        return service.register(url, ttl, time.monotonic())
+
+    def deregister(self, service: Service, url: str) -> bool:
+        self.leases.delete(service.name, url)
+        return service.deregister(url)
+
+    def sync_leases(self) -> None:
+        """Take in registrations made through other workers, and drop those they removed."""
+        if not self.leases.shared:
+            return
+        wall, now = time.time(), time.monotonic()
+        live: dict[str, set[str]] = {}
+        for name, url, expires_at in self.leases.live():
+            service = self.services.get(name)
+            if service is not None:
+                service.register(url, expires_at - wall, now)
+                live.setdefault(name, set()).add(url)
+        for service in self.services.values():
+            for inst in service.instances:
+                if inst.source == "registered" and inst.url not in live.get(service.name, ()):
+                    service.deregister(inst.url)
 
     def apply(self, config: Config) -> None:
         old = self.services

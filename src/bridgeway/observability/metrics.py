@@ -14,17 +14,17 @@ import contextlib
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from bridgeway.workers import shared_dir
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NO_SERVICE = "-"  # label for requests that matched no service: never echo a client's path into a label
-METRICS_DIR = "BRIDGEWAY_METRICS_DIR"  # set by the supervisor when there are several workers
 
 
 class Histogram:
@@ -95,9 +95,9 @@ def _snapshot() -> dict:
 
 def write_snapshot() -> None:
     """With several workers: publish this worker's counters for whoever answers the scrape."""
-    directory = os.environ.get(METRICS_DIR)
+    directory = shared_dir("metrics")
     if directory:
-        path = Path(directory, f"{os.getpid()}.json")
+        path = directory / f"{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps(_snapshot()))
         tmp.replace(path)
@@ -105,12 +105,12 @@ def write_snapshot() -> None:
 
 def _all_workers() -> list[tuple[dict, bool]]:
     """Every worker's snapshot, and whether that worker still runs; this one's is fresh."""
-    directory = os.environ.get(METRICS_DIR)
+    directory = shared_dir("metrics")
     if not directory:
         return [(_snapshot(), True)]
     own = f"{os.getpid()}.json"
     out = [(_snapshot(), True)]
-    for path in Path(directory).glob("*.json"):
+    for path in directory.glob("*.json"):
         if path.name == own:
             continue
         with contextlib.suppress(OSError, orjson.JSONDecodeError):
