@@ -172,6 +172,40 @@ def core_jiffies(core: int) -> tuple[int, int]:
     raise ValueError(f"no cpu{core} in /proc/stat")
 
 
+# --- output ------------------------------------------------------------------------------
+
+
+def print_table(title: str, headers: list[str], rows: list[list[str]], markdown: bool) -> None:
+    """rich when importable, else plain text; markdown on request (for bench/README.md)."""
+    if markdown:
+        print(f"{title}\n")
+        print("| " + " | ".join(headers) + " |")
+        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(x) for x in col) for col in zip(headers, *rows, strict=False)]
+        print(title)
+        for row in [headers, *rows]:
+            print(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+        return
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=200).print(table)  # wide enough to keep rows on one line when piped
+
+
 # --- nginx -------------------------------------------------------------------------------
 
 

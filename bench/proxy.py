@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     free_port,
     log,
     nginx_proxy_server,
+    print_table,
     run_wrk,
     sigterm_as_interrupt,
     start_bridgeway,
@@ -141,36 +142,6 @@ HEADERS = [
 ]
 
 
-def print_table(title: str, rows: list[list[str]], markdown: bool) -> None:
-    if markdown:
-        print(f"{title}\n")
-        print("| " + " | ".join(HEADERS) + " |")
-        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADERS))) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(x) for x in col) for col in zip(HEADERS, *rows, strict=False)]
-        print(title)
-        for row in [HEADERS, *rows]:
-            print(
-                "  ".join(
-                    c.ljust(w) if i == 0 else c.rjust(w)
-                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
-                )
-            )
-        return
-    table = Table(title=title)
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=200).print(table)  # wide enough to keep rows on one line when piped
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per target per round")
@@ -242,7 +213,7 @@ def main() -> int:
         f"(median of rounds where other work took < {MAX_OTHER_WORK:.0%} of core {CPU_PROXY}); "
         f"proxy on core {CPU_PROXY}, wrk + upstream nginx on core {CPU_LOAD}"
     )
-    print_table(title, table_rows(results, used, args.rounds), args.markdown)
+    print_table(title, HEADERS, table_rows(results, used, args.rounds), args.markdown)
     for name, m in results.items():
         if name != "direct" and m.cpu < SATURATED_CPU:
             print(
