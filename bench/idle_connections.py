@@ -88,10 +88,14 @@ async def open_idle(port: int, n: int, batch: int) -> tuple[list[IdleClient], in
     failures = 0
 
     async def one() -> IdleClient:
-        _, proto = await loop.create_connection(IdleClient, "127.0.0.1", port)
-        status = await asyncio.wait_for(proto.answered, 10)
-        if not status.startswith(b"HTTP/1.1 200"):
-            raise ConnectionError(status.decode(errors="replace"))
+        transport, proto = await loop.create_connection(IdleClient, "127.0.0.1", port)
+        try:
+            status = await asyncio.wait_for(proto.answered, 10)
+            if not status.startswith(b"HTTP/1.1 200"):
+                raise ConnectionError(status.decode(errors="replace"))
+        except BaseException:
+            transport.close()  # a failed connection must not linger and be counted as held
+            raise
         return proto
 
     for start in range(0, n, batch):

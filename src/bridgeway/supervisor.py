@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import tempfile
@@ -26,6 +27,16 @@ class _Supervisor(MPServer):
             os.kill(child.pid, signal.SIGHUP)
 
 
+def _fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one and return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1_048_576:
+        hard = 1_048_576
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def serve_forever(cfg: Config, config_path: str, workers: int) -> None:
     os.environ["BRIDGEWAY_CONFIG"] = config_path
     if workers > 1:
@@ -41,7 +52,11 @@ def serve_forever(cfg: Config, config_path: str, workers: int) -> None:
         factory=True,
         websockets=True,
         backlog=2048,
-        http1_settings=HTTP1Settings(max_buffer_size=max(cfg.max_header_size, 8192)),
+        # granian caps connections per worker at backlog/workers unless told; a gateway holds
+        # many idle keep-alive clients, so the cap is the file descriptor limit instead.
+        backpressure=_fd_limit(),
+        # The head read timeout is also the idle keep-alive limit: 60 s (granian's maximum).
+        http1_settings=HTTP1Settings(max_buffer_size=max(cfg.max_header_size, 8192), header_read_timeout=60_000),
         log_level="warning",
         log_access=False,
     )

@@ -1,0 +1,412 @@
+"""The gateway when upstreams misbehave: timeouts, garbage, crashes mid-response, failing health
+checks, the circuit breaker, retries (and what must never be retried), outlier ejection.
+
+One gateway serves the module; each test has its own service (own breaker, instances, budget),
+so tests do not share state except the module's echo, whose counters they read as deltas.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from tests.support import free_port, start_service, start_services
+from tests.support.gateway import GatewayProc, start_gateway, wait_until
+from tests.support.procs import Proc
+
+
+class RawServer:
+    """A TCP server on loopback that answers every connection with fixed bytes (or closes it
+    without a word when `reply` is None) after reading the request head."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(2.0)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data and len(data) < 65536:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if self.reply is not None:
+                        conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def dead_url() -> str:
+    """An address where nothing listens: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+NO_EJECT = {"failures": 1000, "base_ejection": "1s", "max_ejection": "1s"}
+NO_BREAK = {"failures": 1000, "open_for": "1s"}
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[Proc]:
+    proc = start_service("echo")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def health_pair() -> Iterator[list[Proc]]:
+    procs = start_services("echo", 2, prefix="hc")
+    yield procs
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def kill_pair() -> Iterator[list[Proc]]:
+    procs = start_services("echo", 2, prefix="kill")
+    yield procs
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def garbage() -> Iterator[RawServer]:
+    server = RawServer(b"NOT HTTP\r\n\r\n")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def closer() -> Iterator[RawServer]:
+    server = RawServer(None)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gw(echo: Proc, health_pair: list[Proc], kill_pair: list[Proc], garbage: RawServer, closer: RawServer):
+    base = {"breaker": NO_BREAK, "outlier": NO_EJECT, "timeout": "5s"}
+    services = {
+        "slow": base | {"instances": [echo.url], "timeout": "1s"},
+        "garbage": base | {"instances": [garbage.url]},
+        "closer": base | {"instances": [closer.url]},
+        "empty": base | {"instances": []},
+        "down": base
+        | {
+            "instances": [dead_url(), dead_url()],
+            "balancer": "round_robin",
+            "retries": {"attempts": 2},
+            "outlier": {"failures": 4, "base_ejection": "30s"},
+        },
+        "half": base
+        | {
+            "instances": [dead_url(), echo.url],
+            "balancer": "round_robin",
+            "retries": {"attempts": 2},
+            "outlier": {"failures": 3, "base_ejection": "30s"},
+        },
+        "once": base | {"instances": [echo.url], "retries": {"attempts": 3, "backoff": "1ms"}},
+        "replay": base
+        | {"instances": [echo.url], "retries": {"attempts": 3, "backoff": "1ms", "non_idempotent": True}},
+        "flaky": {
+            "instances": [echo.url],
+            "retries": {"attempts": 1},
+            "breaker": {"failures": 3, "open_for": "1s"},
+            "outlier": NO_EJECT,
+        },
+        "hc": base
+        | {
+            "instances": [p.url for p in health_pair],
+            "balancer": "round_robin",
+            "health": {"path": "/health", "interval": "200ms", "timeout": "500ms", "unhealthy": 2, "healthy": 2},
+        },
+        "kill": base | {"instances": [p.url for p in kill_pair], "balancer": "round_robin", "retries": {"attempts": 2}},
+        "idle": base | {"instances": [echo.url], "timeout": "5s", "read_timeout": "300ms"},
+        "patient": base | {"instances": [echo.url], "timeout": "500ms", "read_timeout": "3s"},
+    }
+    proc = start_gateway({"services": services})
+    yield proc
+    proc.stop()
+
+
+def error_code(r) -> str:
+    return r.json()["error"]["code"]
+
+
+def echo_count(echo: Proc, key: str) -> int:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(echo.url + "/count", timeout=5) as r:
+        return json.load(r)["counts"].get(key, 0)
+
+
+def instance(gw: GatewayProc, service: str, url: str) -> dict:
+    for inst in gw.service(service)["instances"]:
+        if inst["url"] == url:
+            return inst
+    raise AssertionError(f"{url} not in {service}")
+
+
+# -- timeouts and broken upstreams ------------------------------------------------------------
+
+
+def test_hanging_upstream_gives_504_at_the_timeout(gw: GatewayProc):
+    t0 = time.monotonic()
+    r = gw.request("GET", "/bridge/slow/delay/5000")
+    elapsed = time.monotonic() - t0
+    assert r.status == 504 and error_code(r) == "UPSTREAM_TIMEOUT"
+    assert 0.9 <= elapsed <= 3.0, elapsed
+    assert "slow" in r.json()["error"]["message"]
+
+
+def test_upstream_answering_garbage_is_502_protocol(gw: GatewayProc, garbage: RawServer):
+    r = gw.request("GET", "/bridge/garbage/x")
+    assert r.status == 502 and error_code(r) == "UPSTREAM_PROTOCOL"
+    assert garbage.connections >= 1
+
+
+def test_upstream_closing_without_answer_is_502_closed(gw: GatewayProc, closer: RawServer):
+    r = gw.request("GET", "/bridge/closer/x")
+    assert r.status == 502 and error_code(r) == "UPSTREAM_CLOSED"
+
+
+def test_no_instances_is_503(gw: GatewayProc):
+    r = gw.request("GET", "/bridge/empty/x")
+    assert r.status == 503 and error_code(r) == "NO_HEALTHY_INSTANCE"
+
+
+def test_all_instances_refusing_gives_502_then_ejection_gives_503(gw: GatewayProc):
+    # Connect refused on every instance (after the retry): 502 UPSTREAM_CONNECT.
+    r = gw.request("GET", "/bridge/down/x")
+    assert r.status == 502 and error_code(r) == "UPSTREAM_CONNECT"
+    # Each request fails once on each instance; 4 consecutive failures eject one (outlier).
+    codes = []
+    for _ in range(6):
+        r = gw.request("GET", "/bridge/down/x")
+        codes.append((r.status, error_code(r)))
+        if r.status == 503:
+            break
+    assert codes[-1] == (503, "NO_HEALTHY_INSTANCE"), codes
+    assert all(c in ((502, "UPSTREAM_CONNECT"), (503, "NO_HEALTHY_INSTANCE")) for c in codes), codes
+    # Ejected: answered at once, and the admin API says so.
+    t0 = time.monotonic()
+    r = gw.request("GET", "/bridge/down/x")
+    assert (r.status, error_code(r)) == (503, "NO_HEALTHY_INSTANCE")
+    assert time.monotonic() - t0 < 0.5
+    insts = gw.service("down")["instances"]
+    assert all(i["ejected"] and i["ejected_for"] > 20 for i in insts), insts
+
+
+def test_read_timeout_cuts_an_idle_stream(gw: GatewayProc):
+    # read_timeout 300ms, chunks 1 s apart: cut after the first chunk, long before the 5 s timeout.
+    t0 = time.monotonic()
+    chunks, complete = _read_chunked(gw, "/bridge/idle/stream/3?interval_ms=1000")
+    assert chunks == [b"chunk 0\n"] and not complete
+    assert time.monotonic() - t0 < 0.95
+
+
+def test_timeout_does_not_limit_a_streaming_body(gw: GatewayProc):
+    # timeout (500ms) is until the response head; read_timeout 3s allows chunks 700 ms apart.
+    chunks, complete = _read_chunked(gw, "/bridge/patient/stream/3?interval_ms=700")
+    assert chunks == [b"chunk 0\n", b"chunk 1\n", b"chunk 2\n"] and complete
+
+
+def _read_chunked(gw: GatewayProc, path: str, timeout: float = 10.0) -> tuple[list[bytes], bool]:
+    """GET a chunked response over a raw socket: its chunks, and whether the final
+    zero-length chunk arrived (a cut stream ends without it)."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not got:
+                break
+            data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while body:
+        size_line, sep, rest = body.partition(b"\r\n")
+        if not sep:
+            break
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks, True
+        if len(rest) < size + 2:
+            break
+        chunks.append(rest[:size])
+        body = rest[size + 2 :]
+    return chunks, False
+
+
+async def test_upstream_killed_mid_response(gw: GatewayProc, kill_pair: list[Proc]):
+    procs = {p.name: p for p in kill_pair}
+    lines: list[bytes] = []
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with http.get(gw.url + "/bridge/kill/stream/100?interval_ms=50") as r:
+                assert r.status == 200
+                victim = procs[r.headers["X-Instance"]]
+                for _ in range(3):
+                    lines.append(await r.content.readline())
+                victim.kill()
+                async with asyncio_timeout(10):
+                    while line := await r.content.readline():
+                        lines.append(line)
+    # Truncated, never silently complete.
+    assert 3 <= len(lines) < 100
+    survivor = next(p for p in kill_pair if p is not victim)
+    # The gateway serves on, from the instance left (a connect failure is retried elsewhere).
+    seen = collections.Counter()
+    for _ in range(10):
+        r = gw.request("GET", "/bridge/kill/after")
+        assert r.status == 200, r
+        seen[r.headers["x-instance"]] += 1
+    assert seen == {survivor.name: 10}
+
+
+def asyncio_timeout(seconds: float):
+    import asyncio
+
+    return asyncio.timeout(seconds)
+
+
+# -- health checks ------------------------------------------------------------------------------
+
+
+def test_failing_health_checks_take_an_instance_out_and_back(gw: GatewayProc, health_pair: list[Proc]):
+    sick, well = health_pair
+
+    def spread(n: int) -> collections.Counter:
+        seen = collections.Counter()
+        for _ in range(n):
+            r = gw.request("GET", "/bridge/hc/x")
+            assert r.status == 200, r
+            seen[r.headers["x-instance"]] += 1
+        return seen
+
+    assert set(spread(10)) == {sick.name, well.name}
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(sick.url + "/health/fail", method="POST"), timeout=5).close()
+    wait_until(lambda: not instance(gw, "hc", sick.url)["healthy"], timeout=5, what="instance marked unhealthy")
+    assert spread(20) == {well.name: 20}
+    health = gw.request("GET", "/health").json()
+    assert health["checks"]["services"]["hc"]["available"] == 1
+
+    urllib.request.urlopen(urllib.request.Request(sick.url + "/health/ok", method="POST"), timeout=5).close()
+    wait_until(lambda: instance(gw, "hc", sick.url)["healthy"], timeout=5, what="instance healthy again")
+    assert set(spread(10)) == {sick.name, well.name}
+    events = [e for e in gw.log_lines() if e.get("event") == "instance_health_changed"]
+    assert [e["healthy"] for e in events if e.get("instance") == sick.url][-2:] == [False, True]
+
+
+# -- circuit breaker ----------------------------------------------------------------------------
+
+
+def test_breaker_opens_fails_fast_then_half_opens_and_closes(gw: GatewayProc, echo: Proc):
+    def state() -> str:
+        return gw.service("flaky")["breaker"]["state"]
+
+    for _ in range(3):
+        assert gw.request("GET", "/bridge/flaky/status/500").status == 500  # the upstream's own 500
+    assert state() == "open"
+    sent = echo_count(echo, "GET /breaker-ok")
+    t0 = time.monotonic()
+    r = gw.request("GET", "/bridge/flaky/breaker-ok")
+    assert (r.status, error_code(r)) == (503, "CIRCUIT_OPEN")
+    assert time.monotonic() - t0 < 0.5
+    assert echo_count(echo, "GET /breaker-ok") == sent  # failed fast: nothing went upstream
+    assert 'bridgeway_breaker_state{service="flaky"} 2' in gw.request("GET", "/metrics").body.decode()
+
+    # After open_for a probe is let through; a failing probe opens it again.
+    wait_until(lambda: state() == "half_open", timeout=3, what="half-open")
+    assert gw.request("GET", "/bridge/flaky/status/500").status == 500
+    assert state() == "open"
+    assert error_code(gw.request("GET", "/bridge/flaky/breaker-ok")) == "CIRCUIT_OPEN"
+
+    # A successful probe closes it.
+    wait_until(lambda: state() == "half_open", timeout=3, what="half-open again")
+    r = gw.request("GET", "/bridge/flaky/breaker-ok")
+    assert r.status == 200
+    assert state() == "closed"
+    assert all(gw.request("GET", "/bridge/flaky/breaker-ok").status == 200 for _ in range(5))
+    assert 'bridgeway_breaker_state{service="flaky"} 0' in gw.request("GET", "/metrics").body.decode()
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+
+def test_post_is_never_sent_twice_but_get_is_retried(gw: GatewayProc, echo: Proc):
+    posts, gets = echo_count(echo, "POST /status/503"), echo_count(echo, "GET /status/503")
+    r = gw.request("POST", "/bridge/once/status/503", b"payload")
+    assert r.status == 503
+    assert echo_count(echo, "POST /status/503") == posts + 1
+    r = gw.request("GET", "/bridge/once/status/503")
+    assert r.status == 503  # the last try's answer passes through
+    assert echo_count(echo, "GET /status/503") == gets + 3
+
+
+def test_non_idempotent_retries_when_the_service_opts_in(gw: GatewayProc, echo: Proc):
+    posts = echo_count(echo, "POST /status/502")
+    assert gw.request("POST", "/bridge/replay/status/502", b"payload").status == 502
+    assert echo_count(echo, "POST /status/502") == posts + 3
+
+
+def test_retries_go_to_another_instance_and_the_dead_one_is_ejected(gw: GatewayProc, echo: Proc):
+    dead = gw.service("half")["instances"][0]["url"]
+    for i in range(20):
+        r = gw.request("GET", f"/bridge/half/get-{i}")
+        assert r.status == 200, r
+    for _ in range(5):
+        # A connect failure sent nothing, so even a POST is retried.
+        r = gw.request("POST", "/bridge/half/post", b"x")
+        assert r.status == 200, r
+    assert echo_count(echo, "POST /post") >= 5
+    dead_inst = instance(gw, "half", dead)
+    assert dead_inst["ejected"] and dead_inst["ejected_for"] > 20
+    assert not instance(gw, "half", echo.url)["ejected"]
+    metrics = gw.request("GET", "/metrics").body.decode()
+    retries = [line for line in metrics.splitlines() if line.startswith('bridgeway_retries_total{service="half"}')]
+    assert retries and float(retries[0].split()[-1]) >= 1
+    assert f'bridgeway_instance_healthy{{instance="{dead}",service="half"}} 0' in metrics or (
+        f'bridgeway_instance_healthy{{service="half",instance="{dead}"}} 0' in metrics
+    )
