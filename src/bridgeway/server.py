@@ -117,7 +117,8 @@ class Gateway:
                 await self.api(scope, receive, send)
             else:
                 trace_id = new_trace_id()
-                await send_error(send, GatewayError("NOT_FOUND", f"no route for {path[:200]!r}"), trace_id, [])
+                span = [(b"traceparent", traceparent(trace_id, new_span_id()))]
+                await send_error(send, GatewayError("NOT_FOUND", f"no route for {path[:200]!r}"), trace_id, span)
         elif kind == "websocket":
             if scope["path"].startswith(BRIDGE):
                 service, _ = self._service_for(scope["path"])

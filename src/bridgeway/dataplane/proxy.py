@@ -248,6 +248,7 @@ async def call_upstream(
         ok = resp.status < 500
         service.breaker.record(ticket, ok, now)
         inst.outlier.record(ok, now)
+        resp.read_timeout = cfg.read_timeout or cfg.timeout  # from here on: between body chunks
         inst.observe_latency(now - t0, now)
         service.metrics.upstream.observe(now - t0)
         if (
@@ -322,11 +323,17 @@ async def proxy_http(service: Service, scope: dict, receive, send, call: Call, r
     return resp.status
 
 
+async def _disconnect(receive) -> None:
+    """Return when the client has gone (an unread empty request body may come first)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def stream_response(resp: UpstreamResponse, send, receive) -> None:
     """Relay a streamed body. The ASGI server does not fail `send` once the client is gone, so
     a long stream (SSE) watches `receive` for the disconnect and stops reading the upstream."""
     task = asyncio.current_task()
-    gone = asyncio.ensure_future(receive()) if receive is not None else None
+    gone = asyncio.ensure_future(_disconnect(receive)) if receive is not None else None
 
     def stop(_: asyncio.Future) -> None:
         task.cancel()

@@ -110,7 +110,7 @@ class UpstreamResponse:
         "_buffered",
         "_waiter",
         "_error",
-        "_read_timeout",
+        "read_timeout",
     )
 
     def __init__(
@@ -130,7 +130,8 @@ class UpstreamResponse:
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: UpstreamError | None = None
-        self._read_timeout = read_timeout
+        # Idle limit while waiting for each body chunk; the caller may change it after the head.
+        self.read_timeout = read_timeout
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} complete={self.complete}>"
@@ -161,7 +162,7 @@ class UpstreamResponse:
                 raise UpstreamClosed("response released before the body was read")
             loop = conn._loop
             waiter = self._waiter = loop.create_future()
-            timeout = self._read_timeout
+            timeout = self.read_timeout
             timer = None if timeout is None else loop.call_at(loop.time() + timeout, self._on_timeout)
             try:
                 await waiter
