@@ -37,6 +37,7 @@ class Gateway:
     def __init__(self, config: Config, config_path: str | None = None):
         self.config = config
         self.config_path = config_path
+        self._loaded_mtime = _mtime(config_path)
         shared = shared_dir()
         self.registry = Registry(SqliteLeases(str(shared / "leases.db")) if shared else None)
         self.health = HealthChecker(self.registry)
@@ -61,6 +62,8 @@ class Gateway:
         # Outside the main thread (an embedding test) reloads go through the API only.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if _mtime(self.config_path) != self._loaded_mtime:
+            self.reload()  # a SIGHUP may have come before the handler was in place
         self.ready = True
         self.log.info("gateway_started", listen=self.config.listen, services=list(self.config.services))
 
@@ -81,6 +84,7 @@ class Gateway:
         Returns the problems found (empty when the new config serves)."""
         if not self.config_path:
             return ["no config file to reload from"]
+        mtime = _mtime(self.config_path)
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
@@ -91,6 +95,7 @@ class Gateway:
             self.log.warning("listen_change_needs_restart", listen=self.config.listen)
         self.registry.apply(config)
         self.config = config
+        self._loaded_mtime = mtime
         self.admin_token_sha256 = _token_hash(config)
         metrics.config_reloaded(True)
         self.log.info("config_reloaded", path=self.config_path, services=list(config.services))
@@ -153,7 +158,9 @@ class Gateway:
             status = await proxy_http(service, scope, receive, send, call, reply_headers)
         except GatewayError as exc:
             status = exc.status
-            await send_error(send, exc, call.trace_id or new_trace_id(), reply_headers)
+            if not reply_headers:  # the head itself was refused, after its trace was known
+                reply_headers.append((b"traceparent", traceparent(call.trace_id, new_span_id(), call.trace_flags)))
+            await send_error(send, exc, call.trace_id, reply_headers)
         except ClientGone:
             status = 499  # as nginx logs it: the client closed the request
         except StreamCut as exc:
@@ -219,6 +226,13 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
     _ops = {"/health": _health, "/health/live": _live, "/health/ready": _ready, "/metrics": _metrics}
+
+
+def _mtime(path: str | None) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
 
 
 def _token_hash(config: Config) -> bytes | None:

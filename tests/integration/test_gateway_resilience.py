@@ -7,67 +7,20 @@ so tests do not share state except the module's echo, whose counters they read a
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import contextlib
+import json
 import socket
-import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
 from tests.support import free_port, start_service, start_services
-from tests.support.gateway import GatewayProc, start_gateway, wait_until
+from tests.support.gateway import GatewayProc, RawServer, start_gateway, wait_until
 from tests.support.procs import Proc
-
-
-class RawServer:
-    """A TCP server on loopback that answers every connection with fixed bytes (or closes it
-    without a word when `reply` is None) after reading the request head."""
-
-    def __init__(self, reply: bytes | None) -> None:
-        self.reply = reply
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                conn.settimeout(2.0)
-                data = b""
-                with contextlib.suppress(OSError):
-                    while b"\r\n\r\n" not in data and len(data) < 65536:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                    if self.reply is not None:
-                        conn.sendall(self.reply)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 def dead_url() -> str:
@@ -117,7 +70,42 @@ def closer() -> Iterator[RawServer]:
 
 
 @pytest.fixture(scope="module")
-def gw(echo: Proc, health_pair: list[Proc], kill_pair: list[Proc], garbage: RawServer, closer: RawServer):
+def hang() -> Iterator[RawServer]:
+    server = RawServer(hang=True)
+    yield server
+    server.close()
+
+
+HOP_REPLY = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
+    b"Proxy-Authenticate: Basic\r\nUpgrade: h2c\r\nX-End: kept\r\n\r\nok"
+)
+EOF_BODY = b"a body delimited by the connection closing\n" * 1000
+
+
+@pytest.fixture(scope="module")
+def raw_upstreams() -> Iterator[dict[str, RawServer]]:
+    servers = {
+        "hop": RawServer(HOP_REPLY),
+        "eof": RawServer(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n" + EOF_BODY
+        ),
+    }
+    yield servers
+    for server in servers.values():
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def gw(
+    echo: Proc,
+    health_pair: list[Proc],
+    kill_pair: list[Proc],
+    garbage: RawServer,
+    closer: RawServer,
+    hang: RawServer,
+    raw_upstreams: dict[str, RawServer],
+):
     base = {"breaker": NO_BREAK, "outlier": NO_EJECT, "timeout": "5s"}
     services = {
         "slow": base | {"instances": [echo.url], "timeout": "1s"},
@@ -151,10 +139,31 @@ def gw(echo: Proc, health_pair: list[Proc], kill_pair: list[Proc], garbage: RawS
         | {
             "instances": [p.url for p in health_pair],
             "balancer": "round_robin",
-            "health": {"path": "/health", "interval": "200ms", "timeout": "500ms", "unhealthy": 2, "healthy": 2},
+            "health": {
+                "path": "/health",
+                "interval": "200ms",
+                "timeout": "500ms",
+                "unhealthy": 2,
+                "healthy": 2,
+            },
         },
-        "kill": base | {"instances": [p.url for p in kill_pair], "balancer": "round_robin", "retries": {"attempts": 2}},
+        "kill": base
+        | {"instances": [p.url for p in kill_pair], "balancer": "round_robin", "retries": {"attempts": 2}},
         "idle": base | {"instances": [echo.url], "timeout": "5s", "read_timeout": "300ms"},
+        "pertry": base
+        | {
+            "instances": [hang.url, echo.url],
+            "balancer": "round_robin",
+            "timeout": "3s",
+            "retries": {"attempts": 2, "per_try_timeout": "300ms"},
+        },
+        "budget": base
+        | {
+            "instances": [echo.url],
+            "retries": {"attempts": 3, "budget": "10%", "min_per_second": 0, "backoff": "1ms"},
+        },
+        "hop": base | {"instances": [raw_upstreams["hop"].url]},
+        "eof": base | {"instances": [raw_upstreams["eof"].url]},
         "patient": base | {"instances": [echo.url], "timeout": "500ms", "read_timeout": "3s"},
     }
     proc = start_gateway({"services": services})
@@ -167,9 +176,7 @@ def error_code(r) -> str:
 
 
 def echo_count(echo: Proc, key: str) -> int:
-    import json
-    import urllib.request
-
+    """How many `key` ("METHOD /path") requests reached the echo process."""
     with urllib.request.urlopen(echo.url + "/count", timeout=5) as r:
         return json.load(r)["counts"].get(key, 0)
 
@@ -197,6 +204,26 @@ def test_upstream_answering_garbage_is_502_protocol(gw: GatewayProc, garbage: Ra
     r = gw.request("GET", "/bridge/garbage/x")
     assert r.status == 502 and error_code(r) == "UPSTREAM_PROTOCOL"
     assert garbage.connections >= 1
+    errors = [
+        line
+        for line in gw.request("GET", "/metrics").body.decode().splitlines()
+        if line.startswith("bridgeway_upstream_errors_total") and 'service="garbage"' in line
+    ]
+    assert len(errors) == 1 and 'code="UPSTREAM_PROTOCOL"' in errors[0] and float(errors[0].split()[-1]) >= 1
+
+
+def test_hop_by_hop_response_headers_are_removed(gw: GatewayProc):
+    r = gw.request("GET", "/bridge/hop/x")
+    assert r.status == 200 and r.body == b"ok"
+    for hop in ("x-hop", "keep-alive", "proxy-authenticate", "upgrade"):
+        assert hop not in r.headers, hop
+    assert r.headers["x-end"] == "kept"
+
+
+def test_body_delimited_by_connection_close_arrives_whole(gw: GatewayProc):
+    for _ in range(2):
+        r = gw.request("GET", "/bridge/eof/x")
+        assert r.status == 200 and r.body == EOF_BODY
 
 
 def test_upstream_closing_without_answer_is_502_closed(gw: GatewayProc, closer: RawServer):
@@ -288,7 +315,7 @@ async def test_upstream_killed_mid_response(gw: GatewayProc, kill_pair: list[Pro
                 for _ in range(3):
                     lines.append(await r.content.readline())
                 victim.kill()
-                async with asyncio_timeout(10):
+                async with asyncio.timeout(10):
                     while line := await r.content.readline():
                         lines.append(line)
     # Truncated, never silently complete.
@@ -301,12 +328,6 @@ async def test_upstream_killed_mid_response(gw: GatewayProc, kill_pair: list[Pro
         assert r.status == 200, r
         seen[r.headers["x-instance"]] += 1
     assert seen == {survivor.name: 10}
-
-
-def asyncio_timeout(seconds: float):
-    import asyncio
-
-    return asyncio.timeout(seconds)
 
 
 # -- health checks ------------------------------------------------------------------------------
@@ -324,10 +345,12 @@ def test_failing_health_checks_take_an_instance_out_and_back(gw: GatewayProc, he
         return seen
 
     assert set(spread(10)) == {sick.name, well.name}
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(sick.url + "/health/fail", method="POST"), timeout=5).close()
-    wait_until(lambda: not instance(gw, "hc", sick.url)["healthy"], timeout=5, what="instance marked unhealthy")
+    urllib.request.urlopen(
+        urllib.request.Request(sick.url + "/health/fail", method="POST"), timeout=5
+    ).close()
+    wait_until(
+        lambda: not instance(gw, "hc", sick.url)["healthy"], timeout=5, what="instance marked unhealthy"
+    )
     assert spread(20) == {well.name: 20}
     health = gw.request("GET", "/health").json()
     assert health["checks"]["services"]["hc"]["available"] == 1
@@ -385,6 +408,24 @@ def test_post_is_never_sent_twice_but_get_is_retried(gw: GatewayProc, echo: Proc
     assert echo_count(echo, "GET /status/503") == gets + 3
 
 
+def test_per_try_timeout_moves_on_to_another_instance(gw: GatewayProc, hang: RawServer):
+    for _ in range(6):
+        t0 = time.monotonic()
+        r = gw.request("GET", "/bridge/pertry/x")
+        assert r.status == 200, r
+        assert time.monotonic() - t0 < 1.5
+    assert hang.connections >= 1
+
+
+def test_retry_budget_caps_retries(gw: GatewayProc, echo: Proc):
+    before = echo_count(echo, "GET /status/503")
+    for _ in range(50):
+        assert gw.request("GET", "/bridge/budget/status/503").status == 503
+    sent = echo_count(echo, "GET /status/503") - before
+    # 10% of 50 requests may be retried (no per-second reserve): without a budget it would be 150.
+    assert 50 <= sent <= 55, sent
+
+
 def test_non_idempotent_retries_when_the_service_opts_in(gw: GatewayProc, echo: Proc):
     posts = echo_count(echo, "POST /status/502")
     assert gw.request("POST", "/bridge/replay/status/502", b"payload").status == 502
@@ -405,7 +446,9 @@ def test_retries_go_to_another_instance_and_the_dead_one_is_ejected(gw: GatewayP
     assert dead_inst["ejected"] and dead_inst["ejected_for"] > 20
     assert not instance(gw, "half", echo.url)["ejected"]
     metrics = gw.request("GET", "/metrics").body.decode()
-    retries = [line for line in metrics.splitlines() if line.startswith('bridgeway_retries_total{service="half"}')]
+    retries = [
+        line for line in metrics.splitlines() if line.startswith('bridgeway_retries_total{service="half"}')
+    ]
     assert retries and float(retries[0].split()[-1]) >= 1
     assert f'bridgeway_instance_healthy{{instance="{dead}",service="half"}} 0' in metrics or (
         f'bridgeway_instance_healthy{{service="half",instance="{dead}"}} 0' in metrics

@@ -25,8 +25,10 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,10 +39,12 @@ import yaml
 
 from tests.support.procs import HOST, ROOT, Proc, _log_dir, free_port
 
-__all__ = ["GatewayProc", "gateway_factory", "start_gateway", "wait_until"]
+__all__ = ["GatewayProc", "RawServer", "gateway_factory", "start_gateway", "wait_until"]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
     """Poll ``predicate`` until it returns something truthy (returned); AssertionError at the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -49,7 +53,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if last:
             return last
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate!r} (last: {last!r})")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or predicate!r} (last: {last!r})"
+            )
         time.sleep(interval)
 
 
@@ -77,7 +83,16 @@ class GatewayProc(Proc):
         self.config_path = config_path
         self.token = token
         self.workers = workers
-        args = [sys.executable, "-m", "bridgeway", "serve", "--config", str(config_path), "--workers", str(workers)]
+        args = [
+            sys.executable,
+            "-m",
+            "bridgeway",
+            "serve",
+            "--config",
+            str(config_path),
+            "--workers",
+            str(workers),
+        ]
         super().__init__(args, port=port, env=env, cwd=ROOT, name="bridgeway")
 
     # -- config ----------------------------------------------------------------------------
@@ -169,17 +184,76 @@ class GatewayProc(Proc):
         last: object = None
         while True:
             if not self.alive:
-                raise RuntimeError(f"bridgeway exited with {self.returncode} before ready\n{self.logs_tail()}")
+                raise RuntimeError(
+                    f"bridgeway exited with {self.returncode} before ready\n{self.logs_tail()}"
+                )
             try:
                 r = self.request("GET", path, timeout=2.0)
-                if r.status == 200:
+                # /health/ready is answered by whichever worker is up first: with several, wait
+                # until every one has logged its start (a SIGHUP sent before would be lost).
+                if r.status == 200 and self.logs().count('"event":"gateway_started"') >= self.workers:
                     return self
                 last = r
             except (OSError, http.client.HTTPException) as exc:
                 last = exc
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"bridgeway not ready within {timeout}s (last: {last!r})\n{self.logs_tail()}")
+                raise RuntimeError(
+                    f"bridgeway not ready within {timeout}s (last: {last!r})\n{self.logs_tail()}"
+                )
             time.sleep(0.05)
+
+
+class RawServer:
+    """A misbehaving upstream on loopback: for each connection it reads the request head, then
+    sends ``reply`` and closes; closes without a word when ``reply`` is None; or, with
+    ``hang=True``, never answers (until ``close()``, or 30 s)."""
+
+    def __init__(self, reply: bytes | None = None, *, hang: bool = False) -> None:
+        self.reply = reply
+        self.hang = hang
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(2.0)
+            data = b""
+            while b"\r\n\r\n" not in data and len(data) < 65536:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            if self.hang:
+                self._stop.wait(30)
+            elif self.reply is not None:
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
 
 
 def _children(pid: int) -> list[int]:

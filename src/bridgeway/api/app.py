@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from bridgeway import __version__
 from bridgeway.api import services
 from bridgeway.errors import GatewayError, error_body
-from bridgeway.observability.tracing import new_trace_id, parse_traceparent
+from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 
 if TYPE_CHECKING:
     from bridgeway.server import Gateway
@@ -26,13 +26,15 @@ if TYPE_CHECKING:
 _CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 409: "CONFLICT"}
 
 
-def _trace_id(request: Request) -> str:
+def _trace(request: Request) -> tuple[str, str]:
     parent = parse_traceparent(request.headers.get("traceparent", "").encode() or None)
-    return parent[0] if parent else new_trace_id()
+    return parent if parent else (new_trace_id(), "01")
 
 
 def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    body = error_body(code, message, _trace_id(request))
+    trace_id, flags = _trace(request)
+    body = error_body(code, message, trace_id)
+    headers = {**(headers or {}), "traceparent": traceparent(trace_id, new_span_id(), flags).decode()}
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
@@ -71,7 +73,7 @@ def build_api(gateway: Gateway) -> FastAPI:
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
         )
         return _error(request, 422, "VALIDATION_ERROR", problems or "invalid request")
 

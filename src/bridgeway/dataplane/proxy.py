@@ -39,6 +39,7 @@ BRIDGE = "/bridge/"
 BUFFER_LIMIT = 1 << 20
 
 _BAD_PATH = re.compile(rb"%(?![0-9A-Fa-f]{2})|(?:^|/)(?:\.|%2[eE]){2}(?:/|$)|[\x00-\x20\x7f]|#")
+_HOST = re.compile(rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}")
 # The request headers the head pass acts on; every other header is forwarded as it is.
 _NOTED = HOP_BY_HOP | {
     b"host",
@@ -84,12 +85,14 @@ def read_head(scope: dict, call: Call) -> None:
     out = call.headers
     lengths = []
     host = xff = parent = None
+    hosts = 0
     connection = None
     for item in scope["headers"]:
         name = item[0]
         if name not in _NOTED:
             out.append(item)
         elif name == b"host":
+            hosts += 1
             host = item[1]
         elif name == b"content-length":
             lengths.append(item[1])
@@ -109,6 +112,11 @@ def read_head(scope: dict, call: Call) -> None:
         call.trace_id, call.trace_flags = traced
     else:
         call.trace_id = new_trace_id()
+    # RFC 9112 3.2: exactly one valid Host in HTTP/1.1, else 400.
+    if hosts > 1 or (hosts == 0 and scope.get("http_version") == "1.1"):
+        raise GatewayError("BAD_REQUEST", "an HTTP/1.1 request needs exactly one Host header")
+    if host is not None and not _HOST.fullmatch(host):
+        raise GatewayError("BAD_REQUEST", "malformed Host header")
     if connection is not None:
         # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
         named = {token.strip().lower() for token in connection.split(b",")}
