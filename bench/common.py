@@ -153,6 +153,18 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_pss(pid: int) -> int:
+    """Proportional memory in bytes of pid and its descendants: pages shared between forked
+    workers and their parent count once in all, where summed RSS counts them in each process."""
+    total = 0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds consumed so far by pid and its live descendants."""
     ticks = 0

@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     start_bridgeway,
     start_nginx,
     tail,
+    tree_pss,
     tree_rss,
     upstream_server,
     wait_http,
@@ -51,6 +52,7 @@ HEADERS = [
     "open connections",
     "RSS before",
     "RSS with idle conns",
+    "PSS with idle conns",
     "per connection",
     "RSS vs nginx",
 ]
@@ -115,6 +117,7 @@ async def open_idle(port: int, n: int, batch: int) -> tuple[list[IdleClient], in
 class Result:
     baseline: int  # bytes RSS before any client connection
     held: int  # bytes RSS while the connections are held
+    held_pss: int  # bytes PSS while held (shared pages counted once over the process tree)
     open_at_measure: int
     failures: int
 
@@ -131,7 +134,7 @@ async def measure(port: int, pid: int, n: int, batch: int, hold: float) -> Resul
     try:
         await asyncio.sleep(hold)
         alive = sum(c.open for c in clients)
-        return Result(baseline, tree_rss(pid), alive, failures)
+        return Result(baseline, tree_rss(pid), tree_pss(pid), alive, failures)
     finally:
         for c in clients:
             if c.transport:
@@ -165,6 +168,7 @@ def rows(results: dict[str, Result], wanted: int) -> list[list[str]]:
                 f"{r.open_at_measure:,}" + (f" ({r.failures} failed)" if r.failures else ""),
                 f"{r.baseline / MB:.1f} MB",
                 f"{r.held / MB:.1f} MB",
+                f"{r.held_pss / MB:.1f} MB",
                 f"{r.per_conn_kb:.1f} KB" if r.per_conn_kb is not None else "-",
                 vs,
             ]
