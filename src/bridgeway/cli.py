@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,8 @@ from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.config.units import format_duration
 
 app = typer.Typer(help="Bridgeway: one front door for AI services and LLM providers.", no_args_is_help=True)
-console = Console()
+# Piped output (CI, `| less`) gets a width that keeps the route table on one line per route.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="bridgeway.yaml to use")]

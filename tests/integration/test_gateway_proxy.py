@@ -22,7 +22,7 @@ import pytest
 import websockets
 
 from tests.support import start_service
-from tests.support.gateway import GatewayProc, rss_bytes, start_gateway
+from tests.support.gateway import GatewayProc, raw_request, rss_bytes, start_gateway
 from tests.support.procs import Proc
 
 MB = 1024 * 1024
@@ -78,23 +78,6 @@ def assert_error(r, status: int, code: str) -> dict:
     m = TRACEPARENT.match(r.headers.get("traceparent", ""))
     assert m is not None and m.group(1) == err["trace_id"]
     return err
-
-
-def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send bytes as they are, read until the server closes (or the timeout)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        out = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
 
 
 def status_of(raw: bytes) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.support import free_port, start_service, start_services
-from tests.support.gateway import GatewayProc, RawServer, start_gateway, wait_until
+from tests.support.gateway import GatewayProc, RawServer, raw_request, start_gateway, wait_until
 from tests.support.procs import Proc
 
 
@@ -275,18 +274,7 @@ def test_timeout_does_not_limit_a_streaming_body(gw: GatewayProc):
 def _read_chunked(gw: GatewayProc, path: str, timeout: float = 10.0) -> tuple[list[bytes], bool]:
     """GET a chunked response over a raw socket: its chunks, and whether the final
     zero-length chunk arrived (a cut stream ends without it)."""
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                got = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not got:
-                break
-            data += got
+    data = raw_request(gw.port, f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode(), timeout)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
     chunks = []

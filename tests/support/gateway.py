@@ -320,3 +320,20 @@ def gateway_factory() -> Iterator[Callable[..., GatewayProc]]:
     finally:
         for gw in started:
             gw.stop()
+
+
+def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes as they are, read until the server closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
