@@ -17,6 +17,7 @@ import time
 import orjson
 
 from bridgeway import __version__
+from bridgeway.api import build_api
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
 from bridgeway.dataplane.leases import SqliteLeases
@@ -47,8 +48,6 @@ class Gateway:
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
         self.log = logs.get_logger()
-        from bridgeway.api import build_api  # the API imports Gateway's types; keep the edge one-way
-
         self.api = build_api(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -101,6 +100,7 @@ class Gateway:
         self.registry.apply(config)
         self.config = config
         self._loaded_mtime = mtime
+        logs.configure(config.logging.level)
         self.admin_token_sha256 = _token_hash(config)
         metrics.config_reloaded(True)
         self.log.info("config_reloaded", path=self.config_path, services=list(config.services))
@@ -171,6 +171,12 @@ class Gateway:
         except StreamCut as exc:
             status = exc.status
             self.log.warning("stream_cut", service=name, code=exc.code, trace_id=call.trace_id)
+        except Exception:
+            status = 500
+            self.log.exception("internal_error", service=name, trace_id=call.trace_id)
+            # If the response had already started this send fails, and the server cuts the stream.
+            with contextlib.suppress(Exception):
+                await send_error(send, GatewayError("INTERNAL", "internal error"), call.trace_id, reply_headers)
         finally:
             service_metrics.inflight -= 1
             seconds = time.perf_counter() - started
