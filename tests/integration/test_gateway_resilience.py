@@ -364,6 +364,7 @@ def test_breaker_opens_fails_fast_then_half_opens_and_closes(gw: GatewayProc, ec
     t0 = time.monotonic()
     r = gw.request("GET", "/bridge/flaky/breaker-ok")
     assert (r.status, error_code(r)) == (503, "CIRCUIT_OPEN")
+    assert r.headers["retry-after"] == "1"  # open_for is 1s
     assert time.monotonic() - t0 < 0.5
     assert echo_count(echo, "GET /breaker-ok") == sent  # failed fast: nothing went upstream
     assert 'bridgeway_breaker_state{service="flaky"} 2' in gw.request("GET", "/metrics").body.decode()

@@ -8,6 +8,7 @@ and stream the answer back. Everything configurable was compiled into the `Servi
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import time
@@ -216,7 +217,12 @@ async def call_upstream(
             raise GatewayError("NO_HEALTHY_INSTANCE", f"service {service.name!r} has no healthy instance")
         ticket = service.breaker.admit(now)
         if ticket is None:
-            raise GatewayError("CIRCUIT_OPEN", f"service {service.name!r} is failing; its circuit breaker is open")
+            wait = str(max(1, math.ceil(service.breaker.retry_after(now)))).encode()
+            raise GatewayError(
+                "CIRCUIT_OPEN",
+                f"service {service.name!r} is failing; its circuit breaker is open",
+                headers=[(b"retry-after", wait)],
+            )
         tried.append(inst)
         budget_left = deadline - now
         timeout = min(budget_left, retries.per_try_timeout) if retries.per_try_timeout else budget_left
@@ -245,8 +251,6 @@ async def call_upstream(
                 and await _retry_pause(service, now, deadline, attempt)
             ):
                 continue
-            if exc.code == "UPSTREAM_TIMEOUT" and now >= deadline:
-                raise GatewayError("UPSTREAM_TIMEOUT", f"service {service.name!r} did not answer in time") from None
             raise GatewayError(exc.code, _MESSAGES[exc.code].format(service.name)) from None
         except BaseException:
             inst.inflight -= 1
