@@ -31,6 +31,7 @@ from bridgeway.workers import shared_dir
 
 JSON = (b"content-type", b"application/json")
 API_PREFIXES = ("/api/", "/docs", "/openapi.json")
+API_MAX_BODY = 1 << 20  # management calls are small; never buffer a huge body for them
 
 
 class Gateway:
@@ -124,7 +125,7 @@ class Gateway:
             elif path in self._ops:
                 await self._ops[path](self, send)
             elif path.startswith(API_PREFIXES):
-                await self.api(scope, receive, send)
+                await self._api(scope, receive, send)
             else:
                 trace_id = new_trace_id()
                 span = [(b"traceparent", traceparent(trace_id, new_span_id()))]
@@ -138,6 +139,15 @@ class Gateway:
             await send({"type": "websocket.close", "code": 4404})
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+
+    async def _api(self, scope, receive, send) -> None:
+        """The management API; its bodies are small, so a large one is refused, never buffered."""
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > API_MAX_BODY):
+                error = GatewayError("BODY_TOO_LARGE", f"management API bodies are limited to {API_MAX_BODY} bytes")
+                await send_error(send, error, new_trace_id(), [])
+                return
+        await self.api(scope, _limited(receive, API_MAX_BODY), send)
 
     def _service_for(self, path: str):
         name, _, _ = path[len(BRIDGE) :].partition("/")
@@ -237,6 +247,21 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
     _ops = {"/health": _health, "/health/live": _live, "/health/ready": _ready, "/metrics": _metrics}
+
+
+def _limited(receive, limit: int):
+    """A receive() that stops a chunked body over `limit` before it is all buffered."""
+    seen = 0
+
+    async def receive_limited():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise GatewayError("BODY_TOO_LARGE", f"management API bodies are limited to {limit} bytes")
+        return message
+
+    return receive_limited
 
 
 def _mtime(path: str | None) -> int | None:

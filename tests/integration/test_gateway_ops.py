@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from tests.support import start_services
-from tests.support.gateway import GatewayProc, start_gateway, wait_until
+from tests.support.gateway import GatewayProc, raw_request, start_gateway, wait_until
 from tests.support.procs import ROOT, Proc
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -235,6 +235,21 @@ def test_validation_error_names_what_is_missing(gw: GatewayProc):
     assert "body" in err["message"].lower(), err["message"]
     err = assert_error(gw.api("POST", "/services/reg/instances", {"ttl": "5s"}), 422, "VALIDATION_ERROR")
     assert "url" in err["message"]
+
+
+def test_malformed_json_and_huge_bodies_get_clear_errors(gw: GatewayProc):
+    headers = {**gw.admin_headers, "content-type": "application/json"}
+    r = gw.request("POST", "/api/v1/services/reg/instances", body=b'{"url": ', headers=headers)
+    assert "body: not valid JSON" in assert_error(r, 422, "VALIDATION_ERROR")["message"]
+    # A 1 GB body is refused from its Content-Length, before any of it is read.
+    head = (
+        b"POST /api/v1/services/reg/instances HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    raw = raw_request(gw.port, head + b"x" * 65536, timeout=3)
+    assert raw.startswith(b"HTTP/1.1 413"), raw[:200]
+    assert b'"BODY_TOO_LARGE"' in raw
+    assert gw.api("GET", "/services").status == 200
 
 
 # -- run-time registration ----------------------------------------------------------------------

@@ -38,6 +38,14 @@ def _error(request: Request, status: int, code: str, message: str, headers: dict
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
+def _problem(err: dict) -> str:
+    """`field: why`, as config errors read."""
+    if err["type"] == "json_invalid":
+        return f"body: not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
+    field = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+    return f"{field}: {str(err['msg']).removeprefix('Value error, ')}"
+
+
 def require_admin(request: Request) -> None:
     """Bearer token check in constant time against the stored hash."""
     gateway: Gateway = request.app.state.gateway
@@ -72,9 +80,6 @@ def build_api(gateway: Gateway) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        return _error(request, 422, "VALIDATION_ERROR", problems or "invalid request")
+        return _error(request, 422, "VALIDATION_ERROR", "; ".join(map(_problem, exc.errors())) or "invalid request")
 
     return api
