@@ -13,7 +13,7 @@ import time
 import aiohttp
 
 from bridgeway.dataplane.instance import Instance
-from bridgeway.dataplane.service import Registry, Service
+from bridgeway.dataplane.service import Registry, Service, all_instances
 from bridgeway.observability.logs import get_logger
 
 TICK = 0.25
@@ -26,6 +26,7 @@ class HealthChecker:
         self.clock = clock
         self._due: dict[Instance, float] = {}
         self._probing: set[Instance] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
         self._next_sync = 0.0
@@ -37,29 +38,37 @@ class HealthChecker:
         self._task = asyncio.create_task(self._run(), name="bridgeway-health")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [self._task, *self._tasks] if self._task else list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session:
             await self._session.close()
 
     async def _run(self) -> None:
         while True:
-            now = self.clock()
-            if now >= self._next_sync:
-                self._next_sync = now + 1.0
-                self.registry.sync_leases()
-            for name, inst in self.registry.expire(now):
-                log.info("instance_expired", service=name, instance=inst.url)
-            for service in list(self.registry.services.values()):
-                if service.config.health is None:
-                    continue
-                for inst in service.instances:
-                    if inst not in self._probing and self._due.get(inst, 0.0) <= now:
-                        self._due[inst] = now + service.config.health.interval
-                        self._probing.add(inst)
-                        asyncio.create_task(self._probe(service, inst))
+            try:
+                self._tick(self.clock())
+            except Exception:  # noqa: BLE001 - one bad round must not end health checking
+                log.exception("health_round_failed")
             await asyncio.sleep(TICK)
+
+    def _tick(self, now: float) -> None:
+        if now >= self._next_sync:
+            self._next_sync = now + 1.0
+            self.registry.sync_leases()
+            current = {inst for _, inst in all_instances(self.registry)}
+            self._due = {inst: due for inst, due in self._due.items() if inst in current}
+        for name, inst in self.registry.expire(now):
+            log.info("instance_expired", service=name, instance=inst.url)
+        for service, inst in all_instances(self.registry):
+            health = service.config.health
+            if health is not None and inst not in self._probing and self._due.get(inst, 0.0) <= now:
+                self._due[inst] = now + health.interval
+                self._probing.add(inst)
+                task = asyncio.create_task(self._probe(service, inst))
+                self._tasks.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._tasks.discard)
 
     async def _probe(self, service: Service, inst: Instance) -> None:
         health = service.config.health
