@@ -37,7 +37,7 @@ def _load_or_exit(path: Path) -> Config:
 def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
     """Validate a config and print the routes it compiles to."""
     cfg = _load_or_exit(config)
-    table = Table(title=f"{config}: {len(cfg.services)} services, listening on {cfg.listen}")
+    table = Table(title=f"{config}: {len(cfg.services)} services, listening on {cfg.listen}, state in {cfg.state}")
     for column in ("route", "instances", "balancer", "timeout", "retries", "breaker", "health", "max body"):
         table.add_column(column)
     for name, svc in cfg.services.items():

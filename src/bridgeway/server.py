@@ -27,6 +27,7 @@ from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
+from bridgeway.state import KV, open_state
 from bridgeway.workers import shared_dir
 
 JSON = (b"content-type", b"application/json")
@@ -45,6 +46,7 @@ class Gateway:
         self.registry = Registry(SqliteLeases(str(shared / "leases.db")) if shared else None)
         self.health = HealthChecker(self.registry)
         self.ready = False
+        self.state: KV | None = None  # opened at start-up, inside the worker's event loop
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -56,6 +58,7 @@ class Gateway:
     async def startup(self) -> None:
         logs.configure(self.config.logging.level)
         self.registry.apply(self.config)
+        self.state = open_state(self.config.state)
         self.health.start()
         if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())
@@ -78,6 +81,8 @@ class Gateway:
             self._publisher.cancel()
         await self.health.stop()
         await self.registry.close()
+        if self.state is not None:
+            await self.state.close()
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -96,8 +101,9 @@ class Gateway:
             metrics.config_reloaded(False)
             self.log.error("config_rejected", path=self.config_path, problems=exc.problems)
             return exc.problems
-        if config.listen != self.config.listen:
-            self.log.warning("listen_change_needs_restart", listen=self.config.listen)
+        for field in ("listen", "state"):
+            if getattr(config, field) != getattr(self.config, field):
+                self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
         self.config = config
         self._loaded_mtime = mtime

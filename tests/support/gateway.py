@@ -296,6 +296,8 @@ def start_gateway(
     fd, path = tempfile.mkstemp(prefix="bridgeway-", suffix=".yaml", dir=_log_dir())
     os.close(fd)
     config_path = Path(path)
+    # Each gateway gets its own embedded state file next to its config, unless the test chose one.
+    data.setdefault("state", f"sqlite:///{config_path.with_suffix('.db')}")
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
     gw = GatewayProc(config_path, port, token, workers, env or {})
     try:

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import services
+from bridgeway.api import kv, services
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 
@@ -67,7 +67,8 @@ def build_api(gateway: Gateway) -> FastAPI:
         redoc_url=None,
     )
     api.state.gateway = gateway
-    api.include_router(services.router, prefix="/api/v1", dependencies=[Depends(require_admin)])
+    for router in (services.router, kv.router):
+        api.include_router(router, prefix="/api/v1", dependencies=[Depends(require_admin)])
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError):

@@ -137,6 +137,9 @@ class LoggingConfig(Model):
 
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
+    state: str = Field(
+        "sqlite:///./bridgeway.db", description="memory://, sqlite:///path.db (embedded default) or redis://host:port/db"
+    )
     max_header_size: Size = 64 * 1024
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()

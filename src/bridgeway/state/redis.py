@@ -1,0 +1,141 @@
+"""Redis KV: state shared by gateway replicas.
+
+Layout (`{ns}` is a Redis Cluster hash tag, so one namespace lives in one slot and the scripts
+below stay cluster-safe; the namespace is percent-encoded so it can never run into the key):
+
+    {prefix}:kv:{ns}:{key}   hash  v=value, ver=version, exp=expires_at ("" = none); PEXPIRE for TTL
+    {prefix}:kvidx:{ns}      zset  every key, score 0, for ZRANGEBYLEX listing
+
+A key that expires leaves its index member behind; `list` skips such members and removes them
+with a script that re-checks existence, so it never races with a concurrent re-create.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+
+from bridgeway.state.base import Entry, VersionMismatch, check_put, prefix_end
+
+# KEYS: entry, index. ARGV: member, value, if_version|"", ttl_ms|"", expires_at|"".
+PUT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'ver')) or 0
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= cur then return {0, cur} end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'ver', cur + 1, 'exp', ARGV[5])
+if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+return {1, cur + 1}
+"""
+
+# KEYS: entry, index. ARGV: member, if_version|"". Returns {ok, current version or 0}.
+DELETE = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'ver')) or 0
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= cur then return {0, cur} end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return {1, cur}
+"""
+
+# KEYS: index, entry1..n. ARGV: member1..n. Drop index members whose entry is gone.
+PRUNE = """
+for i, member in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then redis.call('ZREM', KEYS[1], member) end
+end
+return 0
+"""
+
+
+def _entry(fields: list[bytes | None]) -> Entry | None:
+    value, ver, exp = fields
+    if value is None or ver is None:
+        return None
+    return Entry(value, int(ver), float(exp) if exp else None)
+
+
+class RedisKV:
+    def __init__(self, url: str, *, prefix: str = "bw") -> None:
+        self._redis = aioredis.from_url(url)
+        self._prefix = prefix
+        self._put = self._redis.register_script(PUT)
+        self._delete = self._redis.register_script(DELETE)
+        self._prune = self._redis.register_script(PRUNE)
+
+    def _ns(self, ns: str) -> str:
+        return "{" + quote(ns, safe="") + "}"
+
+    def _key(self, ns: str, key: str) -> str:
+        return f"{self._prefix}:kv:{self._ns(ns)}:{key}"
+
+    def _index(self, ns: str) -> str:
+        return f"{self._prefix}:kvidx:{self._ns(ns)}"
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def get(self, namespace: str, key: str) -> Entry | None:
+        return _entry(await self._redis.hmget(self._key(namespace, key), "v", "ver", "exp"))
+
+    async def put(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes,
+        *,
+        ttl: float | None = None,
+        if_version: int | None = None,
+    ) -> Entry:
+        value, expires_at = check_put(value, ttl, if_version)
+        ttl_ms = "" if ttl is None else max(1, round(ttl * 1000))
+        exp = "" if expires_at is None else repr(expires_at)
+        ver = "" if if_version is None else if_version
+        ok, current = await self._put(
+            keys=[self._key(namespace, key), self._index(namespace)], args=[key, value, ver, ttl_ms, exp]
+        )
+        if not ok:
+            raise VersionMismatch(namespace, key, if_version or 0, current or None)
+        return Entry(value, current, expires_at)
+
+    async def delete(self, namespace: str, key: str, *, if_version: int | None = None) -> bool:
+        ver = "" if if_version is None else if_version
+        ok, current = await self._delete(
+            keys=[self._key(namespace, key), self._index(namespace)], args=[key, ver]
+        )
+        if not ok:
+            raise VersionMismatch(namespace, key, if_version or 0, current or None)
+        return current > 0
+
+    async def list(
+        self, namespace: str, prefix: str = "", *, limit: int = 100, after: str | None = None
+    ) -> list[tuple[str, Entry]]:
+        index = self._index(namespace)
+        end = prefix_end(prefix)
+        hi = "+" if end is None else "(" + end
+        lo = "(" + after if after is not None and after >= prefix else "[" + prefix
+        out: list[tuple[str, Entry]] = []
+        while len(out) < limit:
+            want = limit - len(out)
+            members = [m.decode() for m in await self._redis.zrangebylex(index, lo, hi, start=0, num=want)]
+            if not members:
+                break
+            keys = [self._key(namespace, m) for m in members]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.hmget(k, "v", "ver", "exp")
+                rows = await pipe.execute()
+            gone: list[int] = []
+            for i, (member, fields) in enumerate(zip(members, rows, strict=True)):
+                entry = _entry(fields)
+                if entry is None:
+                    gone.append(i)
+                else:
+                    out.append((member, entry))
+            if gone:
+                await self._prune(keys=[index, *(keys[i] for i in gone)], args=[members[i] for i in gone])
+            if len(members) < want:
+                break
+            lo = "(" + members[-1]
+        return out
+
+    async def close(self) -> None:
+        await self._redis.aclose()
