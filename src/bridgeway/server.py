@@ -20,7 +20,6 @@ from bridgeway import __version__
 from bridgeway.api import build_api
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
-from bridgeway.dataplane.leases import SqliteLeases
 from bridgeway.dataplane.proxy import BRIDGE, Call, ClientGone, StreamCut, proxy_http, read_head
 from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
@@ -42,8 +41,7 @@ class Gateway:
         self.config = config
         self.config_path = config_path
         self._loaded_mtime = _mtime(config_path)
-        shared = shared_dir()
-        self.registry = Registry(SqliteLeases(str(shared / "leases.db")) if shared else None)
+        self.registry = Registry()
         self.health = HealthChecker(self.registry)
         self.ready = False
         self.state: KV | None = None  # opened at start-up, inside the worker's event loop
@@ -58,7 +56,7 @@ class Gateway:
     async def startup(self) -> None:
         logs.configure(self.config.logging.level)
         self.registry.apply(self.config)
-        self.state = open_state(self.config.state)
+        self.state = self.registry.state = open_state(self.config.state)
         self.health.start()
         if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())

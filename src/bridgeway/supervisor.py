@@ -40,7 +40,7 @@ def _fd_limit() -> int:
 def serve_forever(cfg: Config, config_path: str, workers: int) -> None:
     os.environ["BRIDGEWAY_CONFIG"] = config_path
     if workers > 1:
-        # Workers share instance leases and publish their counters here.
+        # Workers publish their counters here for whichever of them answers a scrape.
         os.environ[SHARED_DIR_ENV] = tempfile.mkdtemp(prefix="bridgeway-")
     server = _Supervisor(
         "bridgeway.server:create_app",

@@ -1,5 +1,5 @@
 """What the worker processes of one `bridgeway serve` share: a directory the supervisor makes
-when there are several workers (instance leases, per-worker metrics), and the reload signal."""
+when there are several workers (per-worker metrics), and the reload signal."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ from bridgeway.errors import GatewayError
 from bridgeway.state import Entry, VersionMismatch
 
 router = APIRouter(tags=["kv"])
-Namespace = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+# Namespaces starting with "_" are the gateway's own (e.g. instance leases).
+Namespace = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Key = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:/-]{1,512}$")]
 
 

@@ -53,18 +53,17 @@ async def get_service(request: Request, name: str) -> dict:
 )
 async def register(request: Request, response: Response, name: str, body: Registration) -> dict:
     service = _service(request, name)
-    now = time.monotonic()
     ttl = body.ttl or service.config.registration_ttl
-    inst, created = request.app.state.gateway.registry.register(service, body.url, ttl)
+    inst, created = await request.app.state.gateway.registry.register(service, body.url, ttl)
     if not created:
         response.status_code = 200
-    return inst.snapshot(now)
+    return inst.snapshot(time.monotonic())
 
 
 @router.delete("/services/{name}/instances", status_code=204, summary="Deregister an instance")
 async def deregister(request: Request, name: str, url: str) -> Response:
     registry = request.app.state.gateway.registry
-    if not registry.deregister(_service(request, name), url.rstrip("/")):
+    if not await registry.deregister(_service(request, name), url.rstrip("/")):
         raise GatewayError("NOT_FOUND", "no registered instance with that url (config instances stay)")
     return Response(status_code=204)
 

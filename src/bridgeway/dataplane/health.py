@@ -47,18 +47,19 @@ class HealthChecker:
 
     async def _run(self) -> None:
         while True:
+            now = self.clock()
             try:
-                self._tick(self.clock())
-            except Exception:  # noqa: BLE001 - one bad round must not end health checking
+                if now >= self._next_sync:
+                    self._next_sync = now + 1.0
+                    await self.registry.sync_leases()
+                    current = {inst for _, inst in all_instances(self.registry)}
+                    self._due = {inst: due for inst, due in self._due.items() if inst in current}
+                self._tick(now)
+            except Exception:  # noqa: BLE001 - one bad round (state backend down) must not end checking
                 log.exception("health_round_failed")
             await asyncio.sleep(TICK)
 
     def _tick(self, now: float) -> None:
-        if now >= self._next_sync:
-            self._next_sync = now + 1.0
-            self.registry.sync_leases()
-            current = {inst for _, inst in all_instances(self.registry)}
-            self._due = {inst: due for inst, due in self._due.items() if inst in current}
         for name, inst in self.registry.expire(now):
             log.info("instance_expired", service=name, instance=inst.url)
         for service, inst in all_instances(self.registry):

@@ -17,10 +17,10 @@ from bridgeway.config.models import Config, ServiceConfig
 from bridgeway.dataplane.balancer import make_balancer
 from bridgeway.dataplane.breaker import CircuitBreaker
 from bridgeway.dataplane.instance import ActiveHealth, Instance, OutlierDetector
-from bridgeway.dataplane.leases import Leases, MemoryLeases
 from bridgeway.dataplane.retry import RetryBudget
 from bridgeway.dataplane.upstream import UpstreamPool
 from bridgeway.observability import metrics
+from bridgeway.state import KV, Entry
 
 POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still streaming on it
 
@@ -135,36 +135,18 @@ class Service:
 
 
 class Registry:
-    """Every service by name: one truth for the data plane and the management API."""
+    """Every service by name: one truth for the data plane and the management API.
 
-    def __init__(self, leases: Leases | None = None) -> None:
+    Run-time registrations are leases in the state backend (`LEASES` namespace, expiring with
+    their TTL), so every worker and every replica sharing that state sees them: each one
+    reconciles its instances with the leases once a second.
+    """
+
+    LEASES = "_leases"
+
+    def __init__(self) -> None:
         self.services: dict[str, Service] = {}
-        self.leases = leases or MemoryLeases()
-
-    def register(self, service: Service, url: str, ttl: float) -> tuple[Instance, bool]:
-        """A run-time registration or heartbeat: recorded for every worker, applied here now."""
-        self.leases.put(service.name, url, time.time() + ttl)
-        return service.register(url, ttl, time.monotonic())
-
-    def deregister(self, service: Service, url: str) -> bool:
-        self.leases.delete(service.name, url)
-        return service.deregister(url)
-
-    def sync_leases(self) -> None:
-        """Take in registrations made through other workers, and drop those they removed."""
-        if not self.leases.shared:
-            return
-        wall, now = time.time(), time.monotonic()
-        live: dict[str, set[str]] = {}
-        for name, url, expires_at in self.leases.live():
-            service = self.services.get(name)
-            if service is not None:
-                service.register(url, expires_at - wall, now)
-                live.setdefault(name, set()).add(url)
-        for service in self.services.values():
-            for inst in service.instances:
-                if inst.source == "registered" and inst.url not in live.get(service.name, ()):
-                    service.deregister(inst.url)
+        self.state: KV | None = None  # set once the state backend is open
 
     def apply(self, config: Config) -> None:
         old = self.services
@@ -174,6 +156,39 @@ class Registry:
             for url, pool in service.pools.items():
                 if kept is None or kept.pools.get(url) is not pool:
                     close_later(pool)
+
+    async def register(self, service: Service, url: str, ttl: float) -> tuple[Instance, bool]:
+        """A run-time registration or heartbeat: stored for everyone, applied here at once."""
+        if self.state is not None:
+            await self.state.put(self.LEASES, f"{service.name} {url}", b"", ttl=ttl)
+        return service.register(url, ttl, time.monotonic())
+
+    async def deregister(self, service: Service, url: str) -> bool:
+        if self.state is not None:
+            await self.state.delete(self.LEASES, f"{service.name} {url}")
+        return service.deregister(url)
+
+    async def sync_leases(self) -> None:
+        """Take in registrations made elsewhere, and drop those removed or expired there."""
+        if self.state is None:
+            return
+        leases: list[tuple[str, Entry]] = []
+        after = None
+        while page := await self.state.list(self.LEASES, limit=1000, after=after):
+            leases += page
+            after = page[-1][0]
+        wall, now = time.time(), time.monotonic()
+        live: set[tuple[str, str]] = set()
+        for key, entry in leases:
+            name, _, url = key.partition(" ")
+            service = self.services.get(name)
+            if service is not None and entry.expires_at is not None:
+                service.register(url, entry.expires_at - wall, now)
+                live.add((name, url))
+        for service in self.services.values():
+            for inst in service.instances:
+                if inst.source == "registered" and (service.name, inst.url) not in live:
+                    service.deregister(inst.url)
 
     def snapshot(self, now: float) -> list[dict]:
         return [s.snapshot(now) for s in self.services.values()]
