@@ -26,6 +26,7 @@ from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
+from bridgeway.security.limits import RedisLimiter
 from bridgeway.state import KV, open_state
 from bridgeway.workers import shared_dir
 
@@ -55,8 +56,10 @@ class Gateway:
 
     async def startup(self) -> None:
         logs.configure(self.config.logging.level)
-        self.registry.apply(self.config)
         self.state = self.registry.state = open_state(self.config.state)
+        if self.config.state.startswith(("redis://", "rediss://")):
+            self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
+        self.registry.apply(self.config)
         self.health.start()
         if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())
@@ -81,6 +84,8 @@ class Gateway:
         await self.registry.close()
         if self.state is not None:
             await self.state.close()
+        if isinstance(self.registry.limiter, RedisLimiter):
+            await self.registry.limiter.aclose()
 
     async def _publish_metrics(self) -> None:
         while True:

@@ -11,9 +11,10 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
-from bridgeway.config.units import parse_duration, parse_size
+from bridgeway.config.units import Rate, parse_duration, parse_rate, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+RateValue = Annotated[Rate, BeforeValidator(parse_rate)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
@@ -105,6 +106,15 @@ class PoolConfig(Model):
     idle_timeout: Duration = 60.0
 
 
+class LimitConfig(Model):
+    rate: RateValue
+    per: Literal["service", "ip"] = Field("service", description="one budget for the service, or one per client address")
+    path: str | None = Field(None, description='only requests whose upstream path matches this glob, e.g. "/simulate*"')
+    on_unavailable: Literal["open", "closed"] = Field(
+        "open", description="when the shared limiter (Redis) cannot be reached: let requests through, or refuse them"
+    )
+
+
 class ServiceConfig(Model):
     instances: list[InstanceURL] = []
     balancer: Literal["round_robin", "least_requests", "p2c_ewma"] = "p2c_ewma"
@@ -114,6 +124,7 @@ class ServiceConfig(Model):
     max_body: Size = 10 * 1024 * 1024
     registration_ttl: Duration = 30.0
     retries: RetryConfig = RetryConfig()
+    limits: list[LimitConfig] = []
     health: HealthConfig | None = None
     outlier: OutlierConfig = OutlierConfig()
     breaker: BreakerConfig = BreakerConfig()

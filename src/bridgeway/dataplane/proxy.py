@@ -301,6 +301,9 @@ async def proxy_http(service: Service, scope: dict, receive, send, call: Call, r
     """Forward one HTTP request to `service`; returns the status sent. Errors before the
     response starts are raised as GatewayError; after it starts, the stream is cut."""
     call.target = parse_target(scope, len(BRIDGE) + len(service.name))
+    if service.limits is not None:
+        client = scope.get("client")
+        reply_headers += await service.limits.check(call.target, client[0] if client else "")
     limit = service.config.max_body
     length = call.content_length
     body: bytes | AsyncIterator[bytes]

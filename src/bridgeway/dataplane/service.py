@@ -20,15 +20,19 @@ from bridgeway.dataplane.instance import ActiveHealth, Instance, OutlierDetector
 from bridgeway.dataplane.retry import RetryBudget
 from bridgeway.dataplane.upstream import UpstreamPool
 from bridgeway.observability import metrics
+from bridgeway.security.limits import MemoryLimiter
+from bridgeway.security.service_limits import ServiceLimits
 from bridgeway.state import KV, Entry
 
 POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still streaming on it
 
 
 class Service:
-    __slots__ = ("name", "config", "instances", "balancer", "breaker", "budget", "pools", "metrics", "base_paths")
+    __slots__ = (
+        "name", "config", "instances", "balancer", "breaker", "budget", "pools", "metrics", "base_paths", "limits",
+    )
 
-    def __init__(self, name: str, config: ServiceConfig, previous: Service | None):
+    def __init__(self, name: str, config: ServiceConfig, previous: Service | None, limiter=None):
         self.name = name
         self.config = config
         self.balancer = make_balancer(config.balancer, random.Random())
@@ -46,6 +50,7 @@ class Service:
         keep_budget = previous is not None and previous.config.retries == retries
         self.budget = previous.budget if keep_budget else RetryBudget(retries.budget, retries.min_per_second)
         self.metrics = metrics.for_service(name)
+        self.limits = ServiceLimits(name, config.limits, limiter, self.metrics) if config.limits else None
 
         old = {i.url: i for i in previous.instances} if previous else {}
         same_checks = previous is not None and (previous.config.health, previous.config.outlier) == (
@@ -147,10 +152,13 @@ class Registry:
     def __init__(self) -> None:
         self.services: dict[str, Service] = {}
         self.state: KV | None = None  # set once the state backend is open
+        self.limiter = MemoryLimiter()  # RedisLimiter when the state is in Redis
 
     def apply(self, config: Config) -> None:
         old = self.services
-        self.services = {name: Service(name, cfg, old.get(name)) for name, cfg in config.services.items()}
+        self.services = {
+            name: Service(name, cfg, old.get(name), self.limiter) for name, cfg in config.services.items()
+        }
         for name, service in old.items():
             kept = self.services.get(name)
             for url, pool in service.pools.items():

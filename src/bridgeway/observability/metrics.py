@@ -42,12 +42,13 @@ class Histogram:
 class ServiceMetrics:
     """The counters of one service; the proxy adds to them directly."""
 
-    __slots__ = ("name", "inflight", "retries", "statuses", "errors", "duration", "upstream")
+    __slots__ = ("name", "inflight", "retries", "limiter_unavailable", "statuses", "errors", "duration", "upstream")
 
     def __init__(self, name: str):
         self.name = name
         self.inflight = 0
         self.retries = 0
+        self.limiter_unavailable = 0
         self.statuses: dict[int, int] = {}
         self.errors: dict[str, int] = {}
         self.duration = Histogram()
@@ -66,6 +67,7 @@ class ServiceMetrics:
         return {
             "inflight": self.inflight,
             "retries": self.retries,
+            "limiter_unavailable": self.limiter_unavailable,
             "statuses": {str(k): v for k, v in self.statuses.items()},
             "errors": self.errors,
             "duration": [self.duration.counts, self.duration.sum],
@@ -136,6 +138,9 @@ class _Collector(Collector):
         requests = CounterMetricFamily("bridgeway_requests", "Requests answered", labels=["service", "status"])
         inflight = GaugeMetricFamily("bridgeway_requests_in_flight", "Requests in flight", labels=["service"])
         retries = CounterMetricFamily("bridgeway_retries", "Upstream tries after the first", labels=["service"])
+        unavailable = CounterMetricFamily(
+            "bridgeway_ratelimit_unavailable", "Limit checks the shared limiter could not answer", labels=["service"]
+        )
         errors = CounterMetricFamily(
             "bridgeway_upstream_errors", "Failed upstream tries, by error code", labels=["service", "code"]
         )
@@ -145,10 +150,14 @@ class _Collector(Collector):
             for name, m in snap["services"].items():
                 t = totals.setdefault(
                     name,
-                    {"inflight": 0, "retries": 0, "statuses": {}, "errors": {}, "duration": None, "upstream": None},
+                    {
+                        "inflight": 0, "retries": 0, "limiter_unavailable": 0,
+                        "statuses": {}, "errors": {}, "duration": None, "upstream": None,
+                    },
                 )
                 t["inflight"] += m["inflight"] if alive else 0
                 t["retries"] += m["retries"]
+                t["limiter_unavailable"] += m.get("limiter_unavailable", 0)
                 for key in ("statuses", "errors"):
                     for k, v in m[key].items():
                         t[key][k] = t[key].get(k, 0) + v
@@ -176,6 +185,7 @@ class _Collector(Collector):
         for name, t in sorted(totals.items()):
             inflight.add_metric([name], t["inflight"])
             retries.add_metric([name], t["retries"])
+            unavailable.add_metric([name], t["limiter_unavailable"])
             for status, n in sorted(t["statuses"].items()):
                 requests.add_metric([name, str(status)], n)
             for code, n in sorted(t["errors"].items()):
@@ -187,7 +197,7 @@ class _Collector(Collector):
                     cumulative += n
                     buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
                 family.add_metric([name], buckets, total)
-        yield from (requests, inflight, retries, errors, *histograms.values())
+        yield from (requests, inflight, retries, unavailable, errors, *histograms.values())
 
         breaker = GaugeMetricFamily(
             "bridgeway_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["service"]

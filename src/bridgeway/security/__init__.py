@@ -1,0 +1,1 @@
+"""Security: api keys, jwt/jwks, rbac and rate limits."""

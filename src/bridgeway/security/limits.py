@@ -1,0 +1,226 @@
+"""Rate limits as GCRA (generic cell rate algorithm): a pure step, the clock passed in.
+
+A rate of `limit` per `period` admits one request every `interval = period / limit` seconds on
+average, with bursts of up to `limit`. Per key the only state is one number, the theoretical
+arrival time `tat`: when the bucket would be completely full again if nothing else arrived.
+A request of `cost` is allowed when `tat + cost * interval <= now + period`. Unlike fixed
+windows there is no edge where two bursts meet: in any interval of length L at most
+`limit + L / interval` requests are allowed.
+
+    limiter = MemoryLimiter()                 # one process
+    limiter = RedisLimiter("redis://...")      # N replicas share the limit, one round trip
+    decision = await limiter.hit(key, parse_rate("100/s"))
+    if not decision.allowed: 429 with ratelimit_headers(decision, rate)
+
+`cost=0` peeks: it reports `remaining` without consuming anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bridgeway.config.units import Rate
+
+__all__ = [
+    "Decision",
+    "LimiterBackend",
+    "LimiterUnavailable",
+    "MemoryLimiter",
+    "RedisLimiter",
+    "gcra",
+    "ratelimit_headers",
+]
+
+# Float sums of period/limit drift by a few ulps (and `now` near 1.7e9 has ulps of ~2e-7 s);
+# a microsecond of grace keeps the last request of an exact burst from being denied by rounding.
+_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int  # burst capacity (requests)
+    remaining: int  # requests still allowed right now (>= 0)
+    retry_after: float  # seconds until this request (its cost) would be allowed; 0 when allowed
+    reset_after: float  # seconds until the bucket is completely full again
+
+
+class LimiterUnavailable(Exception):
+    """The shared limiter could not answer in time; the caller picks fail-open or fail-closed."""
+
+
+def _check_cost(cost: int, limit: int) -> None:
+    if not 0 <= cost <= limit:
+        raise ValueError(f"cost {cost} outside 0..{limit}: it could never be allowed")
+
+
+def gcra(
+    tat: float | None, now: float, period: float, limit: int, cost: int = 1
+) -> tuple[float | None, Decision]:
+    """Pure GCRA step: `tat` is the stored theoretical arrival time (None = fresh key); rate = limit per
+    period, burst = limit. Returns (new_tat, decision); when not allowed, new_tat is the old tat (unchanged).
+
+    Raises ValueError when `cost` is outside 0..limit (a request bigger than the burst never fits).
+    """
+    _check_cost(cost, limit)
+    interval = period / limit
+    base = now if tat is None or tat < now else tat  # an idle key is a full bucket, not a credit
+    new_tat = base + cost * interval
+    slack = now + period - new_tat  # >= 0: the request fits under the burst
+    if slack >= -_TOLERANCE:
+        kept = new_tat
+        free = slack
+        retry_after = 0.0
+    else:
+        kept = base
+        free = now + period - base
+        retry_after = -slack
+    remaining = min(limit, max(0, math.floor((free + _TOLERANCE) / interval)))
+    decision = Decision(slack >= -_TOLERANCE, limit, remaining, retry_after, max(0.0, kept - now))
+    return (new_tat if decision.allowed else tat), decision
+
+
+class LimiterBackend(Protocol):
+    async def hit(self, key: str, rate: Rate, now: float | None = None, cost: int = 1) -> Decision: ...
+
+
+class MemoryLimiter:
+    """In-process limiter: a dict of key -> tat. Stale keys (tat <= now, i.e. a full bucket, the
+    same as no entry) are swept when the dict doubles in size, so the sweep costs O(1) amortised
+    per new key and memory stays within twice the live keys."""
+
+    __slots__ = ("_clock", "_tats", "_sweep_at", "_min_sweep")
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, min_sweep: int = 1024) -> None:
+        self._clock = clock
+        self._tats: dict[str, float] = {}
+        self._min_sweep = min_sweep
+        self._sweep_at = min_sweep
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def check(self, key: str, rate: Rate, now: float | None = None, cost: int = 1) -> Decision:
+        """The sync fast path: one dict lookup, one gcra step."""
+        if now is None:
+            now = self._clock()
+        tats = self._tats
+        new_tat, decision = gcra(tats.get(key), now, rate.period, rate.count, cost)
+        if decision.allowed and new_tat is not None:
+            tats[key] = new_tat
+            if len(tats) >= self._sweep_at:
+                self.sweep(now)
+        return decision
+
+    async def hit(self, key: str, rate: Rate, now: float | None = None, cost: int = 1) -> Decision:
+        return self.check(key, rate, now, cost)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Drop keys whose bucket is full again; returns how many were dropped."""
+        if now is None:
+            now = self._clock()
+        tats = self._tats
+        stale = [k for k, tat in tats.items() if tat <= now]
+        for k in stale:
+            del tats[k]
+        self._sweep_at = max(self._min_sweep, 2 * len(tats))
+        return len(stale)
+
+
+# KEYS[1] = bucket. ARGV = period_ms, limit, cost. Times in ms (floats; Lua numbers are doubles).
+# `now` is the server's TIME, so replicas with skewed clocks agree. The tat is written with
+# string.format because Lua's tostring keeps only 14 digits (10 ms at epoch scale), and floats
+# are returned as strings because Redis truncates Lua numbers to integers.
+_GCRA_LUA = """
+local period = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = period / limit
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + cost * interval
+local slack = now + period - new_tat
+local allowed = 0
+local retry = 0
+if slack >= -0.001 then
+  allowed = 1
+  tat = new_tat
+  -- expire when the bucket is full again: a missing key means exactly that
+  redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.max(1, math.ceil(tat - now)))
+else
+  retry = -slack
+end
+local remaining = math.floor((now + period - tat + 0.001) / interval)
+remaining = math.max(0, math.min(limit, remaining))
+return {allowed, remaining, string.format('%.3f', retry), string.format('%.3f', tat - now)}
+"""
+
+
+class RedisLimiter:
+    """GCRA shared by every replica: one Lua script, one round trip per hit (after the first
+    call loads the script). Raises LimiterUnavailable instead of waiting longer than `timeout`."""
+
+    def __init__(self, url_or_client: Any, *, prefix: str = "bw:rl:", timeout: float = 0.25) -> None:
+        from redis import asyncio as aioredis  # the [redis] extra; imported only when used
+        from redis.exceptions import RedisError
+
+        if isinstance(url_or_client, str):
+            self._redis = aioredis.from_url(
+                url_or_client, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+            self._owned = True
+        else:
+            self._redis = url_or_client
+            self._owned = False
+        self._prefix = prefix
+        self._timeout = timeout
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._script = self._redis.register_script(_GCRA_LUA)
+
+    async def hit(self, key: str, rate: Rate, now: float | None = None, cost: int = 1) -> Decision:
+        """`now` is ignored: Redis's own clock (TIME) decides, so all replicas share one timeline."""
+        _check_cost(cost, rate.count)
+        try:
+            # asyncio.timeout bounds the whole call, including redis-py's own retries and reconnects
+            async with asyncio.timeout(self._timeout):
+                allowed, remaining, retry_ms, reset_ms = await self._script(
+                    keys=[self._prefix + key], args=[rate.period * 1000, rate.count, cost]
+                )
+        except self._errors as exc:
+            raise LimiterUnavailable(f"rate limiter store unavailable: {exc.__class__.__name__}") from exc
+        return Decision(
+            allowed == 1, rate.count, int(remaining), float(retry_ms) / 1000, float(reset_ms) / 1000
+        )
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self._redis.aclose()
+
+
+def _whole_seconds(seconds: float) -> int:
+    # ceil, but not up a whole second for float noise (60.00000000000001 -> 60)
+    return max(0, math.ceil(seconds - _TOLERANCE))
+
+
+def ratelimit_headers(decision: Decision, rate: Rate) -> list[tuple[bytes, bytes]]:
+    """`RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers), plus
+    `Retry-After` when denied; integers only, names lower-case as ASGI wants them."""
+    window = max(1, _whole_seconds(rate.period))
+    headers = [
+        (b"ratelimit-policy", b"%d;w=%d" % (decision.limit, window)),
+        (
+            b"ratelimit",
+            b"limit=%d, remaining=%d, reset=%d"
+            % (decision.limit, decision.remaining, _whole_seconds(decision.reset_after)),
+        ),
+    ]
+    if not decision.allowed:
+        headers.append((b"retry-after", b"%d" % max(1, _whole_seconds(decision.retry_after))))
+    return headers
