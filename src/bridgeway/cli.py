@@ -37,7 +37,9 @@ def _load_or_exit(path: Path) -> Config:
 def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
     """Validate a config and print the routes it compiles to."""
     cfg = _load_or_exit(config)
-    table = Table(title=f"{config}: {len(cfg.services)} services, listening on {cfg.listen}, state in {cfg.state}")
+    table = Table(
+        title=f"{config}: {len(cfg.services)} services, listening on {cfg.listen}, state in {cfg.state}"
+    )
     for column in ("route", "instances", "balancer", "timeout", "retries", "breaker", "health", "max body"):
         table.add_column(column)
     for name, svc in cfg.services.items():
@@ -48,7 +50,9 @@ def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
             format_duration(svc.timeout),
             f"{svc.retries.attempts} tries, budget {svc.retries.budget:.0%}",
             f"{svc.breaker.failures} fails -> open {format_duration(svc.breaker.open_for)}",
-            f"{svc.health.path} every {format_duration(svc.health.interval)}" if svc.health else "passive only",
+            f"{svc.health.path} every {format_duration(svc.health.interval)}"
+            if svc.health
+            else "passive only",
             f"{svc.max_body:,} B",
         )
     console.print(table)

@@ -52,8 +52,22 @@ def _wait(url: str, timeout: float = 20.0) -> bool:
 
 def _start_sample(services: Path, module: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
-        "--working-dir", str(services), "--loop", "uvloop", "--log-level", "warning", module,
+        sys.executable,
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--working-dir",
+        str(services),
+        "--loop",
+        "uvloop",
+        "--log-level",
+        "warning",
+        module,
     ]
     return subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
 
@@ -65,7 +79,7 @@ def _tour(base: str, token: str) -> None:
         f"curl -s {base}/bridge/echo/hello?x=1 -H 'X-Request-Id: demo-1'",
         f"curl -s '{base}/bridge/sim/simulate?laps=50&iterations=20000&tyre_wear=0.08&pit_loss=21'",
         f"curl -s -X POST {base}/bridge/sim/simulate -H 'content-type: application/json' "
-        "-d '{\"laps\": 57, \"iterations\": 50000, \"pit_loss\": 22.5}'",
+        '-d \'{"laps": 57, "iterations": 50000, "pit_loss": 22.5}\'',
         f"curl -s {base}/bridge/nope/   # 404 UNKNOWN_SERVICE in the standard error shape",
         f"curl -s {base}/health",
         f"curl -s {base}/metrics | grep bridgeway_requests",
@@ -100,7 +114,9 @@ def run_demo(port: int) -> None:
                 raise SystemExit(1)
         base = f"http://127.0.0.1:{port}"
         token = cfg.admin.token.get_secret_value() if cfg.admin.token else ""
-        threading.Thread(target=lambda: _wait(f"{base}/health/ready") and _tour(base, token), daemon=True).start()
+        threading.Thread(
+            target=lambda: _wait(f"{base}/health/ready") and _tour(base, token), daemon=True
+        ).start()
         from bridgeway.supervisor import serve_forever
 
         serve_forever(cfg, str(config_path), workers=1)

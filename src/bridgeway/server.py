@@ -138,7 +138,9 @@ class Gateway:
             else:
                 trace_id = new_trace_id()
                 span = [(b"traceparent", traceparent(trace_id, new_span_id()))]
-                await send_error(send, GatewayError("NOT_FOUND", f"no route for {path[:200]!r}"), trace_id, span)
+                await send_error(
+                    send, GatewayError("NOT_FOUND", f"no route for {path[:200]!r}"), trace_id, span
+                )
         elif kind == "websocket":
             if scope["path"].startswith(BRIDGE):
                 service, _ = self._service_for(scope["path"])
@@ -153,7 +155,9 @@ class Gateway:
         """The management API; its bodies are small, so a large one is refused, never buffered."""
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > API_MAX_BODY):
-                error = GatewayError("BODY_TOO_LARGE", f"management API bodies are limited to {API_MAX_BODY} bytes")
+                error = GatewayError(
+                    "BODY_TOO_LARGE", f"management API bodies are limited to {API_MAX_BODY} bytes"
+                )
                 await send_error(send, error, new_trace_id(), [])
                 return
         await self.api(scope, _limited(receive, API_MAX_BODY), send)
@@ -183,7 +187,9 @@ class Gateway:
         except GatewayError as exc:
             status = exc.status
             if not reply_headers:  # the head itself was refused, after its trace was known
-                reply_headers.append((b"traceparent", traceparent(call.trace_id, new_span_id(), call.trace_flags)))
+                reply_headers.append(
+                    (b"traceparent", traceparent(call.trace_id, new_span_id(), call.trace_flags))
+                )
             await send_error(send, exc, call.trace_id, reply_headers)
         except ClientGone:
             status = 499  # as nginx logs it: the client closed the request
@@ -195,7 +201,9 @@ class Gateway:
             self.log.exception("internal_error", service=name, trace_id=call.trace_id)
             # If the response had already started this send fails, and the server cuts the stream.
             with contextlib.suppress(Exception):
-                await send_error(send, GatewayError("INTERNAL", "internal error"), call.trace_id, reply_headers)
+                await send_error(
+                    send, GatewayError("INTERNAL", "internal error"), call.trace_id, reply_headers
+                )
         finally:
             service_metrics.inflight -= 1
             seconds = time.perf_counter() - started
@@ -234,7 +242,11 @@ class Gateway:
         degraded = False
         for s in self.registry.services.values():
             up = sum(1 for i in s.instances if i.available(now))
-            services[s.name] = {"instances": len(s.instances), "available": up, "breaker": s.breaker.state(now).value}
+            services[s.name] = {
+                "instances": len(s.instances),
+                "available": up,
+                "breaker": s.breaker.state(now).value,
+            }
             degraded |= up == 0
         body = {
             "status": "degraded" if degraded else "ok",
@@ -252,7 +264,13 @@ class Gateway:
 
     async def _metrics(self, send) -> None:
         body, content_type = metrics.render(lambda: self.registry.snapshot(time.monotonic()))
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type.encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     _ops = {"/health": _health, "/health/live": _live, "/health/ready": _ready, "/metrics": _metrics}
@@ -291,7 +309,9 @@ async def send_json(send, status: int, body: object, headers: list | None = None
 
 
 async def send_error(send, exc: GatewayError, trace_id: str, headers: list) -> None:
-    await send({"type": "http.response.start", "status": exc.status, "headers": [JSON, *headers, *exc.headers]})
+    await send(
+        {"type": "http.response.start", "status": exc.status, "headers": [JSON, *headers, *exc.headers]}
+    )
     await send({"type": "http.response.body", "body": error_body(exc.code, exc.message, trace_id)})
 
 

@@ -56,7 +56,9 @@ def serve_forever(cfg: Config, config_path: str, workers: int) -> None:
         # many idle keep-alive clients, so the cap is the file descriptor limit instead.
         backpressure=_fd_limit(),
         # The head read timeout is also the idle keep-alive limit: 60 s (granian's maximum).
-        http1_settings=HTTP1Settings(max_buffer_size=max(cfg.max_header_size, 8192), header_read_timeout=60_000),
+        http1_settings=HTTP1Settings(
+            max_buffer_size=max(cfg.max_header_size, 8192), header_read_timeout=60_000
+        ),
         log_level="warning",
         log_access=False,
     )

@@ -19,7 +19,6 @@ MB = 1024 * 1024
 PATTERN = b"0123456789abcdef"
 
 
-
 def pattern(n: int) -> bytes:
     return (PATTERN * (n // 16 + 1))[:n]
 

@@ -126,7 +126,9 @@ def _redis_up() -> bool:
 def test_redis_backend_shared_by_two_gateways():
     if not _redis_up():
         if os.environ.get("BRIDGEWAY_REQUIRE_SERVICES") == "1":
-            pytest.fail("Redis is required (BRIDGEWAY_REQUIRE_SERVICES=1) but 127.0.0.1:6379 is not reachable")
+            pytest.fail(
+                "Redis is required (BRIDGEWAY_REQUIRE_SERVICES=1) but 127.0.0.1:6379 is not reachable"
+            )
         pytest.skip("Redis not reachable on 127.0.0.1:6379")
     config = {"services": {}, "state": "redis://127.0.0.1:6379/0"}
     ns = f"test-{uuid.uuid4().hex[:8]}"

@@ -28,7 +28,9 @@ def _require_redis() -> None:
         socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
     except OSError:
         if os.environ.get("BRIDGEWAY_REQUIRE_SERVICES") == "1":
-            pytest.fail("Redis is required (BRIDGEWAY_REQUIRE_SERVICES=1) but 127.0.0.1:6379 is not reachable")
+            pytest.fail(
+                "Redis is required (BRIDGEWAY_REQUIRE_SERVICES=1) but 127.0.0.1:6379 is not reachable"
+            )
         pytest.skip("Redis not reachable on 127.0.0.1:6379")
 
 
@@ -66,7 +68,10 @@ def test_path_limits_apply_only_to_matching_paths(echo: Proc):
 def test_a_limit_of_n_holds_across_two_gateways_on_redis(echo: Proc):
     _require_redis()
     name = f"lim{uuid.uuid4().hex[:8]}"  # a fresh budget key in the shared Redis
-    config = {"state": "redis://127.0.0.1:6379/0", "services": {name: {"instances": [echo.url], "limits": [{"rate": "10/min"}]}}}
+    config = {
+        "state": "redis://127.0.0.1:6379/0",
+        "services": {name: {"instances": [echo.url], "limits": [{"rate": "10/min"}]}},
+    }
     a, b = start_gateway(config), start_gateway(config)
     try:
         statuses = []

@@ -274,7 +274,9 @@ def test_timeout_does_not_limit_a_streaming_body(gw: GatewayProc):
 def _read_chunked(gw: GatewayProc, path: str, timeout: float = 10.0) -> tuple[list[bytes], bool]:
     """GET a chunked response over a raw socket: its chunks, and whether the final
     zero-length chunk arrived (a cut stream ends without it)."""
-    data = raw_request(gw.port, f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode(), timeout)
+    data = raw_request(
+        gw.port, f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode(), timeout
+    )
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
     chunks = []

@@ -23,7 +23,13 @@ from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_tra
 if TYPE_CHECKING:
     from bridgeway.server import Gateway
 
-_CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 409: "CONFLICT"}
+_CODES = {
+    401: "UNAUTHENTICATED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+}
 
 
 def _trace(request: Request) -> tuple[str, str]:
@@ -81,6 +87,8 @@ def build_api(gateway: Gateway) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return _error(request, 422, "VALIDATION_ERROR", "; ".join(map(_problem, exc.errors())) or "invalid request")
+        return _error(
+            request, 422, "VALIDATION_ERROR", "; ".join(map(_problem, exc.errors())) or "invalid request"
+        )
 
     return api

@@ -66,7 +66,8 @@ async def list_keys(
     items = await _kv(request).list(namespace, prefix, limit=limit, after=after)
     return {
         "keys": [
-            {"key": k, "version": e.version, "size": len(e.value), "expires_in": _expires_in(e)} for k, e in items
+            {"key": k, "version": e.version, "size": len(e.value), "expires_in": _expires_in(e)}
+            for k, e in items
         ],
         "next": items[-1][0] if len(items) == limit else None,
     }
@@ -80,7 +81,9 @@ async def get_value(request: Request, namespace: Namespace, key: Key) -> Respons
     return Response(entry.value, media_type="application/octet-stream", headers=_headers(entry))
 
 
-@router.put("/kv/{namespace}/{key:path}", summary="Write a value: If-Match for compare-and-set, ?ttl=30s to expire")
+@router.put(
+    "/kv/{namespace}/{key:path}", summary="Write a value: If-Match for compare-and-set, ?ttl=30s to expire"
+)
 async def put_value(request: Request, namespace: Namespace, key: Key, ttl: str | None = None) -> Response:
     try:
         seconds = parse_duration(ttl) if ttl is not None else None
@@ -90,13 +93,17 @@ async def put_value(request: Request, namespace: Namespace, key: Key, ttl: str |
         raise GatewayError("BAD_REQUEST", "ttl: must be above zero")
     condition = _condition(request)
     try:
-        entry = await _kv(request).put(namespace, key, await request.body(), ttl=seconds, if_version=condition)
+        entry = await _kv(request).put(
+            namespace, key, await request.body(), ttl=seconds, if_version=condition
+        )
     except VersionMismatch as exc:
         raise _conflict(key, exc) from None
     return Response(status_code=201 if entry.version == 1 else 200, headers=_headers(entry))
 
 
-@router.delete("/kv/{namespace}/{key:path}", status_code=204, summary="Delete a key; If-Match makes it conditional")
+@router.delete(
+    "/kv/{namespace}/{key:path}", status_code=204, summary="Delete a key; If-Match makes it conditional"
+)
 async def delete_value(request: Request, namespace: Namespace, key: Key) -> Response:
     try:
         deleted = await _kv(request).delete(namespace, key, if_version=_condition(request))

@@ -68,9 +68,13 @@ async def deregister(request: Request, name: str, url: str) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/admin/reload", summary="Reload the config file; an invalid one is rejected and the old one serves")
+@router.post(
+    "/admin/reload", summary="Reload the config file; an invalid one is rejected and the old one serves"
+)
 async def reload(request: Request) -> dict:
     problems = request.app.state.gateway.reload_everywhere()
     if problems:
-        raise GatewayError("INVALID_CONFIG", "config rejected, the previous one keeps serving: " + "; ".join(problems))
+        raise GatewayError(
+            "INVALID_CONFIG", "config rejected, the previous one keeps serving: " + "; ".join(problems)
+        )
     return {"status": "reloaded", "services": sorted(request.app.state.gateway.registry.services)}

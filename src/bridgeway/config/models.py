@@ -108,10 +108,15 @@ class PoolConfig(Model):
 
 class LimitConfig(Model):
     rate: RateValue
-    per: Literal["service", "ip"] = Field("service", description="one budget for the service, or one per client address")
-    path: str | None = Field(None, description='only requests whose upstream path matches this glob, e.g. "/simulate*"')
+    per: Literal["service", "ip"] = Field(
+        "service", description="one budget for the service, or one per client address"
+    )
+    path: str | None = Field(
+        None, description='only requests whose upstream path matches this glob, e.g. "/simulate*"'
+    )
     on_unavailable: Literal["open", "closed"] = Field(
-        "open", description="when the shared limiter (Redis) cannot be reached: let requests through, or refuse them"
+        "open",
+        description="when the shared limiter (Redis) cannot be reached: let requests through, or refuse them",
     )
 
 
@@ -149,7 +154,8 @@ class LoggingConfig(Model):
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
-        "sqlite:///./bridgeway.db", description="memory://, sqlite:///path.db (embedded default) or redis://host:port/db"
+        "sqlite:///./bridgeway.db",
+        description="memory://, sqlite:///path.db (embedded default) or redis://host:port/db",
     )
     max_header_size: Size = 64 * 1024
     admin: AdminConfig = AdminConfig()

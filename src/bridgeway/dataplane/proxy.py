@@ -243,7 +243,9 @@ async def call_upstream(
             service.breaker.record(ticket, False, now)
             inst.outlier.record(False, now)
             service.metrics.upstream_error(exc.code)
-            safe = is_retryable(method, request_sent=exc.request_sent, retry_non_idempotent=retries.non_idempotent)
+            safe = is_retryable(
+                method, request_sent=exc.request_sent, retry_non_idempotent=retries.non_idempotent
+            )
             if (
                 attempt < retries.attempts
                 and (replayable or not exc.request_sent)
@@ -310,7 +312,13 @@ async def proxy_http(service: Service, scope: dict, receive, send, call: Call, r
     if length is not None:
         if length > limit:
             raise GatewayError("BODY_TOO_LARGE", f"request body of {length} bytes exceeds {limit}")
-        body = b"" if length == 0 else await read_body(receive, limit) if length <= BUFFER_LIMIT else stream_body(receive, limit)
+        body = (
+            b""
+            if length == 0
+            else await read_body(receive, limit)
+            if length <= BUFFER_LIMIT
+            else stream_body(receive, limit)
+        )
     elif call.chunked:
         body = stream_body(receive, limit)
     else:

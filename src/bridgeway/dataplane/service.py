@@ -29,7 +29,16 @@ POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still 
 
 class Service:
     __slots__ = (
-        "name", "config", "instances", "balancer", "breaker", "budget", "pools", "metrics", "base_paths", "limits",
+        "name",
+        "config",
+        "instances",
+        "balancer",
+        "breaker",
+        "budget",
+        "pools",
+        "metrics",
+        "base_paths",
+        "limits",
     )
 
     def __init__(self, name: str, config: ServiceConfig, previous: Service | None, limiter=None):
@@ -60,7 +69,9 @@ class Service:
         self.instances: list[Instance] = []
         for url in config.instances:
             inst = old.get(url) if same_checks else None
-            self.instances.append(inst if inst is not None and inst.source == "config" else self._new_instance(url))
+            self.instances.append(
+                inst if inst is not None and inst.source == "config" else self._new_instance(url)
+            )
         # Instances that registered themselves at run time outlive a reload.
         for inst in previous.instances if previous else ():
             if inst.source == "registered" and inst.url not in config.instances:
@@ -135,7 +146,9 @@ class Service:
             "name": self.name,
             "balancer": self.config.balancer,
             "breaker": self.breaker.snapshot(now),
-            "instances": [inst.snapshot(now) | {"pool": self.pools[inst.url].stats} for inst in self.instances],
+            "instances": [
+                inst.snapshot(now) | {"pool": self.pools[inst.url].stats} for inst in self.instances
+            ],
         }
 
 

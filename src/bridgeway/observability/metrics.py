@@ -42,7 +42,16 @@ class Histogram:
 class ServiceMetrics:
     """The counters of one service; the proxy adds to them directly."""
 
-    __slots__ = ("name", "inflight", "retries", "limiter_unavailable", "statuses", "errors", "duration", "upstream")
+    __slots__ = (
+        "name",
+        "inflight",
+        "retries",
+        "limiter_unavailable",
+        "statuses",
+        "errors",
+        "duration",
+        "upstream",
+    )
 
     def __init__(self, name: str):
         self.name = name
@@ -135,24 +144,37 @@ class _Collector(Collector):
         self._state = state
 
     def collect(self):
-        requests = CounterMetricFamily("bridgeway_requests", "Requests answered", labels=["service", "status"])
+        requests = CounterMetricFamily(
+            "bridgeway_requests", "Requests answered", labels=["service", "status"]
+        )
         inflight = GaugeMetricFamily("bridgeway_requests_in_flight", "Requests in flight", labels=["service"])
-        retries = CounterMetricFamily("bridgeway_retries", "Upstream tries after the first", labels=["service"])
+        retries = CounterMetricFamily(
+            "bridgeway_retries", "Upstream tries after the first", labels=["service"]
+        )
         unavailable = CounterMetricFamily(
-            "bridgeway_ratelimit_unavailable", "Limit checks the shared limiter could not answer", labels=["service"]
+            "bridgeway_ratelimit_unavailable",
+            "Limit checks the shared limiter could not answer",
+            labels=["service"],
         )
         errors = CounterMetricFamily(
             "bridgeway_upstream_errors", "Failed upstream tries, by error code", labels=["service", "code"]
         )
-        reloads = CounterMetricFamily("bridgeway_config_reloads", "Config reloads, by result", labels=["result"])
+        reloads = CounterMetricFamily(
+            "bridgeway_config_reloads", "Config reloads, by result", labels=["result"]
+        )
         totals: dict = {}
         for snap, alive in _all_workers():
             for name, m in snap["services"].items():
                 t = totals.setdefault(
                     name,
                     {
-                        "inflight": 0, "retries": 0, "limiter_unavailable": 0,
-                        "statuses": {}, "errors": {}, "duration": None, "upstream": None,
+                        "inflight": 0,
+                        "retries": 0,
+                        "limiter_unavailable": 0,
+                        "statuses": {},
+                        "errors": {},
+                        "duration": None,
+                        "upstream": None,
                     },
                 )
                 t["inflight"] += m["inflight"] if alive else 0
@@ -175,10 +197,13 @@ class _Collector(Collector):
         yield reloads
         histograms = {
             "duration": HistogramMetricFamily(
-                "bridgeway_request_duration_seconds", "Whole request, as the gateway saw it", labels=["service"]
+                "bridgeway_request_duration_seconds",
+                "Whole request, as the gateway saw it",
+                labels=["service"],
             ),
             "upstream": HistogramMetricFamily(
-                "bridgeway_upstream_duration_seconds", "One upstream try, request out to response head in",
+                "bridgeway_upstream_duration_seconds",
+                "One upstream try, request out to response head in",
                 labels=["service"],
             ),
         }

@@ -59,7 +59,8 @@ class ServiceLimits:
                 self._unavailable(limit.config.on_unavailable)
                 if limit.config.on_unavailable == "closed":
                     raise GatewayError(
-                        "RATE_LIMITED", "the rate limiter is unavailable and this limit fails closed",
+                        "RATE_LIMITED",
+                        "the rate limiter is unavailable and this limit fails closed",
                         headers=[(b"retry-after", b"1")],
                     ) from None
                 continue
@@ -79,5 +80,8 @@ class ServiceLimits:
         if now - self._logged_at >= _LOG_EVERY:
             self._logged_at = now
             log.error(
-                "rate_limiter_unavailable", service=self.service, fail=mode, count=self.metrics.limiter_unavailable
+                "rate_limiter_unavailable",
+                service=self.service,
+                fail=mode,
+                count=self.metrics.limiter_unavailable,
             )
