@@ -40,7 +40,17 @@ def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
     table = Table(
         title=f"{config}: {len(cfg.services)} services, listening on {cfg.listen}, state in {cfg.state}"
     )
-    for column in ("route", "instances", "balancer", "timeout", "retries", "breaker", "health", "max body"):
+    for column in (
+        "route",
+        "instances",
+        "balancer",
+        "timeout",
+        "retries",
+        "breaker",
+        "health",
+        "limits",
+        "max body",
+    ):
         table.add_column(column)
     for name, svc in cfg.services.items():
         table.add_row(
@@ -53,6 +63,10 @@ def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
             f"{svc.health.path} every {format_duration(svc.health.interval)}"
             if svc.health
             else "passive only",
+            "\n".join(
+                f"{lim.rate} per {lim.per}" + (f" on {lim.path}" if lim.path else "") for lim in svc.limits
+            )
+            or "-",
             f"{svc.max_body:,} B",
         )
     console.print(table)
