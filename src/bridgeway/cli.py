@@ -99,6 +99,103 @@ def demo(
     run_demo(port)
 
 
+keys_app = typer.Typer(help="API keys, stored hashed in the config's state backend.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _with_keys(config: Path, action):
+    """Run `action(KeyStore)` against the state the gateway with this config uses."""
+    import asyncio
+
+    from bridgeway.security.keys import KeyStore
+    from bridgeway.state import open_state
+
+    cfg = _load_or_exit(config)
+    if cfg.state.startswith("memory:"):
+        err.print("keys need shared state: set state to sqlite:///... or redis://... in the config")
+        raise typer.Exit(1)
+
+    async def run():
+        kv = open_state(cfg.state)
+        try:
+            return await action(KeyStore(kv))
+        finally:
+            await kv.close()
+
+    return asyncio.run(run())
+
+
+def _print_secret(token: str) -> None:
+    console.print(token, markup=False, highlight=False, soft_wrap=True)
+    err.print("[yellow]Store this key now: it is shown only once.[/]")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="who or what the key is for")],
+    role: Annotated[str, typer.Option(help="role it acts with (admin for the management API)")],
+    services: Annotated[str | None, typer.Option(help="comma-separated services it may call")] = None,
+    expires: Annotated[str | None, typer.Option(help="lifetime, e.g. 90d")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+) -> None:
+    """Create a key and print it, once."""
+    from bridgeway.config.units import parse_duration
+
+    try:
+        lifetime = parse_duration(expires) if expires else None
+    except ValueError as exc:
+        err.print(f"--expires: {exc}")
+        raise typer.Exit(1) from None
+    wanted = [s.strip() for s in services.split(",") if s.strip()] if services else None
+    token, _ = _with_keys(config, lambda keys: keys.create(name, role, services=wanted, expires_in=lifetime))
+    _print_secret(token)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOption = Path("bridgeway.yaml")) -> None:
+    """Every key, without secrets."""
+    from datetime import UTC, datetime
+
+    def when(ts: float | None) -> str:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+    records = _with_keys(config, lambda keys: keys.list())
+    table = Table(title=f"{len(records)} keys")
+    for column in ("id", "name", "role", "services", "created", "expires", "revoked"):
+        table.add_column(column)
+    for r in sorted(records, key=lambda r: r.created_at):
+        services = ",".join(r.services) if r.services is not None else "(role's)"
+        table.add_row(
+            r.id, r.name, r.role, services, when(r.created_at), when(r.expires_at), when(r.revoked_at)
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOption = Path("bridgeway.yaml")) -> None:
+    """Revoke a key by its id: refused by every gateway sharing this state."""
+    if _with_keys(config, lambda keys: keys.revoke(key_id)) is None:
+        err.print(f"no key with id {key_id}")
+        raise typer.Exit(1)
+    console.print(f"revoked {key_id}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    grace: Annotated[str, typer.Option(help="how long the old secret keeps working")] = "1h",
+    config: ConfigOption = Path("bridgeway.yaml"),
+) -> None:
+    """Give a key a new secret; the old one works for the grace period."""
+    from bridgeway.config.units import parse_duration
+
+    rotated = _with_keys(config, lambda keys: keys.rotate(key_id, parse_duration(grace)))
+    if rotated is None:
+        err.print(f"no active key with id {key_id}")
+        raise typer.Exit(1)
+    _print_secret(rotated[0])
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

@@ -26,6 +26,7 @@ from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
+from bridgeway.security.keys import KeyStore
 from bridgeway.security.limits import RedisLimiter
 from bridgeway.state import KV, open_state
 from bridgeway.workers import shared_dir
@@ -46,6 +47,7 @@ class Gateway:
         self.health = HealthChecker(self.registry)
         self.ready = False
         self.state: KV | None = None  # opened at start-up, inside the worker's event loop
+        self.keys: KeyStore | None = None
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -57,6 +59,7 @@ class Gateway:
     async def startup(self) -> None:
         logs.configure(self.config.logging.level)
         self.state = self.registry.state = open_state(self.config.state)
+        self.keys = KeyStore(self.state)
         if self.config.state.startswith(("redis://", "rediss://")):
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
         self.registry.apply(self.config)

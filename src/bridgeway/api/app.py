@@ -16,13 +16,14 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import kv, services
+from bridgeway.api import keys, kv, services
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 
 if TYPE_CHECKING:
     from bridgeway.server import Gateway
 
+ADMIN_ROLE = "admin"
 _CODES = {
     401: "UNAUTHENTICATED",
     403: "FORBIDDEN",
@@ -52,16 +53,22 @@ def _problem(err: dict) -> str:
     return f"{field}: {str(err['msg']).removeprefix('Value error, ')}"
 
 
-def require_admin(request: Request) -> None:
-    """Bearer token check in constant time against the stored hash."""
+async def require_admin(request: Request) -> None:
+    """The config's admin token (compared in constant time with its hash), or an API key with
+    the admin role."""
     gateway: Gateway = request.app.state.gateway
-    expected = gateway.admin_token_sha256
-    if expected is None:
-        raise GatewayError("UNAUTHENTICATED", "the management API is disabled: set admin.token in the config")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = hashlib.sha256(token.strip().encode()).digest()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
-        raise GatewayError("UNAUTHENTICATED", "a valid admin bearer token is required")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        expected = gateway.admin_token_sha256
+        if expected is not None and hmac.compare_digest(hashlib.sha256(token.encode()).digest(), expected):
+            return
+        record = await gateway.keys.authenticate(token)
+        if record is not None:
+            if record.role != ADMIN_ROLE:
+                raise GatewayError("FORBIDDEN", "the management API needs a key with the admin role")
+            return
+    raise GatewayError("UNAUTHENTICATED", "a valid admin bearer token or admin API key is required")
 
 
 def build_api(gateway: Gateway) -> FastAPI:
@@ -73,7 +80,7 @@ def build_api(gateway: Gateway) -> FastAPI:
         redoc_url=None,
     )
     api.state.gateway = gateway
-    for router in (services.router, kv.router):
+    for router in (services.router, kv.router, keys.router):
         api.include_router(router, prefix="/api/v1", dependencies=[Depends(require_admin)])
 
     @api.exception_handler(GatewayError)

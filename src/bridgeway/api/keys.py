@@ -1,0 +1,72 @@
+"""/api/v1/keys: create, list, revoke and rotate API keys. A key's secret is shown once, at
+creation or rotation; afterwards only its public record is."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, field_validator
+
+from bridgeway.config.units import parse_duration
+from bridgeway.errors import GatewayError
+
+router = APIRouter(tags=["keys"])
+
+
+class NewKey(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    role: str = Field(min_length=1, max_length=100)
+    services: list[str] | None = None
+    expires: str | None = Field(None, description="lifetime, e.g. 90d; none by default")
+
+    @field_validator("expires")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+
+class Rotation(BaseModel):
+    grace: str = Field("1h", description="how long the previous secret keeps working")
+
+    @field_validator("grace")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+def _keys(request: Request):
+    return request.app.state.gateway.keys
+
+
+@router.post("/keys", status_code=201, summary="Create a key; the response holds its secret, once")
+async def create_key(request: Request, body: NewKey) -> dict:
+    expires_in = parse_duration(body.expires) if body.expires else None
+    token, record = await _keys(request).create(
+        body.name, body.role, services=body.services, expires_in=expires_in
+    )
+    return {"key": token, **record.public()}
+
+
+@router.get("/keys", summary="Every key, without secrets")
+async def list_keys(request: Request) -> dict:
+    return {"keys": [r.public() for r in await _keys(request).list()]}
+
+
+@router.post("/keys/{key_id}/revoke", summary="Revoke a key: refused everywhere at once")
+async def revoke_key(request: Request, key_id: str) -> dict:
+    record = await _keys(request).revoke(key_id)
+    if record is None:
+        raise GatewayError("NOT_FOUND", f"no key with id {key_id!r}")
+    return record.public()
+
+
+@router.post("/keys/{key_id}/rotate", summary="New secret; the old one works for the grace period")
+async def rotate_key(request: Request, key_id: str, body: Rotation | None = None) -> dict:
+    grace = parse_duration((body or Rotation()).grace)
+    rotated = await _keys(request).rotate(key_id, grace)
+    if rotated is None:
+        raise GatewayError("NOT_FOUND", f"no active key with id {key_id!r}")
+    token, record = rotated
+    return {"key": token, **record.public()}
