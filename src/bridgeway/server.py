@@ -26,6 +26,7 @@ from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
+from bridgeway.security.access import Access
 from bridgeway.security.keys import KeyStore
 from bridgeway.security.limits import RedisLimiter
 from bridgeway.state import KV, open_state
@@ -48,6 +49,7 @@ class Gateway:
         self.ready = False
         self.state: KV | None = None  # opened at start-up, inside the worker's event loop
         self.keys: KeyStore | None = None
+        self.access = Access(config, None)  # rebuilt with the key store at start-up
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -60,6 +62,7 @@ class Gateway:
         logs.configure(self.config.logging.level)
         self.state = self.registry.state = open_state(self.config.state)
         self.keys = KeyStore(self.state)
+        self.access = Access(self.config, self.keys)
         if self.config.state.startswith(("redis://", "rediss://")):
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
         self.registry.apply(self.config)
@@ -111,6 +114,7 @@ class Gateway:
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
+        self.access = Access(config, self.keys)
         self.config = config
         self._loaded_mtime = mtime
         logs.configure(config.logging.level)
@@ -186,7 +190,7 @@ class Gateway:
                 reply_headers.append((b"x-request-id", call.request_id))
             if service is None:
                 raise GatewayError("UNKNOWN_SERVICE", f"no service named {name[:100]!r}")
-            status = await proxy_http(service, scope, receive, send, call, reply_headers)
+            status = await proxy_http(service, scope, receive, send, call, reply_headers, self.access)
         except GatewayError as exc:
             status = exc.status
             if not reply_headers:  # the head itself was refused, after its trace was known

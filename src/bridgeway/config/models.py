@@ -108,8 +108,8 @@ class PoolConfig(Model):
 
 class LimitConfig(Model):
     rate: RateValue
-    per: Literal["service", "ip"] = Field(
-        "service", description="one budget for the service, or one per client address"
+    per: Literal["service", "ip", "key"] = Field(
+        "service", description="one budget for the service, one per client address, or one per API key"
     )
     path: str | None = Field(
         None, description='only requests whose upstream path matches this glob, e.g. "/simulate*"'
@@ -151,6 +151,22 @@ class LoggingConfig(Model):
     access: bool = True
 
 
+class Grant(Model):
+    service: str = Field(description='a service name, or "*" for every service')
+    methods: list[str] | None = Field(None, description="allowed methods; all when absent")
+    paths: list[str] | None = Field(
+        None, description='globs on the upstream path, e.g. "/simulate*"; all when absent'
+    )
+
+
+class RoleConfig(Model):
+    allow: list[Grant] = []
+
+
+class AuthConfig(Model):
+    required: bool = Field(False, description="every /bridge request needs an API key")
+
+
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
@@ -159,6 +175,8 @@ class Config(Model):
     )
     max_header_size: Size = 64 * 1024
     admin: AdminConfig = AdminConfig()
+    auth: AuthConfig = AuthConfig()
+    roles: dict[str, RoleConfig] = {}
     logging: LoggingConfig = LoggingConfig()
     services: dict[ServiceName, ServiceConfig] = {}
 

@@ -20,6 +20,7 @@ from bridgeway.dataplane.service import Service
 from bridgeway.dataplane.upstream import UpstreamError, UpstreamResponse
 from bridgeway.errors import GatewayError
 from bridgeway.observability.tracing import new_trace_id, parse_traceparent
+from bridgeway.security.access import Access
 
 # RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
 HOP_BY_HOP = frozenset(
@@ -50,13 +51,24 @@ _NOTED = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"x-forwarded-host",
     b"x-request-id",
+    b"authorization",
+    b"x-api-key",
 }
 
 
 class Call:
     """One request's facts, gathered in a single pass over its head."""
 
-    __slots__ = ("target", "headers", "content_length", "chunked", "request_id", "trace_id", "trace_flags")
+    __slots__ = (
+        "target",
+        "headers",
+        "content_length",
+        "chunked",
+        "request_id",
+        "trace_id",
+        "trace_flags",
+        "credential",
+    )
 
     def __init__(self) -> None:
         self.target = b"/"
@@ -66,6 +78,7 @@ class Call:
         self.request_id: bytes | None = None
         self.trace_id = ""
         self.trace_flags = "01"
+        self.credential: str | None = None  # a Bridgeway API key: consumed here, never forwarded
 
 
 def parse_target(scope: dict, prefix_len: int) -> bytes:
@@ -108,6 +121,17 @@ def read_head(scope: dict, call: Call) -> None:
             out.append(item)
         elif name == b"connection":
             connection = item[1]
+        elif name == b"authorization":
+            value = item[1]
+            if value[:10].lower() == b"bearer bw_":
+                call.credential = value[7:].strip().decode("latin-1")
+            else:
+                out.append(item)  # the upstream's own credentials pass through
+        elif name == b"x-api-key":
+            if item[1].startswith(b"bw_"):
+                call.credential = item[1].strip().decode("latin-1")
+            else:
+                out.append(item)
     traced = parse_traceparent(parent)
     if traced:
         call.trace_id, call.trace_flags = traced
@@ -299,13 +323,20 @@ _MESSAGES = {
 }
 
 
-async def proxy_http(service: Service, scope: dict, receive, send, call: Call, reply_headers: list) -> int:
+async def proxy_http(
+    service: Service, scope: dict, receive, send, call: Call, reply_headers: list, access: Access
+) -> int:
     """Forward one HTTP request to `service`; returns the status sent. Errors before the
     response starts are raised as GatewayError; after it starts, the stream is cut."""
     call.target = parse_target(scope, len(BRIDGE) + len(service.name))
+    key = None
+    if call.credential is not None or access.required:  # anonymous traffic to open routes skips the await
+        key = await access.check(call.credential, service.name, scope["method"], call.target)
     if service.limits is not None:
         client = scope.get("client")
-        reply_headers += await service.limits.check(call.target, client[0] if client else "")
+        reply_headers += await service.limits.check(
+            call.target, client[0] if client else "", key.id if key is not None else None
+        )
     limit = service.config.max_body
     length = call.content_length
     body: bytes | AsyncIterator[bytes]

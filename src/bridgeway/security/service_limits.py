@@ -42,13 +42,15 @@ class ServiceLimits:
         self.metrics = metrics
         self._logged_at = float("-inf")
 
-    async def check(self, path: bytes, client: str) -> list[tuple[bytes, bytes]]:
-        """Draw from every applicable budget; raise RATE_LIMITED, or return the headers to add."""
+    async def check(self, path: bytes, client: str, key_id: str | None) -> list[tuple[bytes, bytes]]:
+        """Draw from every applicable budget; raise RATE_LIMITED, or return the headers to add.
+        A `per: key` limit applies to requests made with an API key (anonymous ones share one)."""
         tightest = None
         for limit in self.limits:
             if limit.path is not None and not limit.path(path.partition(b"?")[0].decode("latin-1")):
                 continue
-            key = limit.key + client if limit.config.per == "ip" else limit.key
+            per = limit.config.per
+            key = limit.key + (client if per == "ip" else (key_id or "-") if per == "key" else "")
             rate = limit.config.rate
             try:
                 if isinstance(self.limiter, MemoryLimiter):

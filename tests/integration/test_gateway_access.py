@@ -1,0 +1,103 @@
+"""API keys and roles on /bridge routes through a real gateway: 401 and 403 in the standard
+shape, grants by service, method and path, a key narrowed to some services, keys consumed (never
+forwarded), revocation within a second, and limits per key."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import start_service
+from tests.support.gateway import GatewayProc, start_gateway, wait_until
+from tests.support.procs import Proc
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[Proc]:
+    proc = start_service("echo")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(echo: Proc, tmp_path_factory) -> Iterator[GatewayProc]:
+    config = {
+        "state": f"sqlite:///{tmp_path_factory.mktemp('access') / 'state.db'}",
+        "auth": {"required": True},
+        "roles": {
+            "analyst": {"allow": [{"service": "sim", "methods": ["GET", "POST"], "paths": ["/simulate*"]}]},
+            "reader": {"allow": [{"service": "*", "methods": ["GET"]}]},
+        },
+        "services": {
+            "sim": {"instances": [echo.url]},  # the echo stands in for the simulator
+            "other": {"instances": [echo.url], "limits": [{"rate": "3/min", "per": "key"}]},
+        },
+    }
+    proc = start_gateway(config)
+    yield proc
+    proc.stop()
+
+
+def new_key(gw: GatewayProc, role: str, services: list[str] | None = None) -> dict:
+    r = gw.api("POST", "/keys", {"name": f"{role}-key", "role": role, "services": services})
+    assert r.status == 201, r
+    return r.json()
+
+
+def call(gw: GatewayProc, method: str, path: str, key: str | None = None, header: str = "Authorization"):
+    headers = {}
+    if key is not None:
+        headers[header] = f"Bearer {key}" if header == "Authorization" else key
+    return gw.request(method, path, b"{}" if method == "POST" else None, headers)
+
+
+def code(r) -> str:
+    return r.json()["error"]["code"]
+
+
+def test_no_key_or_a_bad_key_is_401_with_a_challenge(gw: GatewayProc):
+    for key in (None, "bw_0000000000_nope", "not-a-bridgeway-key"):
+        r = call(gw, "GET", "/bridge/sim/simulate", key)
+        assert (r.status, code(r)) == (401, "UNAUTHENTICATED"), key
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_role_grants_service_method_and_path(gw: GatewayProc):
+    key = new_key(gw, "analyst")["key"]
+    ok = call(gw, "POST", "/bridge/sim/simulate?laps=50", key)
+    assert ok.status == 200
+    forwarded = dict(ok.json()["headers"])
+    assert "authorization" not in forwarded  # the gateway consumed the key
+    assert call(gw, "GET", "/bridge/sim/simulate", key, header="X-API-Key").status == 200
+    for method, path in (
+        ("DELETE", "/bridge/sim/simulate"),
+        ("GET", "/bridge/sim/admin"),
+        ("GET", "/bridge/other/x"),
+    ):
+        r = call(gw, method, path, key)
+        assert (r.status, code(r)) == (403, "FORBIDDEN"), (method, path)
+
+
+def test_a_key_narrowed_to_some_services(gw: GatewayProc):
+    key = new_key(gw, "reader", services=["other"])["key"]
+    assert call(gw, "GET", "/bridge/other/x", key).status == 200
+    assert call(gw, "GET", "/bridge/sim/simulate", key).status == 403  # the role allows it, the key does not
+
+
+def test_revocation_takes_effect_within_a_second(gw: GatewayProc):
+    made = new_key(gw, "reader")
+    assert call(gw, "GET", "/bridge/other/y", made["key"]).status == 200
+    assert gw.api("POST", f"/keys/{made['id']}/revoke").status == 200
+    t0 = time.monotonic()
+    wait_until(
+        lambda: call(gw, "GET", "/bridge/other/y", made["key"]).status == 401, timeout=3, what="refusal"
+    )
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_limits_per_key(gw: GatewayProc):
+    first, second = new_key(gw, "reader")["key"], new_key(gw, "reader")["key"]
+    assert [call(gw, "GET", "/bridge/other/z", first).status for _ in range(4)] == [200, 200, 200, 429]
+    assert call(gw, "GET", "/bridge/other/z", second).status == 200  # its own budget
