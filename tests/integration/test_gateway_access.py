@@ -12,6 +12,7 @@ import pytest
 from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway, wait_until
 from tests.support.procs import Proc
+from tests.support.services import require_redis
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,25 @@ def test_limits_per_key(gw: GatewayProc):
     first, second = new_key(gw, "reader")["key"], new_key(gw, "reader")["key"]
     assert [call(gw, "GET", "/bridge/other/z", first).status for _ in range(4)] == [200, 200, 200, 429]
     assert call(gw, "GET", "/bridge/other/z", second).status == 200  # its own budget
+
+
+def test_a_key_revoked_through_one_gateway_is_refused_by_another(echo: Proc):
+    require_redis()
+    config = {
+        "state": "redis://127.0.0.1:6379/0",
+        "auth": {"required": True},
+        "services": {"echo": {"instances": [echo.url]}},
+    }
+    a, b = start_gateway(config), start_gateway(config)
+    try:
+        made = new_key(a, "admin")
+        assert call(b, "GET", "/bridge/echo/x", made["key"]).status == 200  # created on a, accepted by b
+        assert a.api("POST", f"/keys/{made['id']}/revoke").status == 200
+        t0 = time.monotonic()
+        wait_until(
+            lambda: call(b, "GET", "/bridge/echo/x", made["key"]).status == 401, timeout=3, what="refusal"
+        )
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        a.stop()
+        b.stop()

@@ -3,14 +3,13 @@ workers sharing the embedded SQLite state, and the Redis backend."""
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.gateway import GatewayProc, start_gateway, wait_until
+from tests.support.services import require_redis
 
 
 def _error_code(r) -> str:
@@ -115,21 +114,8 @@ def test_two_workers_share_the_embedded_state():
         gw.stop()
 
 
-def _redis_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 def test_redis_backend_shared_by_two_gateways():
-    if not _redis_up():
-        if os.environ.get("BRIDGEWAY_REQUIRE_SERVICES") == "1":
-            pytest.fail(
-                "Redis is required (BRIDGEWAY_REQUIRE_SERVICES=1) but 127.0.0.1:6379 is not reachable"
-            )
-        pytest.skip("Redis not reachable on 127.0.0.1:6379")
+    require_redis()
     config = {"services": {}, "state": "redis://127.0.0.1:6379/0"}
     ns = f"test-{uuid.uuid4().hex[:8]}"
     a, b = start_gateway(config), start_gateway(config)

@@ -4,8 +4,6 @@ when Redis cannot be reached (fail open or closed, counted)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -14,6 +12,7 @@ import pytest
 from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.procs import Proc
+from tests.support.services import require_redis
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +20,6 @@ def echo() -> Iterator[Proc]:
     proc = start_service("echo")
     yield proc
     proc.stop()
-
-
-def _require_redis() -> None:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        if os.environ.get("BRIDGEWAY_REQUIRE_SERVICES") == "1":
-            pytest.fail(
-                "Redis is required (BRIDGEWAY_REQUIRE_SERVICES=1) but 127.0.0.1:6379 is not reachable"
-            )
-        pytest.skip("Redis not reachable on 127.0.0.1:6379")
 
 
 def _statuses(gw: GatewayProc, path: str, n: int) -> list[int]:
@@ -66,7 +54,7 @@ def test_path_limits_apply_only_to_matching_paths(echo: Proc):
 
 
 def test_a_limit_of_n_holds_across_two_gateways_on_redis(echo: Proc):
-    _require_redis()
+    require_redis()
     name = f"lim{uuid.uuid4().hex[:8]}"  # a fresh budget key in the shared Redis
     config = {
         "state": "redis://127.0.0.1:6379/0",

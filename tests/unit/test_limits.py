@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 
@@ -20,8 +19,7 @@ from bridgeway.security.limits import (
     gcra,
     ratelimit_headers,
 )
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.support.services import REDIS_URL, absent
 
 
 def run(times: list[float], period: float, limit: int, costs: list[int] | None = None) -> list[Decision]:
@@ -173,17 +171,13 @@ async def redis_client():
     try:
         from redis import asyncio as aioredis
     except ImportError:
-        pytest.skip("redis client not installed (pip install 'redis[hiredis]')")
+        absent("redis client not installed (pip install 'redis[hiredis]')")
     client = aioredis.from_url(REDIS_URL, socket_connect_timeout=0.5)
     try:
         await client.ping()
     except Exception:
         await client.aclose()
-        if os.environ.get("BRIDGEWAY_REQUIRE_SERVICES") == "1":
-            pytest.fail(
-                "Redis is required (BRIDGEWAY_REQUIRE_SERVICES=1) but 127.0.0.1:6379 is not reachable"
-            )
-        pytest.skip("Redis not reachable on 127.0.0.1:6379")
+        absent("Redis not reachable on 127.0.0.1:6379")
     prefix = f"bwtest:rl:{uuid.uuid4().hex}:"
     try:
         yield client, prefix

@@ -16,8 +16,7 @@ from bridgeway.state import KV, Entry, VersionMismatch, open_state
 from bridgeway.state.base import prefix_end
 from bridgeway.state.memory import MemoryKV
 from bridgeway.state.sqlite import SqliteKV
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.support.services import REDIS_URL, absent
 
 
 async def _redis_kv():
@@ -33,9 +32,7 @@ async def _redis_kv():
         except Exception as exc:  # redis-py wraps socket errors in its own ConnectionError
             await kv.close()
             reason = f"Redis not reachable on 127.0.0.1:6379 ({exc.__class__.__name__})"
-    if os.environ.get("BRIDGEWAY_REQUIRE_SERVICES") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason if "not installed" in reason else "Redis not reachable on 127.0.0.1:6379")
+    absent(reason)
 
 
 async def _redis_cleanup(kv) -> None:
