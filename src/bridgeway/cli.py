@@ -64,7 +64,10 @@ def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
             if svc.health
             else "passive only",
             "\n".join(
-                f"{lim.rate} per {lim.per}" + (f" on {lim.path}" if lim.path else "") for lim in svc.limits
+                (f"{lim.rate}" if lim.rate else f"{lim.concurrency} in flight")
+                + f" per {lim.per}"
+                + (f" on {lim.path}" if lim.path else "")
+                for lim in svc.limits
             )
             or "-",
             f"{svc.max_body:,} B",
@@ -133,7 +136,10 @@ def _print_secret(token: str) -> None:
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="who or what the key is for")],
-    role: Annotated[str, typer.Option(help="role it acts with (admin for the management API)")],
+    role: Annotated[str | None, typer.Option(help="role it acts with (admin for the management API)")] = None,
+    client: Annotated[
+        str | None, typer.Option(help="a client of the config's clients table: the key acts as it")
+    ] = None,
     services: Annotated[str | None, typer.Option(help="comma-separated services it may call")] = None,
     expires: Annotated[str | None, typer.Option(help="lifetime, e.g. 90d")] = None,
     config: ConfigOption = Path("bridgeway.yaml"),
@@ -147,7 +153,19 @@ def keys_create(
         err.print(f"--expires: {exc}")
         raise typer.Exit(1) from None
     wanted = [s.strip() for s in services.split(",") if s.strip()] if services else None
-    token, _ = _with_keys(config, lambda keys: keys.create(name, role, services=wanted, expires_in=lifetime))
+    if client is not None:
+        clients = _load_or_exit(config).clients
+        if client not in clients:
+            err.print(f"--client: no client named {client!r} in {config}")
+            raise typer.Exit(1)
+        role = clients[client].role
+    elif role is None:
+        err.print("--role is required (or --client, to act as a client of the config)")
+        raise typer.Exit(1)
+    token, _ = _with_keys(
+        config,
+        lambda keys: keys.create(name, role, services=wanted, expires_in=lifetime, client=client),
+    )
     _print_secret(token)
 
 

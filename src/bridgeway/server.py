@@ -62,9 +62,9 @@ class Gateway:
         logs.configure(self.config.logging.level)
         self.state = self.registry.state = open_state(self.config.state)
         self.keys = KeyStore(self.state)
-        self.access = Access(self.config, self.keys)
         if self.config.state.startswith(("redis://", "rediss://")):
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
+        self.access = Access(self.config, self.keys, self.registry.limiter)
         self.registry.apply(self.config)
         self.health.start()
         if shared_dir() is not None:
@@ -114,7 +114,7 @@ class Gateway:
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
-        self.access = Access(config, self.keys)
+        self.access = Access(config, self.keys, self.registry.limiter)
         self.config = config
         self._loaded_mtime = mtime
         logs.configure(config.logging.level)

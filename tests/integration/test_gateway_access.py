@@ -31,6 +31,7 @@ def gw(echo: Proc, tmp_path_factory) -> Iterator[GatewayProc]:
             "analyst": {"allow": [{"service": "sim", "methods": ["GET", "POST"], "paths": ["/simulate*"]}]},
             "reader": {"allow": [{"service": "*", "methods": ["GET"]}]},
         },
+        "clients": {"agi": {"role": "reader", "services": ["other", "sim"], "limits": [{"rate": "4/min"}]}},
         "services": {
             "sim": {"instances": [echo.url]},  # the echo stands in for the simulator
             "other": {"instances": [echo.url], "limits": [{"rate": "3/min", "per": "key"}]},
@@ -96,6 +97,29 @@ def test_revocation_takes_effect_within_a_second(gw: GatewayProc):
         lambda: call(gw, "GET", "/bridge/other/y", made["key"]).status == 401, timeout=3, what="refusal"
     )
     assert time.monotonic() - t0 < 1.5
+
+
+def test_keys_issued_to_a_client_act_as_it_and_share_its_budget(gw: GatewayProc):
+    made = gw.api("POST", "/keys", {"name": "agi-1", "client": "agi"})
+    assert made.status == 201 and made.json()["role"] == "reader" and made.json()["client"] == "agi"
+    first = made.json()["key"]
+    second = gw.api("POST", "/keys", {"name": "agi-2", "client": "agi", "services": ["sim"]}).json()["key"]
+    # The client's role: reading is allowed, writing is not.
+    assert call(gw, "POST", "/bridge/sim/simulate", first).status == 403
+    assert call(gw, "GET", "/bridge/sim/simulate", second).status == 200
+    assert call(gw, "GET", "/bridge/other/z", second).status == 403  # the key narrows the client further
+    # Both keys draw from the one client budget of 4 per minute (one spent above, 403s spend none).
+    statuses = [call(gw, "GET", "/bridge/sim/a", k).status for k in (first, second, first, second)]
+    assert statuses == [200, 200, 200, 429]
+    r = call(gw, "GET", "/bridge/sim/a", first)
+    assert "client 'agi'" in r.json()["error"]["message"] and "retry-after" in r.headers
+
+
+def test_a_key_for_an_unknown_client_is_refused(gw: GatewayProc):
+    r = gw.api("POST", "/keys", {"name": "x", "client": "nobody"})
+    assert r.status == 404 and "nobody" in r.json()["error"]["message"]
+    r = gw.api("POST", "/keys", {"name": "x"})
+    assert r.status == 422 and "role" in r.json()["error"]["message"]
 
 
 def test_limits_per_key(gw: GatewayProc):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -85,5 +86,40 @@ def test_unreachable_redis_fails_open_or_closed_as_configured(echo: Proc):
         assert 'bridgeway_ratelimit_unavailable_total{service="lenient"} 3.0' in metrics
         assert 'bridgeway_ratelimit_unavailable_total{service="strict"} 1.0' in metrics
         assert any(line.get("event") == "rate_limiter_unavailable" for line in gw.log_lines())
+    finally:
+        gw.stop()
+
+
+def _concurrent(gw: GatewayProc, path: str, n: int, headers: dict | None = None) -> list[int]:
+    with ThreadPoolExecutor(n) as pool:
+        return sorted(pool.map(lambda _: gw.request("GET", path, headers=headers).status, range(n)))
+
+
+@pytest.mark.parametrize("state", ["memory://", "redis://127.0.0.1:6379/0"])
+def test_concurrency_limit_admits_n_in_flight_and_frees_slots_when_they_end(echo: Proc, state: str):
+    if state.startswith("redis"):
+        require_redis()
+    name = f"conc{uuid.uuid4().hex[:8]}"
+    config = {"state": state, "services": {name: {"instances": [echo.url], "limits": [{"concurrency": 2}]}}}
+    gw = start_gateway(config)
+    try:
+        # Five requests that each hold their slot for 400 ms: two pass, three are refused at once.
+        assert _concurrent(gw, f"/bridge/{name}/delay/400", 5) == [200, 200, 429, 429, 429]
+        r = gw.request("GET", f"/bridge/{name}/x")  # the slots came back when the responses ended
+        assert r.status == 200 and "ratelimit" not in r.headers
+        busy = _concurrent(gw, f"/bridge/{name}/delay/400", 3)[-1]
+        assert busy == 429
+    finally:
+        gw.stop()
+
+
+def test_a_refused_request_gives_back_the_slot_it_took(echo: Proc):
+    # A concurrency slot is taken first, then the rate budget refuses: the slot must not leak.
+    limits = [{"concurrency": 1}, {"rate": "1/min"}]
+    gw = start_gateway({"services": {"echo": {"instances": [echo.url], "limits": limits}}})
+    try:
+        assert _statuses(gw, "/bridge/echo/x", 3) == [200, 429, 429]
+        r = gw.request("GET", "/bridge/echo/x")
+        assert "rate limit" in r.json()["error"]["message"]  # refused by the rate, not a leaked slot
     finally:
         gw.stop()

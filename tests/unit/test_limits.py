@@ -221,6 +221,33 @@ async def test_redis_values_and_cost(redis_client) -> None:
     assert await client.ping()
 
 
+def test_memory_concurrency_slots() -> None:
+    limiter = MemoryLimiter()
+    assert [limiter.acquire("k", 2) for _ in range(3)] == [True, True, False]
+    assert limiter.acquire("other", 2)  # keys are independent
+    limiter.release("k")
+    assert limiter.acquire("k", 2) and not limiter.acquire("k", 2)
+    limiter.release("k")
+    limiter.release("k")
+    assert limiter._held == {"other": 1}  # a key with no slot in use takes no memory
+
+
+async def test_redis_concurrency_slots_shared_and_leased(redis_client) -> None:
+    client, prefix = redis_client
+    a, b = RedisLimiter(client, prefix=prefix), RedisLimiter(client, prefix=prefix)
+    tokens = await asyncio.gather(*(x.acquire("k", 3, lease=60) for x in (a, b, a, b, a)))
+    held = [t for t in tokens if t is not None]
+    assert len(held) == 3  # two replicas together hold at most the limit
+    await b.release("k", held[0])
+    assert await a.acquire("k", 3, lease=60) is not None
+    assert await a.acquire("k", 3, lease=60) is None
+    # A holder that dies never releases: its slot comes back when the lease ends.
+    assert await a.acquire("short", 1, lease=0.2) is not None
+    assert await b.acquire("short", 1, lease=0.2) is None
+    await asyncio.sleep(0.3)
+    assert await b.acquire("short", 1, lease=0.2) is not None
+
+
 async def test_redis_dead_port_raises_quickly() -> None:
     limiter = RedisLimiter("redis://127.0.0.1:1/0", timeout=0.25)
     start = time.monotonic()

@@ -65,7 +65,7 @@ async def require_admin(request: Request) -> None:
             return
         record = await gateway.keys.authenticate(token)
         if record is not None:
-            if record.role != ADMIN_ROLE:
+            if gateway.access.principal_of_key(record).role != ADMIN_ROLE:
                 raise GatewayError("FORBIDDEN", "the management API needs a key with the admin role")
             return
     raise GatewayError("UNAUTHENTICATED", "a valid admin bearer token or admin API key is required")

@@ -14,7 +14,8 @@ router = APIRouter(tags=["keys"])
 
 class NewKey(BaseModel):
     name: str = Field(min_length=1, max_length=100)
-    role: str = Field(min_length=1, max_length=100)
+    role: str | None = Field(None, min_length=1, max_length=100, description="required unless client is set")
+    client: str | None = Field(None, description="a client of the config's clients table: the key acts as it")
     services: list[str] | None = None
     expires: str | None = Field(None, description="lifetime, e.g. 90d; none by default")
 
@@ -43,8 +44,14 @@ def _keys(request: Request):
 @router.post("/keys", status_code=201, summary="Create a key; the response holds its secret, once")
 async def create_key(request: Request, body: NewKey) -> dict:
     expires_in = parse_duration(body.expires) if body.expires else None
+    clients = request.app.state.gateway.config.clients
+    if body.client is not None and body.client not in clients:
+        raise GatewayError("NOT_FOUND", f"no client named {body.client!r} in the config")
+    role = clients[body.client].role if body.client is not None else body.role
+    if role is None:
+        raise GatewayError("VALIDATION_ERROR", "role: required unless client is set")
     token, record = await _keys(request).create(
-        body.name, body.role, services=body.services, expires_in=expires_in
+        body.name, role, services=body.services, expires_in=expires_in, client=body.client
     )
     return {"key": token, **record.public()}
 

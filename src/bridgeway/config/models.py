@@ -106,11 +106,9 @@ class PoolConfig(Model):
     idle_timeout: Duration = 60.0
 
 
-class LimitConfig(Model):
-    rate: RateValue
-    per: Literal["service", "ip", "key"] = Field(
-        "service", description="one budget for the service, one per client address, or one per API key"
-    )
+class _Budget(Model):
+    rate: RateValue | None = Field(None, description='requests per window, e.g. "100/s" or "1000/min"')
+    concurrency: int | None = Field(None, ge=1, description="requests in flight at once")
     path: str | None = Field(
         None, description='only requests whose upstream path matches this glob, e.g. "/simulate*"'
     )
@@ -118,6 +116,24 @@ class LimitConfig(Model):
         "open",
         description="when the shared limiter (Redis) cannot be reached: let requests through, or refuse them",
     )
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.rate is None) == (self.concurrency is None):
+            raise ValueError("a limit sets exactly one of rate or concurrency")
+        return self
+
+
+class LimitConfig(_Budget):
+    per: Literal["service", "ip", "key"] = Field(
+        "service",
+        description="one budget for the service, one per client address, or one per caller "
+        "(API key, client or token subject)",
+    )
+
+
+class ClientLimitConfig(_Budget):
+    service: str | None = Field(None, description="only calls to this service; every service when absent")
 
 
 class ServiceConfig(Model):
@@ -163,8 +179,20 @@ class RoleConfig(Model):
     allow: list[Grant] = []
 
 
+class ClientConfig(Model):
+    """One row of the authorization matrix: this client may call these services, with this role's
+    permissions, at this rate."""
+
+    role: str
+    services: list[str] | None = Field(None, description="narrows the role to these services")
+    limits: list[ClientLimitConfig] = Field([], description="budgets the client's calls draw from, together")
+    secret: SecretStr | None = Field(
+        None, description="OAuth2 client secret for POST /oauth/token; kept only as a hash"
+    )
+
+
 class AuthConfig(Model):
-    required: bool = Field(False, description="every /bridge request needs an API key")
+    required: bool = Field(False, description="every /bridge request needs an API key or token")
 
 
 class Config(Model):
@@ -177,8 +205,16 @@ class Config(Model):
     admin: AdminConfig = AdminConfig()
     auth: AuthConfig = AuthConfig()
     roles: dict[str, RoleConfig] = {}
+    clients: dict[ServiceName, ClientConfig] = {}
     logging: LoggingConfig = LoggingConfig()
     services: dict[ServiceName, ServiceConfig] = {}
+
+    @model_validator(mode="after")
+    def _known_roles(self) -> Config:
+        for name, client in self.clients.items():
+            if client.role != "admin" and client.role not in self.roles:
+                raise ValueError(f"clients.{name}.role: no role named {client.role!r}")
+        return self
 
     @property
     def host(self) -> str:

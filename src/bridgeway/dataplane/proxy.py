@@ -20,7 +20,8 @@ from bridgeway.dataplane.service import Service
 from bridgeway.dataplane.upstream import UpstreamError, UpstreamResponse
 from bridgeway.errors import GatewayError
 from bridgeway.observability.tracing import new_trace_id, parse_traceparent
-from bridgeway.security.access import Access
+from bridgeway.security.access import Access, Principal
+from bridgeway.security.budgets import Held
 
 # RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
 HOP_BY_HOP = frozenset(
@@ -329,14 +330,36 @@ async def proxy_http(
     """Forward one HTTP request to `service`; returns the status sent. Errors before the
     response starts are raised as GatewayError; after it starts, the stream is cut."""
     call.target = parse_target(scope, len(BRIDGE) + len(service.name))
-    key = None
+    caller = None
     if call.credential is not None or access.required:  # anonymous traffic to open routes skips the await
-        key = await access.check(call.credential, service.name, scope["method"], call.target)
+        caller = await access.check(call.credential, service.name, scope["method"], call.target)
+    limited = service.limits is not None or (caller is not None and caller.client in access.client_budgets)
+    held = Held() if limited else None  # concurrency slots, given back when the response has ended
+    try:
+        if held is not None:
+            reply_headers += await _draw_budgets(service, scope, call.target, caller, access, held)
+        return await _forward(service, scope, receive, send, call, reply_headers)
+    finally:
+        if held is not None and held.slots:
+            await held.release()
+
+
+async def _draw_budgets(
+    service: Service, scope: dict, target: bytes, caller: Principal | None, access: Access, held: Held
+) -> list:
+    client = scope.get("client")
+    ip = client[0] if client else ""
+    caller_id = caller.id if caller is not None else None
+    headers = []
     if service.limits is not None:
-        client = scope.get("client")
-        reply_headers += await service.limits.check(
-            call.target, client[0] if client else "", key.id if key is not None else None
-        )
+        headers = await service.limits.draw(service.name, target, ip, caller_id, service.metrics, held)
+    budgets = access.client_budgets.get(caller.client) if caller is not None else None
+    if budgets is not None:
+        headers = await budgets.draw(service.name, target, ip, caller_id, service.metrics, held) or headers
+    return headers
+
+
+async def _forward(service: Service, scope: dict, receive, send, call: Call, reply_headers: list) -> int:
     limit = service.config.max_body
     length = call.content_length
     body: bytes | AsyncIterator[bytes]

@@ -20,8 +20,8 @@ from bridgeway.dataplane.instance import ActiveHealth, Instance, OutlierDetector
 from bridgeway.dataplane.retry import RetryBudget
 from bridgeway.dataplane.upstream import UpstreamPool
 from bridgeway.observability import metrics
+from bridgeway.security.budgets import Budgets
 from bridgeway.security.limits import MemoryLimiter
-from bridgeway.security.service_limits import ServiceLimits
 from bridgeway.state import KV, Entry
 
 POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still streaming on it
@@ -59,7 +59,9 @@ class Service:
         keep_budget = previous is not None and previous.config.retries == retries
         self.budget = previous.budget if keep_budget else RetryBudget(retries.budget, retries.min_per_second)
         self.metrics = metrics.for_service(name)
-        self.limits = ServiceLimits(name, config.limits, limiter, self.metrics) if config.limits else None
+        # A concurrency slot in Redis outlives a crashed holder by its lease, at least 5 minutes.
+        lease = max(300.0, 2 * config.timeout)
+        self.limits = Budgets(f"service {name!r}", config.limits, limiter, lease) if config.limits else None
 
         old = {i.url: i for i in previous.instances} if previous else {}
         same_checks = previous is not None and (previous.config.health, previous.config.outlier) == (

@@ -1,10 +1,12 @@
-"""Who may call what: API keys on /bridge routes, checked against roles compiled from config.
+"""Who may call what: the caller is authenticated into a `Principal`, which is checked against
+the roles and the clients table compiled from config.
 
 A request's key (`Authorization: Bearer bw_...` or `X-API-Key: bw_...`) is consumed by the
 gateway and never forwarded. Key records are cached for a second, so the hot path rarely reads
 the state backend and a revocation still takes effect everywhere within a second. The `admin`
 role may call everything; other roles get exactly what their `allow` grants say, narrowed by the
-key's own service list.
+caller's own service list. A caller that is a client of the `clients:` table also draws from that
+client's budgets.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
+from dataclasses import dataclass
 
 from bridgeway.config.models import Config, Grant
 from bridgeway.errors import GatewayError
+from bridgeway.security.budgets import Budgets
 from bridgeway.security.keys import KeyRecord, KeyStore
 
 ADMIN_ROLE = "admin"
@@ -40,42 +44,82 @@ class _Grant:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, however they proved it."""
+
+    id: str  # "key:<id>", "client:<name>" or "jwt:<issuer>#<subject>": never a secret
+    role: str
+    services: frozenset[str] | None  # None: every service the role allows
+    client: str | None = None  # the row of the clients table whose budgets apply
+
+
 class Access:
     """Compiled from one config; `check` runs once per /bridge request."""
 
-    def __init__(self, config: Config, keys: KeyStore | None, clock=time.monotonic):
+    def __init__(self, config: Config, keys: KeyStore | None, limiter=None, clock=time.monotonic):
         self.required = config.auth.required
         self.roles = {name: [_Grant(g) for g in role.allow] for name, role in config.roles.items()}
+        self.clients = config.clients
+        self.client_budgets = {
+            name: Budgets(f"client {name!r}", client.limits, limiter)
+            for name, client in config.clients.items()
+            if client.limits
+        }
         self.keys = keys
         self.clock = clock
-        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
 
-    async def check(self, token: str | None, service: str, method: str, path: bytes) -> KeyRecord | None:
-        """The caller's key record (None when anonymous is allowed); raises 401 or 403."""
+    async def check(self, token: str | None, service: str, method: str, path: bytes) -> Principal | None:
+        """The caller (None when anonymous is allowed); raises 401 or 403."""
         if token is None:
             if self.required:
                 raise GatewayError("UNAUTHENTICATED", "an API key is required", headers=_CHALLENGE)
             return None
-        record = await self._authenticate(token)
-        if record is None:
+        caller = await self._authenticate(token)
+        if caller is None:
             raise GatewayError("UNAUTHENTICATED", "the API key is not valid", headers=_CHALLENGE)
-        if record.role != ADMIN_ROLE:
-            if record.services is not None and service not in record.services:
-                raise GatewayError("FORBIDDEN", f"this key may not call service {service!r}")
+        if caller.role != ADMIN_ROLE:
+            if caller.services is not None and service not in caller.services:
+                raise GatewayError("FORBIDDEN", f"this caller may not call service {service!r}")
             target = path.partition(b"?")[0].decode("latin-1")
-            if not any(g.allows(service, method, target) for g in self.roles.get(record.role, ())):
+            if not any(g.allows(service, method, target) for g in self.roles.get(caller.role, ())):
                 raise GatewayError(
-                    "FORBIDDEN", f"role {record.role!r} may not {method} this path of {service!r}"
+                    "FORBIDDEN", f"role {caller.role!r} may not {method} this path of {service!r}"
                 )
-        return record
+        return caller
 
-    async def _authenticate(self, token: str) -> KeyRecord | None:
+    def principal_of_key(self, record: KeyRecord) -> Principal:
+        """A key acts as its client when it was issued to one: the client's role, services and
+        budgets (narrowed further by the key's own service list)."""
+        client = self.clients.get(record.client) if record.client else None
+        if client is None:
+            services = frozenset(record.services) if record.services is not None else None
+            return Principal(f"key:{record.id}", record.role, services)
+        services = _narrow(client.services, record.services)
+        return Principal(f"key:{record.id}", client.role, services, record.client)
+
+    def principal_of_client(self, name: str) -> Principal | None:
+        client = self.clients.get(name)
+        if client is None:
+            return None
+        services = frozenset(client.services) if client.services is not None else None
+        return Principal(f"client:{name}", client.role, services, name)
+
+    async def _authenticate(self, token: str) -> Principal | None:
         now = self.clock()
         cached = self._cache.get(token)
         if cached is not None and now - cached[0] < CACHE_SECONDS:
             return cached[1]
         record = await self.keys.authenticate(token) if self.keys is not None else None
+        caller = self.principal_of_key(record) if record is not None else None
         if len(self._cache) > 10_000:  # bounded: a flood of made-up tokens cannot grow it
             self._cache.clear()
-        self._cache[token] = (now, record)
-        return record
+        self._cache[token] = (now, caller)
+        return caller
+
+
+def _narrow(a: list[str] | None, b) -> frozenset[str] | None:
+    if a is None:
+        return frozenset(b) if b is not None else None
+    return frozenset(a) & frozenset(b) if b is not None else frozenset(a)

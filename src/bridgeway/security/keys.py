@@ -36,6 +36,7 @@ class KeyRecord:
     secret_sha256: str = ""
     previous_sha256: str | None = None  # the key before the last rotation...
     previous_until: float | None = None  # ...accepted until then
+    client: str | None = None  # issued to this client of the clients table: acts as it
 
     def public(self) -> dict:
         """What the API and CLI show: never a hash."""
@@ -68,7 +69,13 @@ class KeyStore:
         self.clock = clock
 
     async def create(
-        self, name: str, role: str, *, services: list[str] | None = None, expires_in: float | None = None
+        self,
+        name: str,
+        role: str,
+        *,
+        services: list[str] | None = None,
+        expires_in: float | None = None,
+        client: str | None = None,
     ) -> tuple[str, KeyRecord]:
         """A new key; the returned token is the only time its secret exists outside the caller."""
         now = self.clock()
@@ -82,6 +89,7 @@ class KeyStore:
                 created_at=now,
                 expires_at=now + expires_in if expires_in else None,
                 secret_sha256=_digest(secret),
+                client=client,
             )
             if await self._store(record, create=True):
                 return f"{PREFIX}{key_id}_{secret}", record

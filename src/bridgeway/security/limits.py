@@ -13,12 +13,18 @@ windows there is no edge where two bursts meet: in any interval of length L at m
     if not decision.allowed: 429 with ratelimit_headers(decision, rate)
 
 `cost=0` peeks: it reports `remaining` without consuming anything.
+
+Both limiters also hold concurrency slots (`acquire` / `release`): at most `limit` requests of a
+key in flight at once. In Redis a slot is a lease in a sorted set, so the slots of a replica that
+died free themselves when their lease ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,13 +100,14 @@ class MemoryLimiter:
     same as no entry) are swept when the dict doubles in size, so the sweep costs O(1) amortised
     per new key and memory stays within twice the live keys."""
 
-    __slots__ = ("_clock", "_tats", "_sweep_at", "_min_sweep")
+    __slots__ = ("_clock", "_tats", "_sweep_at", "_min_sweep", "_held")
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, min_sweep: int = 1024) -> None:
         self._clock = clock
         self._tats: dict[str, float] = {}
         self._min_sweep = min_sweep
         self._sweep_at = min_sweep
+        self._held: dict[str, int] = {}  # key -> slots in use; absent means none
 
     def __len__(self) -> int:
         return len(self._tats)
@@ -119,6 +126,18 @@ class MemoryLimiter:
 
     async def hit(self, key: str, rate: Rate, now: float | None = None, cost: int = 1) -> Decision:
         return self.check(key, rate, now, cost)
+
+    def acquire(self, key: str, limit: int) -> bool:
+        held = self._held.get(key, 0)
+        if held >= limit:
+            return False
+        self._held[key] = held + 1
+        return True
+
+    def release(self, key: str) -> None:
+        held = self._held.pop(key, 1) - 1
+        if held > 0:
+            self._held[key] = held
 
     def sweep(self, now: float | None = None) -> int:
         """Drop keys whose bucket is full again; returns how many were dropped."""
@@ -163,6 +182,21 @@ return {allowed, remaining, string.format('%.3f', retry), string.format('%.3f', 
 """
 
 
+# KEYS[1] = the key's slots (member = slot token, score = lease end, ms). ARGV = limit, lease_ms,
+# token. Expired leases are dropped first, so a crashed holder's slots come back by themselves.
+_ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
+
+
 class RedisLimiter:
     """GCRA shared by every replica: one Lua script, one round trip per hit (after the first
     call loads the script). Raises LimiterUnavailable instead of waiting longer than `timeout`."""
@@ -183,6 +217,7 @@ class RedisLimiter:
         self._timeout = timeout
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._script = self._redis.register_script(_GCRA_LUA)
+        self._acquire = self._redis.register_script(_ACQUIRE_LUA)
 
     async def hit(self, key: str, rate: Rate, now: float | None = None, cost: int = 1) -> Decision:
         """`now` is ignored: Redis's own clock (TIME) decides, so all replicas share one timeline."""
@@ -198,6 +233,22 @@ class RedisLimiter:
         return Decision(
             allowed == 1, rate.count, int(remaining), float(retry_ms) / 1000, float(reset_ms) / 1000
         )
+
+    async def acquire(self, key: str, limit: int, lease: float) -> str | None:
+        """A slot's token, or None when `limit` are in flight; the slot frees itself after `lease`."""
+        token = secrets.token_hex(8)
+        try:
+            async with asyncio.timeout(self._timeout):
+                got = await self._acquire(keys=[self._prefix + key], args=[limit, int(lease * 1000), token])
+        except self._errors as exc:
+            raise LimiterUnavailable(f"rate limiter store unavailable: {exc.__class__.__name__}") from exc
+        return token if got == 1 else None
+
+    async def release(self, key: str, token: str) -> None:
+        """Best effort: if Redis cannot be reached now, the lease frees the slot later."""
+        with contextlib.suppress(*self._errors):
+            async with asyncio.timeout(self._timeout):
+                await self._redis.zrem(self._prefix + key, token)
 
     async def aclose(self) -> None:
         if self._owned:

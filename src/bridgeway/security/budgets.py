@@ -1,0 +1,137 @@
+"""Compiled `limits`: which budgets a request draws from, and the answer when one is spent.
+
+Budgets belong to a service (`services.X.limits`, per service, per client address or per caller)
+or to a client of the authorization matrix (`clients.X.limits`, shared by all of that client's
+calls, optionally only to one service). A budget is a rate (GCRA) or a number of requests in
+flight (a concurrency slot, held until the response ends). A request draws from every budget
+that applies; the first one spent answers 429 with `Retry-After` (and the IETF `RateLimit`
+headers for rates), and an admitted request carries the headers of its tightest rate. When the
+shared limiter (Redis) cannot be reached a budget fails open or closed as configured, and that is
+logged and counted, never silent.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+
+from bridgeway.config.models import ClientLimitConfig, LimitConfig
+from bridgeway.errors import GatewayError
+from bridgeway.observability.logs import get_logger
+from bridgeway.observability.metrics import ServiceMetrics
+from bridgeway.security.limits import LimiterUnavailable, MemoryLimiter, ratelimit_headers
+
+log = get_logger("bridgeway.limits")
+_LOG_EVERY = 10.0  # seconds between two "limiter unavailable" log lines of one owner
+_BUSY = [(b"retry-after", b"1")]
+
+
+class _Budget:
+    __slots__ = ("config", "key", "path", "service")
+
+    def __init__(self, owner: str, index: int, config: LimitConfig | ClientLimitConfig):
+        self.config = config
+        self.key = f"{owner.replace(' ', ':')}:{index}:"
+        self.path = re.compile(fnmatch.translate(config.path)).match if config.path else None
+        self.service = getattr(config, "service", None)
+
+    def scope(self, client_ip: str, caller: str | None) -> str:
+        per = getattr(self.config, "per", "service")  # a client's budget is the client's own
+        return self.key + (client_ip if per == "ip" else (caller or "-") if per == "key" else "")
+
+
+class Held:
+    """Concurrency slots a request holds until its response has ended."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self) -> None:
+        self.slots: list[tuple[object, str, str | None]] = []  # (limiter, key, token)
+
+    async def release(self) -> None:
+        for limiter, key, token in self.slots:
+            if isinstance(limiter, MemoryLimiter):
+                limiter.release(key)
+            else:
+                await limiter.release(key, token)
+        self.slots.clear()
+
+
+class Budgets:
+    __slots__ = ("owner", "budgets", "limiter", "lease", "_logged_at")
+
+    def __init__(self, owner: str, configs, limiter, lease: float = 300.0):
+        """`owner` names the budgets in keys, messages and logs: "service 'sim'", "client 'agi'"."""
+        self.owner = owner
+        self.budgets = [_Budget(owner, i, c) for i, c in enumerate(configs)]
+        self.limiter = limiter
+        self.lease = lease  # a Redis slot outlives a crashed holder by at most this long
+        self._logged_at = float("-inf")
+
+    async def draw(
+        self,
+        service: str,
+        path: bytes,
+        client_ip: str,
+        caller: str | None,
+        metrics: ServiceMetrics,
+        held: Held,
+    ) -> list[tuple[bytes, bytes]]:
+        """Draw from every applicable budget; raise RATE_LIMITED, or return the headers to add.
+        Slots taken go into `held`, which the caller releases when the response has ended."""
+        tightest = None
+        limiter = self.limiter
+        for budget in self.budgets:
+            if budget.service is not None and budget.service != service:
+                continue
+            if budget.path is not None and not budget.path(path.partition(b"?")[0].decode("latin-1")):
+                continue
+            key = budget.scope(client_ip, caller)
+            config = budget.config
+            try:
+                if config.concurrency is not None:
+                    if isinstance(limiter, MemoryLimiter):
+                        token = "" if limiter.acquire(key, config.concurrency) else None
+                    else:
+                        token = await limiter.acquire(key, config.concurrency, self.lease)
+                    if token is None:
+                        raise GatewayError(
+                            "RATE_LIMITED",
+                            f"{config.concurrency} requests of {self.owner} are already in flight",
+                            headers=_BUSY,
+                        )
+                    held.slots.append((limiter, key, token))
+                    continue
+                rate = config.rate
+                if isinstance(limiter, MemoryLimiter):
+                    decision = limiter.check(key, rate)  # no await on the in-process path
+                else:
+                    decision = await limiter.hit(key, rate)
+            except LimiterUnavailable:
+                self._unavailable(config.on_unavailable, metrics)
+                if config.on_unavailable == "closed":
+                    raise GatewayError(
+                        "RATE_LIMITED",
+                        "the rate limiter is unavailable and this limit fails closed",
+                        headers=_BUSY,
+                    ) from None
+                continue
+            if not decision.allowed:
+                raise GatewayError(
+                    "RATE_LIMITED",
+                    f"rate limit of {rate.count} per {rate.period:g}s exceeded for {self.owner}",
+                    headers=ratelimit_headers(decision, rate),
+                )
+            if tightest is None or decision.remaining < tightest[0].remaining:
+                tightest = (decision, rate)
+        return ratelimit_headers(*tightest) if tightest else []
+
+    def _unavailable(self, mode: str, metrics: ServiceMetrics) -> None:
+        metrics.limiter_unavailable += 1
+        now = time.monotonic()
+        if now - self._logged_at >= _LOG_EVERY:
+            self._logged_at = now
+            log.error(
+                "rate_limiter_unavailable", limits=self.owner, fail=mode, count=metrics.limiter_unavailable
+            )
