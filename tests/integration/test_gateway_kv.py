@@ -22,7 +22,13 @@ def kv(gw: GatewayProc, method: str, path: str, body: bytes | None = None, **hea
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[GatewayProc]:
-    proc = start_gateway({"services": {}})
+    roles = {
+        "agent": {
+            "kv": [{"namespace": "agent-*", "access": "write"}, {"namespace": "shared", "access": "read"}]
+        },
+        "nobody": {},
+    }
+    proc = start_gateway({"services": {}, "roles": roles})
     yield proc
     proc.stop()
 
@@ -129,3 +135,30 @@ def test_redis_backend_shared_by_two_gateways():
     finally:
         a.stop()
         b.stop()
+
+
+def test_roles_are_granted_namespaces(gw: GatewayProc):
+    def as_key(role: str):
+        made = gw.api("POST", "/keys", {"name": role, "role": role})
+        assert made.status == 201
+        return {"Authorization": f"Bearer {made.json()['key']}"}
+
+    agent, nobody = as_key("agent"), as_key("nobody")
+    assert kv(gw, "PUT", "shared/motd", b"hello").status == 201  # written by the admin
+    call = lambda method, path, who, body=None: gw.request(method, "/api/v1/kv/" + path, body, who)  # noqa: E731
+    assert call("PUT", "agent-7/memory", agent, b"state").status == 201
+    assert call("GET", "agent-7/memory", agent).body == b"state"
+    assert call("GET", "agent-7", agent).json()["keys"][0]["key"] == "memory"
+    assert call("DELETE", "agent-7/memory", agent).status == 204
+    assert call("GET", "shared/motd", agent).body == b"hello"
+    for method, path, who in (
+        ("PUT", "shared/motd", agent),  # read-only grant
+        ("GET", "other/x", agent),  # no grant
+        ("GET", "shared/motd", nobody),
+        ("PUT", "agent-7/memory", nobody),
+    ):
+        r = call(method, path, who, b"x" if method == "PUT" else None)
+        assert (r.status, _error_code(r)) == (403, "FORBIDDEN"), (method, path)
+    assert gw.request("GET", "/api/v1/services", None, agent).status == 403  # not an admin
+    r = gw.request("GET", "/api/v1/kv/shared/motd", None, {"Authorization": "Bearer bw_0000000000_x"})
+    assert r.status == 401

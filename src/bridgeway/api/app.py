@@ -1,13 +1,12 @@
 """The management API (/api/v1), FastAPI with its OpenAPI at /docs.
 
 It talks to the very objects the data plane uses (the gateway's registry), so there is one
-truth. Every route requires the admin bearer token; errors leave in the gateway's one shape.
+truth. Every route requires the admin role (the config's admin token or an admin API key), except
+the KV store, which roles may be granted namespaces of; errors leave in the gateway's one shape.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
@@ -17,13 +16,13 @@ from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
 from bridgeway.api import keys, kv, services
+from bridgeway.api.auth import require_admin
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 
 if TYPE_CHECKING:
     from bridgeway.server import Gateway
 
-ADMIN_ROLE = "admin"
 _CODES = {
     401: "UNAUTHENTICATED",
     403: "FORBIDDEN",
@@ -53,24 +52,6 @@ def _problem(err: dict) -> str:
     return f"{field}: {str(err['msg']).removeprefix('Value error, ')}"
 
 
-async def require_admin(request: Request) -> None:
-    """The config's admin token (compared in constant time with its hash), or an API key with
-    the admin role."""
-    gateway: Gateway = request.app.state.gateway
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() == "bearer" and token:
-        expected = gateway.admin_token_sha256
-        if expected is not None and hmac.compare_digest(hashlib.sha256(token.encode()).digest(), expected):
-            return
-        record = await gateway.keys.authenticate(token)
-        if record is not None:
-            if gateway.access.principal_of_key(record).role != ADMIN_ROLE:
-                raise GatewayError("FORBIDDEN", "the management API needs a key with the admin role")
-            return
-    raise GatewayError("UNAUTHENTICATED", "a valid admin bearer token or admin API key is required")
-
-
 def build_api(gateway: Gateway) -> FastAPI:
     api = FastAPI(
         title="Bridgeway management API",
@@ -80,8 +61,10 @@ def build_api(gateway: Gateway) -> FastAPI:
         redoc_url=None,
     )
     api.state.gateway = gateway
-    for router in (services.router, kv.router, keys.router):
+    for router in (services.router, keys.router):
         api.include_router(router, prefix="/api/v1", dependencies=[Depends(require_admin)])
+    # The KV store is also for services: a role's `kv` grants open namespaces to its callers.
+    api.include_router(kv.router, prefix="/api/v1", dependencies=[Depends(kv.require_kv_access)])
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError):

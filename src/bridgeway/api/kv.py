@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
+from bridgeway.api.auth import caller_of
 from bridgeway.config.units import parse_duration
 from bridgeway.errors import GatewayError
 from bridgeway.state import Entry, VersionMismatch
@@ -19,6 +20,16 @@ router = APIRouter(tags=["kv"])
 # Namespaces starting with "_" are the gateway's own (e.g. instance leases).
 Namespace = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Key = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:/-]{1,512}$")]
+
+
+async def require_kv_access(request: Request) -> None:
+    """Admins use every namespace; other callers those their role's `kv` grants name."""
+    caller = await caller_of(request)
+    namespace = request.path_params.get("namespace", "")
+    write = request.method not in ("GET", "HEAD")
+    if not request.app.state.gateway.access.may_use_kv(caller, namespace, write):
+        verb = "write" if write else "read"
+        raise GatewayError("FORBIDDEN", f"role {caller.role!r} may not {verb} namespace {namespace!r}")
 
 
 def _kv(request: Request):

@@ -175,8 +175,14 @@ class Grant(Model):
     )
 
 
+class KvGrant(Model):
+    namespace: str = Field(description='a KV namespace or a glob of them, e.g. "agents-*"')
+    access: Literal["read", "write"] = Field("read", description="write includes read")
+
+
 class RoleConfig(Model):
     allow: list[Grant] = []
+    kv: list[KvGrant] = Field([], description="KV namespaces the role may read or write")
 
 
 class ClientConfig(Model):

@@ -60,6 +60,10 @@ class Access:
     def __init__(self, config: Config, keys: KeyStore | None, limiter=None, clock=time.monotonic):
         self.required = config.auth.required
         self.roles = {name: [_Grant(g) for g in role.allow] for name, role in config.roles.items()}
+        self.kv_grants = {
+            name: [(re.compile(fnmatch.translate(g.namespace)).match, g.access) for g in role.kv]
+            for name, role in config.roles.items()
+        }
         self.clients = config.clients
         self.client_budgets = {
             name: Budgets(f"client {name!r}", client.limits, limiter)
@@ -76,7 +80,7 @@ class Access:
             if self.required:
                 raise GatewayError("UNAUTHENTICATED", "an API key is required", headers=_CHALLENGE)
             return None
-        caller = await self._authenticate(token)
+        caller = await self.authenticate(token)
         if caller is None:
             raise GatewayError("UNAUTHENTICATED", "the API key is not valid", headers=_CHALLENGE)
         if caller.role != ADMIN_ROLE:
@@ -88,6 +92,14 @@ class Access:
                     "FORBIDDEN", f"role {caller.role!r} may not {method} this path of {service!r}"
                 )
         return caller
+
+    def may_use_kv(self, caller: Principal, namespace: str, write: bool) -> bool:
+        if caller.role == ADMIN_ROLE:
+            return True
+        return any(
+            match(namespace) and (access == "write" or not write)
+            for match, access in self.kv_grants.get(caller.role, ())
+        )
 
     def principal_of_key(self, record: KeyRecord) -> Principal:
         """A key acts as its client when it was issued to one: the client's role, services and
@@ -106,11 +118,13 @@ class Access:
         services = frozenset(client.services) if client.services is not None else None
         return Principal(f"client:{name}", client.role, services, name)
 
-    async def _authenticate(self, token: str) -> Principal | None:
+    async def authenticate(self, token: str, *, cached: bool = True) -> Principal | None:
+        """The caller a credential proves, or None. Answers are cached for a second (`cached=False`
+        for the management API, where a revocation must hold at once)."""
         now = self.clock()
-        cached = self._cache.get(token)
-        if cached is not None and now - cached[0] < CACHE_SECONDS:
-            return cached[1]
+        hit = self._cache.get(token) if cached else None
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
         record = await self.keys.authenticate(token) if self.keys is not None else None
         caller = self.principal_of_key(record) if record is not None else None
         if len(self._cache) > 10_000:  # bounded: a flood of made-up tokens cannot grow it
