@@ -1,4 +1,5 @@
-"""JWT verification: real crypto, a real JWKS server on loopback, an injected clock for every time rule."""
+"""JWT verification and the gateway's signing keys: real crypto, a real JWKS server on loopback,
+an injected clock for every time rule."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pydantic import ValidationError
 
 from bridgeway.config.models import AuthConfig, JwtConfig, JwtIssuerConfig
-from bridgeway.security.jwt import InvalidToken, JwtVerifier
+from bridgeway.security.jwt import InvalidToken, JwtVerifier, SigningKeys
+from bridgeway.state import open_state
 
 ISS = "https://issuer.example"
 SECRET = "s" * 40
+LOCAL = "https://gateway.local"
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -461,3 +464,118 @@ def test_auth_config_carries_jwt_issuers():
         JwtConfig(issuers=[{"issuer": ISS, "secret": SECRET}, {"issuer": ISS, "secret": SECRET}])
     with pytest.raises(ValidationError, match="Extra inputs"):
         JwtIssuerConfig(issuer=ISS, secret=SECRET, jku="https://x")
+
+
+# --- the gateway's own keys ------------------------------------------------------------------
+
+
+class Interleaved:
+    """The memory KV, yielding to the event loop before each call: MemoryKV never suspends, so
+    without this two "replicas" in one loop would take turns instead of racing."""
+
+    def __init__(self) -> None:
+        self.kv = open_state("memory://")
+
+    async def get(self, *args, **kwargs):
+        await asyncio.sleep(0)
+        return await self.kv.get(*args, **kwargs)
+
+    async def put(self, *args, **kwargs):
+        await asyncio.sleep(0)
+        return await self.kv.put(*args, **kwargs)
+
+
+@pytest.fixture
+def kv():
+    return Interleaved()
+
+
+def local_claims(clock: Clock, **overrides) -> dict:
+    return {
+        "iss": LOCAL,
+        "sub": "client-1",
+        "role": "analyst",
+        "exp": int(clock.now) + 3 * 86400,
+        **overrides,
+    }
+
+
+async def test_sign_and_verify_through_the_local_issuer(kv, make, clock):
+    keys = SigningKeys(kv, clock=clock)
+    verifier = make(local=keys, local_issuer=LOCAL)
+    token = await keys.sign(local_claims(clock, jti="t-1"))
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    found = await verifier.verify(token)
+    assert (found.issuer, found.subject, found.role, found.jti) == (LOCAL, "client-1", "analyst", "t-1")
+    entry = await kv.get("_signing", "keyring")
+    assert json.loads(entry.value)["keys"][0]["kid"] == jwt.get_unverified_header(token)["kid"]
+    # an HS256 token keyed with our public key bytes is still algorithm confusion
+    public = (await keys.current()).public_key.public_bytes_raw()
+    forged = by_hand({"alg": "HS256", "kid": (await keys.current()).kid}, local_claims(clock), public)
+    await refused(verifier, forged, "algorithm not allowed")
+    await refused(verifier, await keys.sign(local_claims(clock, exp=None)), "missing exp")
+
+
+async def test_rotation_keeps_the_old_key_within_overlap_then_drops_it(kv, make, clock):
+    keys = SigningKeys(kv, overlap=86400, clock=clock)
+    old_token = await keys.sign(local_claims(clock))
+    old_kid = jwt.get_unverified_header(old_token)["kid"]
+    new_kid = await keys.rotate()
+    assert new_kid != old_kid
+    assert [k["kid"] for k in (await keys.jwks())["keys"]] == [new_kid, old_kid]
+    assert jwt.get_unverified_header(await keys.sign(local_claims(clock)))["kid"] == new_kid
+    clock.now += 86400 - 100
+    assert await make(local=keys, local_issuer=LOCAL).verify(old_token)
+    clock.now += 101
+    await refused(make(local=keys, local_issuer=LOCAL), old_token, "unknown kid")
+    jwks = await keys.jwks()
+    assert [k["kid"] for k in jwks["keys"]] == [new_kid]
+    assert jwks["keys"][0] | {"x": "?"} == {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": "?",
+        "kid": new_kid,
+        "alg": "EdDSA",
+        "use": "sig",
+    }
+    assert "d" not in jwks["keys"][0]
+
+
+async def test_the_current_key_rotates_itself_when_old(kv, clock):
+    keys = SigningKeys(kv, rotate_every=7 * 86400, clock=clock)
+    first = await keys.current()
+    clock.now += 7 * 86400 - 1
+    assert (await keys.current()).kid == first.kid
+    clock.now += 1
+    second = await keys.current()
+    assert second.kid != first.kid and await keys.public_key(first.kid) is not None
+
+
+async def test_replicas_agree_on_one_key_and_see_each_others_rotation(kv, make, clock):
+    a, b = SigningKeys(kv, clock=clock), SigningKeys(kv, clock=clock)
+    first_a, first_b = await asyncio.gather(a.current(), b.current())  # both race to create it
+    assert first_a.kid == first_b.kid
+    assert len(json.loads((await kv.get("_signing", "keyring")).value)["keys"]) == 1
+    new_kid = await a.rotate()
+    token = await a.sign(local_claims(clock))
+    assert (await make(local=b, local_issuer=LOCAL).verify(token)).subject == "client-1"  # b reloads for it
+    clock.now += 5
+    assert (await b.current()).kid == new_kid  # b's cached ring expired: it signs with the new key too
+
+
+async def test_concurrent_auto_rotation_by_replicas_makes_one_new_key(kv, clock):
+    a, b = SigningKeys(kv, clock=clock), SigningKeys(kv, clock=clock)
+    await asyncio.gather(a.current(), b.current())
+    clock.now += 8 * 86400
+    new_a, new_b = await asyncio.gather(a.current(), b.current())
+    assert new_a.kid == new_b.kid
+    assert len((await a.jwks())["keys"]) == 2
+
+
+async def test_unknown_local_kid_and_a_configured_issuer_clash(kv, make, clock):
+    keys = SigningKeys(kv, clock=clock)
+    verifier = make(local=keys, local_issuer=LOCAL)
+    forged = jwt.encode(local_claims(clock), ed25519.Ed25519PrivateKey.generate(), "EdDSA", {"kid": "nope"})
+    await refused(verifier, forged, "unknown kid")
+    with pytest.raises(ValueError, match="both configured"):
+        JwtVerifier([JwtIssuerConfig(issuer=LOCAL, secret=SECRET)], local=keys, local_issuer=LOCAL)

@@ -1,4 +1,4 @@
-"""JSON Web Tokens: verification of tokens from configured issuers.
+"""JSON Web Tokens: verification of tokens from configured issuers, and the gateway's own signing keys.
 
 `JwtVerifier` trusts nothing a token says about how to check it. The unverified `iss` and `kid`
 only choose a key, and every key is bound to one algorithm when it is loaded (RSA -> RS256,
@@ -12,15 +12,21 @@ A JWKS is cached per issuer for `jwks_cache`. A token with an unknown `kid` caus
 refetch, so an issuer's rotated key is picked up without a restart; such refetches are throttled
 to one per 10 s per issuer so made-up kids cannot hammer the issuer, and concurrent callers share
 one fetch.
+
+`SigningKeys` keeps the gateway's Ed25519 keys in the state backend, so every worker and replica
+signs with the same current key and verifies the previous one during the overlap. The whole key
+ring is one record, created and rotated by compare-and-set, so racing replicas agree on one key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -32,8 +38,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from bridgeway.config.models import JwtIssuerConfig
 from bridgeway.observability.logs import get_logger
+from bridgeway.state import KV, VersionMismatch
 
-__all__ = ["Claims", "InvalidToken", "JwtVerifier", "load_public_key"]
+__all__ = ["Claims", "InvalidToken", "JwtVerifier", "SigningKey", "SigningKeys", "load_public_key"]
 
 log = get_logger("bridgeway.jwt")
 
@@ -42,6 +49,11 @@ MAX_JWKS_BYTES = 1 << 20
 UNKNOWN_KID_REFETCH_EVERY = 10.0
 VERIFIED_CACHE_SECONDS = 60.0
 VERIFIED_CACHE_MAX = 10_000
+
+NAMESPACE = "_signing"
+KEYRING = "keyring"
+KEYRING_CACHE_SECONDS = 5.0
+UNKNOWN_LOCAL_KID_RELOAD_EVERY = 1.0
 
 _ASYMMETRIC = frozenset({"RS256", "ES256", "EdDSA"})
 _JWK_ALGORITHMS = {("RSA", None): "RS256", ("EC", "P-256"): "ES256", ("OKP", "Ed25519"): "EdDSA"}
@@ -123,11 +135,12 @@ def _parse_jwks(document: Any) -> dict[str | None, _Key]:
 
 
 class _Issuer:
-    """One issuer's rules (its config) and keys: static (secret, PEM) or a cached JWKS."""
+    """One issuer's rules (its config) and keys: static (secret, PEM, the gateway's own) or a cached JWKS."""
 
-    def __init__(self, config: JwtIssuerConfig) -> None:
+    def __init__(self, config: JwtIssuerConfig, *, local: bool = False) -> None:
         self.config = config
-        self.allowed = frozenset(config.algorithms or _ASYMMETRIC)
+        self.local = local
+        self.allowed = frozenset({"EdDSA"} if local else config.algorithms or _ASYMMETRIC)
         self.keys: dict[str | None, _Key] | None = None  # None: a JWKS not fetched yet
         if config.secret is not None:
             self.allowed = frozenset({"HS256"})
@@ -141,6 +154,8 @@ class _Issuer:
 
     def role(self, payload: dict) -> str | None:
         value = payload.get(self.config.role_claim)
+        if self.local:  # the gateway's own tokens name the role directly
+            return value if isinstance(value, str) and value else None
         if isinstance(value, str):
             values = value.split()
         elif isinstance(value, list):
@@ -191,7 +206,7 @@ def _reason(exc: jwt.PyJWTError) -> str:
 
 
 class JwtVerifier:
-    """Verifies bearer tokens of the configured issuers.
+    """Verifies bearer tokens of the configured issuers (and, with `local`, the gateway's own).
 
     `fetch(url)` may replace the aiohttp download of a JWKS; it returns the parsed document."""
 
@@ -199,10 +214,22 @@ class JwtVerifier:
         self,
         issuers: list[JwtIssuerConfig],
         *,
+        local: SigningKeys | None = None,
+        local_issuer: str | None = None,
         clock: Callable[[], float] = time.time,
         fetch: Callable[[str], Awaitable[Any]] | None = None,
     ) -> None:
         self._issuers = {config.issuer: _Issuer(config) for config in issuers}
+        self._local = local
+        if (local is None) != (local_issuer is None):
+            raise ValueError("local and local_issuer go together")
+        if local_issuer is not None:
+            if local_issuer in self._issuers:
+                raise ValueError(f"issuer {local_issuer!r} is both configured and the gateway's own")
+            # defaults only (leeway 30 s, no audience, role and sub claims): trusted, so not validated
+            self._issuers[local_issuer] = _Issuer(
+                JwtIssuerConfig.model_construct(issuer=local_issuer), local=True
+            )
         self._clock = clock
         self._fetch = fetch
         self._session: aiohttp.ClientSession | None = None
@@ -260,6 +287,11 @@ class JwtVerifier:
         return claims
 
     async def _key(self, issuer: _Issuer, kid: Any) -> _Key:
+        if issuer.local:
+            public = await self._local.public_key(kid) if isinstance(kid, str) else None
+            if public is None:
+                raise InvalidToken("unknown kid")
+            return _Key(public, "EdDSA")
         if issuer.config.jwks is None:
             return next(iter(issuer.keys.values()))
         now = self._clock()
@@ -324,3 +356,151 @@ class JwtVerifier:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    private_key: ed25519.Ed25519PrivateKey
+    public_key: ed25519.Ed25519PublicKey
+    created_at: float
+    retired_at: float | None = None  # replaced by a newer key then; verifies for `overlap` more
+
+    @classmethod
+    def from_private(
+        cls, kid: str, private: ed25519.Ed25519PrivateKey, created_at: float, retired_at: float | None = None
+    ) -> SigningKey:
+        return cls(kid, private, private.public_key(), created_at, retired_at)
+
+    def jwk(self) -> dict:
+        x = _b64url(self.public_key.public_bytes_raw())
+        return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "alg": "EdDSA", "use": "sig"}
+
+
+def _encode_ring(keys: list[SigningKey]) -> bytes:
+    return orjson.dumps(
+        {
+            "keys": [
+                {
+                    "kid": k.kid,
+                    "private": base64.b64encode(k.private_key.private_bytes_raw()).decode(),
+                    "created_at": k.created_at,
+                    "retired_at": k.retired_at,
+                }
+                for k in keys
+            ]
+        }
+    )
+
+
+def _decode_ring(value: bytes) -> list[SigningKey]:
+    return [
+        SigningKey.from_private(
+            k["kid"],
+            ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(k["private"])),
+            k["created_at"],
+            k["retired_at"],
+        )
+        for k in orjson.loads(value)["keys"]
+    ]
+
+
+class SigningKeys:
+    """Ed25519 (EdDSA) keys kept in the state backend (namespace "_signing"), shared by every worker and replica.
+
+    The ring is one record, newest key first, private keys as raw bytes in base64. It is read at
+    most every 5 s per instance, so a rotation by another replica is seen within that time.
+    `overlap` must outlast the longest lifetime of a token this gateway issues."""
+
+    def __init__(
+        self,
+        kv: KV,
+        *,
+        rotate_every: float = 7 * 86400,
+        overlap: float = 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._kv = kv
+        self._rotate_every = rotate_every
+        self._overlap = overlap
+        self._clock = clock
+        self._ring: tuple[float, int, list[SigningKey]] | None = None  # (read at, version, keys)
+        self._reloaded_at = -math.inf
+
+    async def current(self) -> SigningKey:
+        """The key that signs now: created when there is none, rotated when it is too old."""
+        while True:
+            version, keys = await self._load()
+            now = self._clock()
+            if keys and now - keys[0].created_at < self._rotate_every:
+                return keys[0]
+            keys = self._rotated(keys, now)
+            if await self._store(version, keys):
+                return keys[0]
+            # another replica created or rotated first: the next round reads and uses its key
+
+    async def rotate(self) -> str:
+        """A new current key; the previous ones stay published and valid for `overlap`."""
+        while True:
+            version, keys = await self._load(fresh=True)
+            keys = self._rotated(keys, self._clock())
+            if await self._store(version, keys):
+                return keys[0].kid
+
+    async def jwks(self) -> dict:
+        """The public keys for a /.well-known/jwks.json: the current key (created or rotated as
+        `current` does) and the previous ones within overlap."""
+        await self.current()
+        _, keys = await self._load()
+        now = self._clock()
+        return {"keys": [k.jwk() for k in keys if self._valid(k, now)]}
+
+    async def sign(self, claims: dict) -> str:
+        """A compact JWT of `claims` (the caller sets iss, sub, exp...) signed by the current key."""
+        key = await self.current()
+        return jwt.encode(claims, key.private_key, algorithm="EdDSA", headers={"kid": key.kid})
+
+    async def public_key(self, kid: str) -> ed25519.Ed25519PublicKey | None:
+        """The public key of `kid` while it may verify, else None."""
+        _, keys = await self._load()
+        key = next((k for k in keys if k.kid == kid), None)
+        now = self._clock()
+        if key is None and now - self._reloaded_at >= UNKNOWN_LOCAL_KID_RELOAD_EVERY:
+            # maybe a key another replica created since our last read; throttled against made-up kids
+            self._reloaded_at = now
+            _, keys = await self._load(fresh=True)
+            key = next((k for k in keys if k.kid == kid), None)
+        return key.public_key if key is not None and self._valid(key, now) else None
+
+    def _valid(self, key: SigningKey, now: float) -> bool:
+        return key.retired_at is None or now < key.retired_at + self._overlap
+
+    def _rotated(self, keys: list[SigningKey], now: float) -> list[SigningKey]:
+        new = SigningKey.from_private(secrets.token_urlsafe(12), ed25519.Ed25519PrivateKey.generate(), now)
+        kept = [
+            k if k.retired_at is not None else replace(k, retired_at=now) for k in keys if self._valid(k, now)
+        ]
+        return [new, *kept]
+
+    async def _load(self, *, fresh: bool = False) -> tuple[int, list[SigningKey]]:
+        now = self._clock()
+        if not fresh and self._ring is not None and now - self._ring[0] < KEYRING_CACHE_SECONDS:
+            return self._ring[1], self._ring[2]
+        entry = await self._kv.get(NAMESPACE, KEYRING)
+        version, keys = (0, []) if entry is None else (entry.version, _decode_ring(entry.value))
+        self._ring = (now, version, keys)
+        return version, keys
+
+    async def _store(self, version: int, keys: list[SigningKey]) -> bool:
+        """Compare-and-set of the whole ring (version 0: only if absent); False when another won."""
+        try:
+            entry = await self._kv.put(NAMESPACE, KEYRING, _encode_ring(keys), if_version=version)
+        except VersionMismatch:
+            self._ring = None
+            return False
+        self._ring = (self._clock(), entry.version, keys)
+        return True
