@@ -197,8 +197,71 @@ class ClientConfig(Model):
     )
 
 
+JwtAlgorithm = Literal["HS256", "RS256", "ES256", "EdDSA"]
+
+
+def _jwks_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f'"{url}" is not a JWKS URL (expected http(s)://host/path)')
+    return url
+
+
+class JwtIssuerConfig(Model):
+    issuer: str = Field(min_length=1, description="must equal the token's iss")
+    audience: str | list[str] | None = Field(None, description="when set, the token's aud must name one")
+    jwks: Annotated[str, AfterValidator(_jwks_url)] | None = Field(None, description="URL of a JWKS document")
+    secret: SecretStr | None = Field(None, description="shared secret of an HS256 issuer")
+    public_key: str | None = Field(None, description="PEM of one static RSA, EC P-256 or Ed25519 key")
+    algorithms: list[JwtAlgorithm] | None = Field(
+        None, min_length=1, description="default: what the key type allows"
+    )
+    leeway: Duration = 30.0
+    jwks_cache: Duration = Field(300.0, description="how long a fetched JWKS is trusted")
+    role_claim: str = Field("role", description="a string, a list or a space-separated string of values")
+    roles: dict[str, str] = Field({}, description="claim value -> Bridgeway role; the first match wins")
+    default_role: str | None = Field(None, description="role when no value maps; None: refused")
+    subject_claim: str = "sub"
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtIssuerConfig:
+        sources = [name for name in ("jwks", "secret", "public_key") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                f"issuer {self.issuer!r} needs exactly one of jwks, secret or public_key"
+                + (f" (got {' and '.join(sources)})" if sources else "")
+            )
+        symmetric = self.secret is not None
+        if self.algorithms is not None and symmetric != ("HS256" in self.algorithms):
+            # A public key used as an HMAC secret is the classic algorithm-confusion attack.
+            raise ValueError(
+                f"issuer {self.issuer!r}: HS256 goes with a secret, and a secret only with HS256"
+            )
+        if symmetric and len(self.secret.get_secret_value().encode()) < 32:
+            raise ValueError(f"issuer {self.issuer!r}: an HS256 secret needs at least 32 bytes")
+        if self.public_key is not None:
+            from bridgeway.security.jwt import load_public_key  # the key rules live with the verifier
+
+            _, algorithm = load_public_key(self.public_key, self.issuer)
+            if self.algorithms is not None and algorithm not in self.algorithms:
+                raise ValueError(f"issuer {self.issuer!r}: its public key is {algorithm}, not in algorithms")
+        return self
+
+
+class JwtConfig(Model):
+    issuers: list[JwtIssuerConfig] = []
+
+    @model_validator(mode="after")
+    def _distinct(self) -> JwtConfig:
+        names = [i.issuer for i in self.issuers]
+        if len(set(names)) != len(names):
+            raise ValueError("an issuer is listed twice")
+        return self
+
+
 class AuthConfig(Model):
     required: bool = Field(False, description="every /bridge request needs an API key or token")
+    jwt: JwtConfig = JwtConfig()
 
 
 class Config(Model):
