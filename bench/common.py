@@ -337,10 +337,18 @@ def parse_wrk(text: str) -> WrkResult:
     )
 
 
-def run_wrk(url: str, *, connections: int, duration: float, cpu: int | None = CPU_LOAD) -> WrkResult:
+def run_wrk(
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    cpu: int | None = CPU_LOAD,
+    headers: Sequence[str] = (),
+) -> WrkResult:
     """One wrk thread (it shares core 0 with the upstream); bounded by a hard timeout."""
     argv = [*(["taskset", "-c", str(cpu)] if cpu is not None else [])]
-    argv += ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "--latency", url]
+    argv += ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "--latency"]
+    argv += [arg for header in headers for arg in ("-H", header)] + [url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=True)
     return parse_wrk(done.stdout)
 
@@ -364,18 +372,25 @@ logging: {{access: false}}  # nginx runs with access_log off too
 
 
 def start_bridgeway(
-    procs: Procs, workdir: Path, port: int, upstream_port: int, cmd: str
+    procs: Procs,
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    cmd: str,
+    config: str | None = None,
+    name: str = "bridgeway",
 ) -> subprocess.Popen[bytes]:
-    cfg = workdir / "bridgeway.yaml"
-    cfg.write_text(bridgeway_config(port, upstream_port))
+    """`config` replaces the plain one (it must listen on `port`); `name` names its files."""
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(config or bridgeway_config(port, upstream_port))
     # run from the checkout whether or not the package is installed
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
     )
     argv = [*shlex.split(cmd), "--config", str(cfg), "--workers", "1"]
-    log(f"starting bridgeway: {shlex.join(argv)} (log: {workdir / 'bridgeway.log'})")
-    proc = procs.spawn(argv, cpu=CPU_PROXY, log_path=workdir / "bridgeway.log", env=env)
+    log(f"starting {name}: {shlex.join(argv)} (log: {workdir / f'{name}.log'})")
+    proc = procs.spawn(argv, cpu=CPU_PROXY, log_path=workdir / f"{name}.log", env=env)
     wait_http(port, "/health/ready", proc, timeout=60)
     return proc
 

@@ -27,13 +27,15 @@ from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
 from bridgeway.security.access import Access
+from bridgeway.security.jwt import JwtVerifier, SigningKeys
 from bridgeway.security.keys import KeyStore
 from bridgeway.security.limits import RedisLimiter
+from bridgeway.security.oauth import TokenIssuer
 from bridgeway.state import KV, open_state
 from bridgeway.workers import shared_dir
 
 JSON = (b"content-type", b"application/json")
-API_PREFIXES = ("/api/", "/docs", "/openapi.json")
+API_PREFIXES = ("/api/", "/docs", "/openapi.json", "/oauth/", "/.well-known/")
 API_MAX_BODY = 1 << 20  # management calls are small; never buffer a huge body for them
 
 
@@ -49,6 +51,9 @@ class Gateway:
         self.ready = False
         self.state: KV | None = None  # opened at start-up, inside the worker's event loop
         self.keys: KeyStore | None = None
+        self.signing: SigningKeys | None = None
+        self.oauth: TokenIssuer | None = None
+        self.verifier: JwtVerifier | None = None
         self.access = Access(config, None)  # rebuilt with the key store at start-up
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
@@ -64,7 +69,7 @@ class Gateway:
         self.keys = KeyStore(self.state)
         if self.config.state.startswith(("redis://", "rediss://")):
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
-        self.access = Access(self.config, self.keys, self.registry.limiter)
+        self._build_auth(self.config)
         self.registry.apply(self.config)
         self.health.start()
         if shared_dir() is not None:
@@ -82,6 +87,20 @@ class Gateway:
         self.ready = True
         self.log.info("gateway_started", listen=self.config.listen, services=list(self.config.services))
 
+    def _build_auth(self, config: Config) -> None:
+        """Keys, tokens (the gateway's own and configured issuers') and the clients table."""
+        oauth = config.auth.oauth
+        if self.signing is None:  # the key ring lives in the state backend; one view per worker
+            self.signing = SigningKeys(self.state, rotate_every=oauth.rotate_every, overlap=oauth.overlap)
+        self.oauth = TokenIssuer(config, self.signing, self.state)
+        old = self.verifier
+        self.verifier = JwtVerifier(config.auth.jwt.issuers, local=self.signing, local_issuer=oauth.issuer)
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.aclose())
+        self.access = Access(
+            config, self.keys, self.registry.limiter, verifier=self.verifier, oauth=self.oauth
+        )
+
     async def shutdown(self) -> None:
         self.ready = False
         if self._publisher:
@@ -92,6 +111,8 @@ class Gateway:
             await self.state.close()
         if isinstance(self.registry.limiter, RedisLimiter):
             await self.registry.limiter.aclose()
+        if self.verifier is not None:
+            await self.verifier.aclose()
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -114,7 +135,7 @@ class Gateway:
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
-        self.access = Access(config, self.keys, self.registry.limiter)
+        self._build_auth(config)
         self.config = config
         self._loaded_mtime = mtime
         logs.configure(config.logging.level)

@@ -15,10 +15,11 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import keys, kv, services
+from bridgeway.api import keys, kv, oauth, services
 from bridgeway.api.auth import require_admin
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
+from bridgeway.security.oauth import OAuthError
 
 if TYPE_CHECKING:
     from bridgeway.server import Gateway
@@ -65,6 +66,11 @@ def build_api(gateway: Gateway) -> FastAPI:
         api.include_router(router, prefix="/api/v1", dependencies=[Depends(require_admin)])
     # The KV store is also for services: a role's `kv` grants open namespaces to its callers.
     api.include_router(kv.router, prefix="/api/v1", dependencies=[Depends(kv.require_kv_access)])
+    api.include_router(oauth.router)  # its own client authentication, its own error shape
+
+    @api.exception_handler(OAuthError)
+    async def oauth_failure(request: Request, exc: OAuthError):
+        return oauth.oauth_error(exc)
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from bridgeway.errors import GatewayError
-from bridgeway.security.access import ADMIN_ROLE, Principal
+from bridgeway.security.access import ADMIN_ROLE, FOREIGN, Principal
 
 if TYPE_CHECKING:
     from bridgeway.server import Gateway
@@ -28,7 +28,7 @@ async def caller_of(request: Request) -> Principal:
         if expected is not None and hmac.compare_digest(hashlib.sha256(token.encode()).digest(), expected):
             return ADMIN_TOKEN
         caller = await gateway.access.authenticate(token, cached=False)
-        if caller is not None:
+        if caller is not None and caller is not FOREIGN:
             return caller
     raise GatewayError("UNAUTHENTICATED", "a valid admin bearer token or API key is required")
 

@@ -259,9 +259,20 @@ class JwtConfig(Model):
         return self
 
 
+class OAuthConfig(Model):
+    """The gateway's own token endpoint, for clients of the clients table that have a secret."""
+
+    issuer: str = Field("bridgeway", description="the iss of the tokens it issues")
+    audience: str = Field("bridgeway", description="the aud of the tokens it issues")
+    token_ttl: Duration = Field(900.0, description="lifetime of an issued token")
+    rotate_every: Duration = Field(7 * 86400.0, description="age at which the signing key is replaced")
+    overlap: Duration = Field(86400.0, description="how long a replaced key still verifies")
+
+
 class AuthConfig(Model):
     required: bool = Field(False, description="every /bridge request needs an API key or token")
     jwt: JwtConfig = JwtConfig()
+    oauth: OAuthConfig = OAuthConfig()
 
 
 class Config(Model):

@@ -125,9 +125,11 @@ def read_head(scope: dict, call: Call) -> None:
         elif name == b"authorization":
             value = item[1]
             if value[:10].lower() == b"bearer bw_":
-                call.credential = value[7:].strip().decode("latin-1")
+                call.credential = value[7:].strip().decode("latin-1")  # a gateway key: consumed
             else:
-                out.append(item)  # the upstream's own credentials pass through
+                if value[:10].lower() == b"bearer eyj":  # a JWT: checked here, and passed on
+                    call.credential = value[7:].strip().decode("latin-1")
+                out.append(item)
         elif name == b"x-api-key":
             if item[1].startswith(b"bw_"):
                 call.credential = item[1].strip().decode("latin-1")

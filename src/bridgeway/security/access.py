@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from bridgeway.config.models import Config, Grant
 from bridgeway.errors import GatewayError
 from bridgeway.security.budgets import Budgets
+from bridgeway.security.jwt import InvalidToken, JwtVerifier
+from bridgeway.security.keys import PREFIX as KEY_PREFIX
 from bridgeway.security.keys import KeyRecord, KeyStore
+from bridgeway.security.oauth import TokenIssuer
 
 ADMIN_ROLE = "admin"
 CACHE_SECONDS = 1.0
@@ -54,10 +57,24 @@ class Principal:
     client: str | None = None  # the row of the clients table whose budgets apply
 
 
+# What a bearer token from an unknown issuer proves: nothing to the gateway (it may be the
+# upstream's own); refused where authentication is required, passed on where it is not.
+FOREIGN = Principal("foreign", "", frozenset())
+
+
 class Access:
     """Compiled from one config; `check` runs once per /bridge request."""
 
-    def __init__(self, config: Config, keys: KeyStore | None, limiter=None, clock=time.monotonic):
+    def __init__(
+        self,
+        config: Config,
+        keys: KeyStore | None,
+        limiter=None,
+        *,
+        verifier: JwtVerifier | None = None,
+        oauth: TokenIssuer | None = None,
+        clock=time.monotonic,
+    ):
         self.required = config.auth.required
         self.roles = {name: [_Grant(g) for g in role.allow] for name, role in config.roles.items()}
         self.kv_grants = {
@@ -71,6 +88,8 @@ class Access:
             if client.limits
         }
         self.keys = keys
+        self.verifier = verifier
+        self.oauth = oauth
         self.clock = clock
         self._cache: dict[str, tuple[float, Principal | None]] = {}
 
@@ -81,8 +100,12 @@ class Access:
                 raise GatewayError("UNAUTHENTICATED", "an API key is required", headers=_CHALLENGE)
             return None
         caller = await self.authenticate(token)
+        if caller is FOREIGN:  # a token for the upstream, from an issuer the gateway does not know
+            if self.required:
+                raise GatewayError("UNAUTHENTICATED", "the token's issuer is not trusted", headers=_CHALLENGE)
+            return None
         if caller is None:
-            raise GatewayError("UNAUTHENTICATED", "the API key is not valid", headers=_CHALLENGE)
+            raise GatewayError("UNAUTHENTICATED", "the credential is not valid", headers=_CHALLENGE)
         if caller.role != ADMIN_ROLE:
             if caller.services is not None and service not in caller.services:
                 raise GatewayError("FORBIDDEN", f"this caller may not call service {service!r}")
@@ -118,6 +141,21 @@ class Access:
         services = frozenset(client.services) if client.services is not None else None
         return Principal(f"client:{name}", client.role, services, name)
 
+    async def _token_caller(self, token: str) -> Principal | None:
+        """A JWT's caller: a client of the table for the gateway's own tokens (unless revoked),
+        else the issuer's subject with the role its claims map to."""
+        if self.verifier is None:
+            return FOREIGN
+        try:
+            claims = await self.verifier.verify(token)
+        except InvalidToken as exc:
+            return FOREIGN if exc.reason in ("unknown issuer", "malformed token") else None
+        if self.oauth is not None and claims.issuer == self.oauth.issuer:
+            if await self.oauth.revoked(claims.jti):
+                return None
+            return self.principal_of_client(claims.subject)
+        return Principal(f"jwt:{claims.issuer}#{claims.subject}", claims.role or "", None)
+
     async def authenticate(self, token: str, *, cached: bool = True) -> Principal | None:
         """The caller a credential proves, or None. Answers are cached for a second (`cached=False`
         for the management API, where a revocation must hold at once)."""
@@ -125,8 +163,11 @@ class Access:
         hit = self._cache.get(token) if cached else None
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
-        record = await self.keys.authenticate(token) if self.keys is not None else None
-        caller = self.principal_of_key(record) if record is not None else None
+        if token.startswith(KEY_PREFIX):
+            record = await self.keys.authenticate(token) if self.keys is not None else None
+            caller = self.principal_of_key(record) if record is not None else None
+        else:
+            caller = await self._token_caller(token)
         if len(self._cache) > 10_000:  # bounded: a flood of made-up tokens cannot grow it
             self._cache.clear()
         self._cache[token] = (now, caller)
