@@ -23,6 +23,7 @@ import copy
 import http.client
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -82,6 +83,7 @@ class GatewayProc(Proc):
     def __init__(self, config_path: Path, port: int, token: str | None, workers: int, env: Mapping[str, str]):
         self.config_path = config_path
         self.token = token
+        self.secrets: list[str] = []  # what must never appear in its logs
         self.workers = workers
         args = [
             sys.executable,
@@ -300,12 +302,42 @@ def start_gateway(
     data.setdefault("state", f"sqlite:///{config_path.with_suffix('.db')}")
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
     gw = GatewayProc(config_path, port, token, workers, env or {})
+    gw.secrets = [token, *_config_secrets(data)]
+    STARTED.append(gw)
     try:
         gw.wait_ready(timeout=ready_timeout)
     except BaseException:
         gw.stop()
         raise
     return gw
+
+
+def _config_secrets(data: dict) -> list[str]:
+    auth = data.get("auth") or {}
+    issuers = (auth.get("jwt") or {}).get("issuers") or []
+    found = [c.get("secret") for c in (data.get("clients") or {}).values()] + [
+        i.get("secret") for i in issuers
+    ]
+    return [str(s) for s in found if s]
+
+
+# Every gateway the suite started, for the closing scan of everything they logged.
+STARTED: list[GatewayProc] = []
+# A full API key (bw_<id>_<43-character secret>) or a signed JWT, wherever it appears.
+_SECRET_SHAPES = re.compile(r"bw_[0-9a-f]{10}_[A-Za-z0-9_-]{20,}|eyJ[\w-]{8,}\.eyJ[\w-]{8,}\.[\w-]{16,}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_gateway_log() -> Iterator[None]:
+    """After the suite: no gateway logged a key, a token, the admin token or a configured secret."""
+    yield
+    leaks = []
+    for gw in STARTED:
+        text = gw.logs()
+        leaks += [f"{gw.log_path}: {m[:12]}..." for m in _SECRET_SHAPES.findall(text)]
+        leaks += [f"{gw.log_path}: a configured secret" for secret in gw.secrets if secret in text]
+    if leaks:
+        pytest.fail(f"secrets in gateway logs ({len(leaks)}):\n" + "\n".join(leaks[:20]))
 
 
 @pytest.fixture
