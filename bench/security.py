@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    CPU_LOAD,
     DEFAULT_BRIDGEWAY_CMD,
     Procs,
     WrkResult,
@@ -150,7 +151,7 @@ def main() -> int:
     ):
         work = Path(tmp)
         up_port = free_port()
-        upstream = start_nginx(procs, work, "upstream", upstream_server(up_port))
+        upstream = start_nginx(procs, work, "upstream", upstream_server(up_port), cpu=CPU_LOAD)
         wait_http(up_port, "/", upstream)
         targets: dict[str, tuple[str, list[str]]] = {}
         for row in rows:
