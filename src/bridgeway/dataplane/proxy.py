@@ -22,6 +22,7 @@ from bridgeway.errors import GatewayError
 from bridgeway.observability.tracing import new_trace_id, parse_traceparent
 from bridgeway.security.access import Access, Principal
 from bridgeway.security.budgets import Held
+from bridgeway.security.limits import ratelimit_headers
 
 # RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
 HOP_BY_HOP = frozenset(
@@ -352,13 +353,13 @@ async def _draw_budgets(
     client = scope.get("client")
     ip = client[0] if client else ""
     caller_id = caller.id if caller is not None else None
-    headers = []
+    tightest = None
     if service.limits is not None:
-        headers = await service.limits.draw(service.name, target, ip, caller_id, service.metrics, held)
+        tightest = await service.limits.draw(service.name, target, ip, caller_id, service.metrics, held)
     budgets = access.client_budgets.get(caller.client) if caller is not None else None
     if budgets is not None:
-        headers = await budgets.draw(service.name, target, ip, caller_id, service.metrics, held) or headers
-    return headers
+        tightest = await budgets.draw(service.name, target, ip, caller_id, service.metrics, held, tightest)
+    return ratelimit_headers(*tightest) if tightest else []
 
 
 async def _forward(service: Service, scope: dict, receive, send, call: Call, reply_headers: list) -> int:

@@ -17,11 +17,13 @@ import re
 import time
 
 from bridgeway.config.models import ClientLimitConfig, LimitConfig
+from bridgeway.config.units import Rate
 from bridgeway.errors import GatewayError
 from bridgeway.observability.logs import get_logger
 from bridgeway.observability.metrics import ServiceMetrics
-from bridgeway.security.limits import LimiterUnavailable, MemoryLimiter, ratelimit_headers
+from bridgeway.security.limits import Decision, LimiterUnavailable, MemoryLimiter, ratelimit_headers
 
+Tightest = tuple[Decision, Rate] | None
 log = get_logger("bridgeway.limits")
 _LOG_EVERY = 10.0  # seconds between two "limiter unavailable" log lines of one owner
 _BUSY = [(b"retry-after", b"1")]
@@ -77,10 +79,11 @@ class Budgets:
         caller: str | None,
         metrics: ServiceMetrics,
         held: Held,
-    ) -> list[tuple[bytes, bytes]]:
-        """Draw from every applicable budget; raise RATE_LIMITED, or return the headers to add.
-        Slots taken go into `held`, which the caller releases when the response has ended."""
-        tightest = None
+        tightest: Tightest = None,
+    ) -> Tightest:
+        """Draw from every applicable budget; raise RATE_LIMITED, or return the tightest rate
+        budget so far (its headers go on the response). Slots taken go into `held`, which the
+        caller releases when the response has ended."""
         limiter = self.limiter
         for budget in self.budgets:
             if budget.service is not None and budget.service != service:
@@ -125,7 +128,7 @@ class Budgets:
                 )
             if tightest is None or decision.remaining < tightest[0].remaining:
                 tightest = (decision, rate)
-        return ratelimit_headers(*tightest) if tightest else []
+        return tightest
 
     def _unavailable(self, mode: str, metrics: ServiceMetrics) -> None:
         metrics.limiter_unavailable += 1
