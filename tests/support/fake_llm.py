@@ -29,6 +29,7 @@ prompt, or for the next `count` requests by ``POST /_control {"mode": MODE, "cou
     die_before_first_token  send the head (and a stream's preamble: role chunk, message_start)
                             then close the socket
     die_mid_stream          send some content then close the socket (non-stream: half a body)
+    stall:<seconds>         a stream sends some content, then waits, then goes on
     error_event             a stream sends some content, then the provider's in-stream error
 
 Every request is recorded (method, path, query, lower-cased headers, parsed JSON body) in
@@ -58,7 +59,7 @@ from aiohttp import web
 __all__ = ["BAD_KEY", "FakeLLM", "fake_llm"]
 
 HOST = "127.0.0.1"
-BAD_KEY = "bad-key"
+BAD_KEY = "bad-key-0123456789"
 _PROMPT_MODE = re.compile(r"\[fake:([^\]]+)\]")
 
 
@@ -122,7 +123,8 @@ class FakeLLM:
         app.router.add_post("/_control", self._control)
         app.router.add_get("/_requests", self._list_requests)
         app.router.add_delete("/_requests", self._clear_requests)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # Stopping does not wait for handlers still sleeping in slow or stalled modes.
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
         loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, HOST, 0, ssl_context=self.ssl_context)
         loop.run_until_complete(site.start())
@@ -131,6 +133,11 @@ class FakeLLM:
         try:
             loop.run_forever()
         finally:
+            # Handlers left sleeping (slow, stalled) are cancelled, not abandoned.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     # -- control -------------------------------------------------------------------------------
@@ -539,6 +546,8 @@ class FakeLLM:
         if kind == "slow":
             await asyncio.sleep(float(arg))
             return None
+        if kind == "stall" and not stream:
+            return None
         if kind == "status":
             return _status_error(provider, int(arg))
         if kind == "context_window":
@@ -587,10 +596,15 @@ async def _sse(
         await resp.write(garbage)
         await resp.write_eof()
         return resp
-    head = content[:2] if mode in ("die_mid_stream", "error_event") else content
+    cut = mode in ("die_mid_stream", "error_event") or mode.startswith("stall:")
+    head = content[:2] if cut else content
     for event in head:
         await resp.write(event)
         await asyncio.sleep(0)  # separate writes, so clients see the stream arrive in pieces
+    if mode.startswith("stall:"):
+        await asyncio.sleep(float(mode[6:]))
+        for event in content[2:]:
+            await resp.write(event)
     if mode == "die_mid_stream":
         return await _die(request, resp)
     if mode == "error_event":
