@@ -13,10 +13,12 @@ Answers follow from the request: the reply echoes the last user message ("echo: 
 says what the last tool result was ("tool said: <result>"); token counts are words. When tools
 are offered and the prompt names one (or tool_choice forces one), the model calls it, with
 arguments made from its JSON schema (strings get the prompt text, numbers its word count,
-booleans true). JSON mode replies {"echo": "<text>"}. max_tokens truncates the reply (finish
-"length"). Request shapes the real API refuses (a system role in Anthropic messages, unpaired
-tool results, a missing max_tokens...) get that API's 400 in its own error format. The key
-"bad-key" is refused the way each provider refuses a bad key.
+booleans true). JSON mode (OpenAI's response_format, Gemini's responseMimeType, for Anthropic,
+which has neither, a system prompt that mentions JSON) replies {"echo": "<text>"}. max_tokens
+truncates the reply (finish "length"). Request shapes the real API refuses (a system role in
+Anthropic messages, unpaired tool results, a missing max_tokens...) get that API's 400 in its
+own error format. The key BAD_KEY is refused the way each provider refuses a bad key (OpenAI's
+message echoes it, as the real one echoes part of it).
 
 Misbehaviour, chosen per request by the header ``x-fake-mode: MODE`` or ``[fake:MODE]`` in the
 prompt, or for the next `count` requests by ``POST /_control {"mode": MODE, "count": n}``

@@ -40,7 +40,7 @@ from bridgeway.llm.providers.base import (
     StreamTranslator,
 )
 
-__all__ = ["ChatStream", "Pools", "chat", "embeddings"]
+__all__ = ["DEFAULT_TIMEOUT", "ChatStream", "Pools", "chat", "embeddings", "transport_error"]
 
 # Seconds to wait for the response head, and then between body chunks. Generous: a long prompt
 # can take a while to its first token, and reasoning models pause mid-stream.

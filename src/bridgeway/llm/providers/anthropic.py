@@ -335,11 +335,11 @@ def _usage(usage: Any, output: int | None = None) -> dict:
     )
 
 
-def chat_stream(d: Deployment, public_model: str, include_usage: bool = False) -> ChatStream:
-    return ChatStream(d, public_model, include_usage)
+def chat_stream(d: Deployment, public_model: str, include_usage: bool = False) -> AnthropicStream:
+    return AnthropicStream(d, public_model, include_usage)
 
 
-class ChatStream(StreamTranslator):
+class AnthropicStream(StreamTranslator):
     """Anthropic stream events -> OpenAI chunks.
 
     message_start -> the role chunk; content_block_start(tool_use) -> a tool call's id and name;

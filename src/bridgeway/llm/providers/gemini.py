@@ -336,11 +336,11 @@ def _usage(data: dict) -> dict | None:
     )
 
 
-def chat_stream(d: Deployment, public_model: str, include_usage: bool = False) -> ChatStream:
-    return ChatStream(d, public_model, include_usage)
+def chat_stream(d: Deployment, public_model: str, include_usage: bool = False) -> GeminiStream:
+    return GeminiStream(d, public_model, include_usage)
 
 
-class ChatStream(StreamTranslator):
+class GeminiStream(StreamTranslator):
     """Gemini streams whole GenerateContentResponse objects, each with the next text pieces (and
     whole function calls); the last candidate events carry finishReason, usage is cumulative.
     There is no end marker: the stream is complete when every candidate has finished and the

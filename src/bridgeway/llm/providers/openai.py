@@ -64,11 +64,11 @@ def chat_response(status: int, body: bytes, d: Deployment, public_model: str, he
     return data
 
 
-def chat_stream(d: Deployment, public_model: str, include_usage: bool = False) -> ChatStream:
-    return ChatStream(d, public_model, include_usage)
+def chat_stream(d: Deployment, public_model: str, include_usage: bool = False) -> OpenAIStream:
+    return OpenAIStream(d, public_model, include_usage)
 
 
-class ChatStream(StreamTranslator):
+class OpenAIStream(StreamTranslator):
     """Upstream chunks are already OpenAI chunks: rename the model, track finish and usage."""
 
     __slots__ = ("_finished",)
