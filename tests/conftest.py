@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.fixtures", "tests.support.gateway"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.gateway", "tests.support.fake_llm"]

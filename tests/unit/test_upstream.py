@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import socket
+import ssl as ssl_module
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,7 +19,9 @@ from bridgeway.dataplane.upstream import (
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamTimeout,
+    default_ssl_context,
 )
+from tests.support.tls import LocalCA
 
 # Async tests run on the stdlib loop via pytest-asyncio (asyncio_mode = "auto"); the same
 # scenarios run again on uvloop, the gateway's loop, by test_scenarios_on_uvloop at the end.
@@ -28,8 +32,9 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 class Server:
     """A loopback server running `handler` per connection; counts accepted connections."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, ssl: ssl_module.SSLContext | None = None) -> None:
         self.handler = handler
+        self.ssl = ssl
         self.accepted = 0
         self.closed = 0  # connections that ended (handler returned or peer closed)
         self.port = 0
@@ -37,7 +42,7 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
 
     async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -835,6 +840,87 @@ async def test_pool_close_closes_everything() -> None:
         await until(lambda: srv.closed == 1)
         with pytest.raises(UpstreamConnectError):
             await pool.request(b"GET", b"/", [])
+
+
+# ---------------------------------------------------------------------------------------- TLS
+
+
+@functools.cache
+def certs() -> LocalCA:
+    return LocalCA.make(["localhost"])
+
+
+async def test_tls_requests_share_one_connection_with_sni() -> None:
+    server_names: list[str | None] = []
+    context = certs().server_context()
+    context.sni_callback = lambda _sock, name, _ctx: server_names.append(name)  # type: ignore[assignment]
+    async with Server(keepalive_echo, ssl=context) as srv:
+        pool = UpstreamPool("localhost", srv.port, ssl=certs().client_context())
+        try:
+            for i in range(3):
+                resp = await pool.request(b"POST", b"/chat", [], b"hi %d" % i)
+                assert await resp.read() == b"POST /chat HTTP/1.1|hi %d" % i
+                assert (b"X-Seen-Host", b"localhost:%d" % srv.port) in resp.headers
+            assert srv.accepted == 1
+            assert server_names == ["localhost"]
+        finally:
+            await pool.close()
+
+
+async def test_tls_streamed_response_arrives_whole() -> None:
+    payload = bytes(range(256)) * 8192  # 2 MiB, more than HIGH_WATER: reading pauses and resumes
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(0, len(payload), 65536):
+            piece = payload[i : i + 65536]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with Server(handler, ssl=certs().server_context()) as srv:
+        pool = UpstreamPool("localhost", srv.port, ssl=certs().client_context())
+        try:
+            resp = await pool.request(b"GET", b"/big", [])
+            digest = hashlib.sha256()
+            async for chunk in resp:
+                digest.update(chunk)
+                await asyncio.sleep(0)
+            assert digest.digest() == hashlib.sha256(payload).digest()
+        finally:
+            await pool.close()
+
+
+async def test_tls_untrusted_certificate_is_a_connect_error() -> None:
+    async with Server(keepalive_echo, ssl=certs().server_context()) as srv:
+        pool = UpstreamPool("localhost", srv.port, ssl=default_ssl_context())
+        try:
+            with pytest.raises(UpstreamConnectError, match="TLS handshake with localhost:.* failed") as info:
+                await pool.request(b"GET", b"/", [])
+            assert info.value.request_sent is False
+            assert pool.stats["open"] == 0
+        finally:
+            await pool.close()
+
+
+async def test_tls_certificate_for_another_host_is_refused() -> None:
+    async with Server(keepalive_echo, ssl=certs().server_context()) as srv:
+        pool = UpstreamPool("127.0.0.1", srv.port, ssl=certs().client_context())  # cert names localhost
+        try:
+            with pytest.raises(UpstreamConnectError, match="mismatch"):
+                await pool.request(b"GET", b"/", [])
+        finally:
+            await pool.close()
+
+
+def test_tls_default_port_is_left_out_of_the_host_header() -> None:
+    context = default_ssl_context()
+    assert UpstreamPool("api.example.com", 443, ssl=context)._host_line == b"Host: api.example.com\r\n"
+    assert UpstreamPool("api.example.com", 8443, ssl=context)._host_line == b"Host: api.example.com:8443\r\n"
+    assert UpstreamPool("example.com", 443)._host_line == b"Host: example.com:443\r\n"  # plain: as it was
+    assert default_ssl_context() is context  # built once
 
 
 # ------------------------------------------------------------------------------------- uvloop

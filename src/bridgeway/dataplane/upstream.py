@@ -10,6 +10,10 @@ Layering:
   _Connection       -- one socket; asyncio.Protocol feeding httptools.HttpResponseParser
   UpstreamResponse  -- status/headers at once; body buffered or streamed with back-pressure
 
+TLS: a pool made with `ssl=` (an `ssl.SSLContext`) speaks HTTPS, SNI and certificate checks for
+`host` (LLM providers are HTTPS). asyncio does the TLS in its transport, so nothing on the request
+path changes; a plain pool passes `ssl=None`, as before.
+
 A connection goes back to the pool by itself the moment its response is fully received (the body
 is then held by the response object), so the connection is reusable while the proxy is still
 sending the response downstream. `UpstreamResponse.release()` only has work to do when the body
@@ -19,8 +23,10 @@ was not fully received: it closes the connection (a half-read connection is neve
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl as _ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -33,6 +39,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "default_ssl_context",
 ]
 
 # Pause reading from the upstream socket when this much response body is buffered and not yet
@@ -495,6 +502,15 @@ def _reads_until_eof(headers: list[tuple[bytes, bytes]]) -> bool:
 # ----------------------------------------------------------------------------------------- pool
 
 
+@functools.cache
+def default_ssl_context() -> _ssl.SSLContext:
+    """The system's trusted CAs, hostname checks on, HTTP/1.1 offered by ALPN. One per process:
+    building a context loads the CA bundle, which takes milliseconds."""
+    context = _ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 class UpstreamPool:
     """Keep-alive connections to one origin (host, port).
 
@@ -511,11 +527,15 @@ class UpstreamPool:
         max_idle: int = 128,
         idle_timeout: float = 60.0,
         connect_timeout: float = 5.0,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.host = host
         self.port = port
+        self.ssl = ssl
+        # SNI and the certificate check use the host name (the connect timeout bounds the handshake).
+        self._server_hostname = host if ssl is not None else None
         self.max_connections = max_connections
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -530,7 +550,9 @@ class UpstreamPool:
         self._closed = False
         authority = f"[{host}]" if ":" in host else host
         self._origin = f"{authority}:{port}"
-        self._host_line = b"Host: " + self._origin.encode("ascii") + b"\r\n"
+        # HTTPS on its default port is named without it, as browsers and SDKs do.
+        host_value = authority if ssl is not None and port == 443 else self._origin
+        self._host_line = b"Host: " + host_value.encode("ascii") + b"\r\n"
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self._origin} {self.stats}>"
@@ -546,7 +568,7 @@ class UpstreamPool:
         self,
         method: bytes,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes] = b"",
         *,
         read_timeout: float | None = None,
@@ -615,7 +637,7 @@ class UpstreamPool:
         self,
         method: bytes,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         length: int | None,
         chunked: bool | None,
     ) -> bytes:
@@ -738,11 +760,22 @@ class UpstreamPool:
         loop = self._loop
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self._server_hostname,
+                )
         except BaseException as exc:
             self._free_slot()
             if isinstance(exc, TimeoutError):
                 raise UpstreamConnectError(f"connect to {self._origin} timed out") from None
+            if isinstance(exc, _ssl.SSLError):  # certificate errors included
+                reason = (
+                    getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or type(exc).__name__
+                )
+                raise UpstreamConnectError(f"TLS handshake with {self._origin} failed: {reason}") from None
             if isinstance(exc, OSError):
                 reason = exc.strerror or type(exc).__name__
                 raise UpstreamConnectError(f"connect to {self._origin} failed: {reason}") from None

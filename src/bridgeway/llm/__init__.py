@@ -1,0 +1,1 @@
+"""The OpenAI-compatible LLM router: providers (wire formats), one call to one deployment (client)."""
