@@ -18,6 +18,9 @@ STATUS: dict[str, int] = {
     "FORBIDDEN": 403,
     "NOT_FOUND": 404,
     "UNKNOWN_SERVICE": 404,
+    "UNKNOWN_MODEL": 404,
+    "CONTEXT_WINDOW": 400,
+    "UNSUPPORTED": 400,
     "METHOD_NOT_ALLOWED": 405,
     "CONFLICT": 409,
     "PRECONDITION_FAILED": 412,
@@ -29,6 +32,11 @@ STATUS: dict[str, int] = {
     "UPSTREAM_CONNECT": 502,
     "UPSTREAM_PROTOCOL": 502,
     "UPSTREAM_CLOSED": 502,
+    "UPSTREAM_AUTH": 502,
+    "UPSTREAM_ERROR": 502,
+    "BAD_RESPONSE": 502,
+    "STREAM_BROKEN": 502,
+    "NO_DEPLOYMENT": 503,
     "NO_HEALTHY_INSTANCE": 503,
     "CIRCUIT_OPEN": 503,
     "UPSTREAM_BUSY": 503,
@@ -39,11 +47,18 @@ STATUS: dict[str, int] = {
 class GatewayError(Exception):
     """An error that becomes the standard JSON body; raise it anywhere on a request path."""
 
-    def __init__(self, code: str, message: str, *, headers: list[tuple[bytes, bytes]] | None = None):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        status: int | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = STATUS[code]
+        self.status = status or STATUS[code]  # a provider's own status (e.g. its 429) may stand
         self.headers = headers or []
 
 

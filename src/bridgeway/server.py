@@ -24,8 +24,9 @@ from bridgeway.dataplane.proxy import BRIDGE, Call, ClientGone, StreamCut, proxy
 from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
+from bridgeway.llm.endpoint import LLMEndpoint
 from bridgeway.observability import logs, metrics
-from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
+from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 from bridgeway.security.access import Access
 from bridgeway.security.jwt import JwtVerifier, SigningKeys
 from bridgeway.security.keys import KeyStore
@@ -55,6 +56,7 @@ class Gateway:
         self.oauth: TokenIssuer | None = None
         self.verifier: JwtVerifier | None = None
         self.access = Access(config, None)  # rebuilt with the key store at start-up
+        self.llm = LLMEndpoint(config)
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -107,6 +109,7 @@ class Gateway:
             self._publisher.cancel()
         await self.health.stop()
         await self.registry.close()
+        await self.llm.close()
         if self.state is not None:
             await self.state.close()
         if isinstance(self.registry.limiter, RedisLimiter):
@@ -136,6 +139,7 @@ class Gateway:
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
         self._build_auth(config)
+        self.llm = LLMEndpoint(config, self.llm)
         self.config = config
         self._loaded_mtime = mtime
         logs.configure(config.logging.level)
@@ -159,6 +163,8 @@ class Gateway:
             path = scope["path"]
             if path.startswith(BRIDGE):
                 await self._bridge(scope, receive, send)
+            elif path.startswith("/v1/"):
+                await self._llm(scope, receive, send)
             elif path in self._ops:
                 await self._ops[path](self, send)
             elif path.startswith(API_PREFIXES):
@@ -245,6 +251,37 @@ class Gateway:
                     status=status,
                     duration_ms=round(seconds * 1000, 3),
                     trace_id=call.trace_id,
+                )
+
+    async def _llm(self, scope, receive, send) -> None:
+        """The OpenAI-compatible endpoint, with the trace and the errors of every route."""
+        started = time.perf_counter()
+        trace_id = new_trace_id()
+        for name, value in scope["headers"]:
+            if name == b"traceparent" and (traced := parse_traceparent(value)):
+                trace_id = traced[0]
+        trace_headers = [(b"traceparent", traceparent(trace_id, new_span_id()))]
+        status = 500
+        try:
+            status = await self.llm.handle(scope, receive, send, self.access, trace_headers)
+        except GatewayError as exc:
+            status = exc.status
+            await send_error(send, exc, trace_id, trace_headers)
+        except ClientGone:
+            status = 499
+        except Exception:
+            self.log.exception("internal_error", route=scope["path"], trace_id=trace_id)
+            with contextlib.suppress(Exception):
+                await send_error(send, GatewayError("INTERNAL", "internal error"), trace_id, trace_headers)
+        finally:
+            if self.config.logging.access:
+                self.log.info(
+                    "request",
+                    method=scope["method"],
+                    route=scope["path"],
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                    trace_id=trace_id,
                 )
 
     async def _lifespan(self, receive, send) -> None:

@@ -183,6 +183,9 @@ class KvGrant(Model):
 class RoleConfig(Model):
     allow: list[Grant] = []
     kv: list[KvGrant] = Field([], description="KV namespaces the role may read or write")
+    models: list[str] = Field(
+        [], description='public model names (globs) the role may use on /v1, e.g. "fast-*"'
+    )
 
 
 class ClientConfig(Model):
@@ -275,6 +278,29 @@ class AuthConfig(Model):
     oauth: OAuthConfig = OAuthConfig()
 
 
+class LLMDeploymentConfig(Model):
+    provider: Literal["openai", "anthropic", "gemini"] = Field(
+        description="the wire format; OpenAI-compatible servers (vLLM, Ollama, llama.cpp) are openai"
+    )
+    model: str = Field(min_length=1, description="the provider's model name")
+    base_url: str = Field("", description="default: the provider's public API")
+    api_key: SecretStr | None = Field(None, description='use "${env:NAME}"; never logged')
+    weight: float = Field(1.0, gt=0, description="share of traffic under the weighted strategy")
+    timeout: Duration = Field(120.0, description="until the response head, and between stream events")
+
+
+class CooldownConfig(Model):
+    failures: int = Field(3, ge=1, description="consecutive failures that cool a deployment down")
+    open_for: Duration = Field(30.0, description="how long it rests before a probe may try it again")
+
+
+class ModelGroupConfig(Model):
+    strategy: Literal["weighted", "least_busy", "lowest_latency", "lowest_cost"] = "weighted"
+    deployments: list[LLMDeploymentConfig] = Field(min_length=1)
+    fallbacks: list[str] = Field([], description="model groups tried, in order, after this one's")
+    cooldown: CooldownConfig = CooldownConfig()
+
+
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
@@ -288,12 +314,17 @@ class Config(Model):
     clients: dict[ServiceName, ClientConfig] = {}
     logging: LoggingConfig = LoggingConfig()
     services: dict[ServiceName, ServiceConfig] = {}
+    models: dict[str, ModelGroupConfig] = Field({}, description="the LLM router's public model names")
 
     @model_validator(mode="after")
     def _known_roles(self) -> Config:
         for name, client in self.clients.items():
             if client.role != "admin" and client.role not in self.roles:
                 raise ValueError(f"clients.{name}.role: no role named {client.role!r}")
+        for name, group in self.models.items():
+            for other in group.fallbacks:
+                if other not in self.models or other == name:
+                    raise ValueError(f"models.{name}.fallbacks: no other model group named {other!r}")
         return self
 
     @property

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible endpoint: /v1/chat/completions, /v1/embeddings and /v1/models.
+
+A request is authenticated with the gateway's keys and tokens (a role's `models` grants name the
+public models it may use), its `model` picks a model group, and the group's chain of deployments
+is tried in order: a retryable failure (429, 5xx, timeout, context window, a broken deployment)
+cools the deployment down a step and moves on; a client error (a malformed request) is answered
+at once. A stream is only committed once its first content has arrived, so a stream that fails
+before its first token falls back like any call; after it, the client gets an error event and
+the stream ends cleanly.
+
+Bodies are plain dicts through orjson: no pydantic on this path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+import time
+
+import orjson
+
+from bridgeway.config.models import Config
+from bridgeway.dataplane.breaker import CircuitBreaker
+from bridgeway.dataplane.proxy import ClientGone, read_body
+from bridgeway.errors import GatewayError
+from bridgeway.llm.client import ChatStream, Pools, chat, embeddings
+from bridgeway.llm.prices import price_of
+from bridgeway.llm.providers import Deployment, ProviderError, StreamBroken
+from bridgeway.llm.router import Deployed, ModelGroup, Router
+from bridgeway.security.access import ADMIN_ROLE, FOREIGN, Access, Principal
+
+MAX_BODY = 16 << 20  # prompts with images are large, but not unbounded
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_CHALLENGE = [(b"www-authenticate", b'Bearer realm="bridgeway"')]
+
+
+def compile_router(config: Config, previous: Router | None = None) -> Router:
+    """Model groups from config; a deployment kept across a reload keeps what was learnt of it."""
+    old: dict[tuple, Deployed] = {}
+    if previous is not None:
+        old = {_identity(d.deployment): d for g in previous.groups.values() for d in g.deployed}
+    groups = {}
+    for name, group in config.models.items():
+        deployed = []
+        for dc in group.deployments:
+            deployment = Deployment(
+                dc.provider,
+                dc.model,
+                dc.base_url,
+                dc.api_key.get_secret_value() if dc.api_key is not None else None,
+            )
+            kept = old.get(_identity(deployment))
+            if kept is not None and kept.weight == dc.weight and kept.timeout == dc.timeout:
+                deployed.append(kept)
+                continue
+            breaker = CircuitBreaker(failures=group.cooldown.failures, open_for=group.cooldown.open_for)
+            deployed.append(Deployed(deployment, dc.weight, dc.timeout, sum(price_of(dc.model)), breaker))
+        groups[name] = ModelGroup(name, group, deployed)
+    return Router(groups)
+
+
+def _identity(d: Deployment) -> tuple:
+    return (d.provider, d.model, d.base_url, d.api_key)
+
+
+class LLMEndpoint:
+    def __init__(self, config: Config, previous: LLMEndpoint | None = None):
+        self.router = compile_router(config, previous.router if previous else None)
+        self.pools = previous.pools if previous is not None else Pools()
+        self.required = config.auth.required
+        self.grants = {
+            name: re.compile("|".join(fnmatch.translate(m) for m in role.models)).match
+            if role.models
+            else None
+            for name, role in config.roles.items()
+        }
+
+    async def close(self) -> None:
+        await self.pools.close()
+
+    async def handle(self, scope, receive, send, access: Access, trace_headers: list) -> int:
+        """Answer one /v1 request; returns the status. Errors are raised as GatewayError."""
+        path, method = scope["path"], scope["method"]
+        caller = await self._caller(scope, access)
+        if path == "/v1/models":
+            if method != "GET":
+                raise GatewayError("METHOD_NOT_ALLOWED", "GET /v1/models")
+            return await self._models(send, caller, trace_headers)
+        if path not in ("/v1/chat/completions", "/v1/embeddings"):
+            raise GatewayError("NOT_FOUND", f"no route for {path[:200]!r}")
+        if method != "POST":
+            raise GatewayError("METHOD_NOT_ALLOWED", f"POST {path}")
+        try:
+            body = orjson.loads(await read_body(receive, MAX_BODY))
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError("BAD_REQUEST", f"the body is not valid JSON: {exc.msg}") from None
+        if not isinstance(body, dict):
+            raise GatewayError("BAD_REQUEST", "the body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or model not in self.router.groups:
+            raise GatewayError("UNKNOWN_MODEL", f"no model named {str(model)[:100]!r}")
+        if not self._may_use(caller, model):
+            raise GatewayError("FORBIDDEN", f"this caller may not use model {model!r}")
+        if path == "/v1/embeddings":
+            return await self._embeddings(send, body, model, trace_headers)
+        return await self._chat(scope, receive, send, body, model, trace_headers)
+
+    # -- who ----------------------------------------------------------------------------------
+
+    async def _caller(self, scope, access: Access) -> Principal | None:
+        token = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip().decode("latin-1")
+            elif name == b"x-api-key":  # what Anthropic-style clients send
+                token = value.strip().decode("latin-1")
+        if token is None:
+            if self.required:
+                raise GatewayError("UNAUTHENTICATED", "an API key or token is required", headers=_CHALLENGE)
+            return None
+        caller = await access.authenticate(token)
+        if caller is None or caller is FOREIGN:
+            raise GatewayError("UNAUTHENTICATED", "the credential is not valid", headers=_CHALLENGE)
+        return caller
+
+    def _may_use(self, caller: Principal | None, model: str) -> bool:
+        if caller is None or caller.role == ADMIN_ROLE:
+            return True  # anonymous only reaches here when auth is not required
+        grant = self.grants.get(caller.role)
+        return grant is not None and grant(model) is not None
+
+    # -- answers ------------------------------------------------------------------------------
+
+    async def _models(self, send, caller: Principal | None, trace_headers: list) -> int:
+        now = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": now, "owned_by": "bridgeway"}
+            for name in self.router.groups
+            if self._may_use(caller, name)
+        ]
+        await _send_json(send, 200, {"object": "list", "data": data}, trace_headers)
+        return 200
+
+    async def _embeddings(self, send, body: dict, model: str, trace_headers: list) -> int:
+        async def call(item: Deployed):
+            return await embeddings(
+                self.pools.get(item.deployment), item.deployment, body, model, timeout=item.timeout
+            )
+
+        result, item, reason = await self._try_chain(model, call)
+        await _send_json(send, 200, result, trace_headers + _route_headers(item, reason))
+        return 200
+
+    async def _chat(self, scope, receive, send, body: dict, model: str, trace_headers: list) -> int:
+        stream = body.get("stream") is True
+
+        async def call(item: Deployed):
+            d = item.deployment
+            return await chat(self.pools.get(d), d, body, model, stream, timeout=item.timeout)
+
+        result, item, reason = await self._try_chain(model, call, hold=stream)
+        headers = trace_headers + _route_headers(item, reason)
+        if not stream:
+            await _send_json(send, 200, result, headers)
+            return 200
+        try:
+            await _relay_stream(result, scope, receive, send, headers)
+        finally:
+            item.inflight -= 1
+        return 200
+
+    async def _try_chain(self, model: str, call, *, hold: bool = False):
+        """Each deployment of the chain in turn until one answers. With `hold` the deployment
+        stays counted in flight after success (a stream still running); the caller lets go."""
+        skipped: list[str] = []
+        last: ProviderError | None = None
+        for group, item in self.router.chain(model):
+            now = time.monotonic()
+            ticket = item.admit(now)
+            name = f"{item.deployment.provider}/{item.deployment.model}"
+            if ticket is None:
+                skipped.append(f"{name} cooling down")
+                continue
+            item.inflight += 1
+            started = now
+            try:
+                result = await call(item)
+            except ProviderError as exc:
+                item.inflight -= 1
+                if not exc.retryable:  # the request's own fault: no other deployment does better
+                    item.breaker.release(ticket)
+                    raise _gateway_error(exc) from None
+                item.done(ticket, False, time.monotonic())
+                skipped.append(f"{name} {exc.code}")
+                last = exc
+                continue
+            except BaseException:
+                item.inflight -= 1
+                item.breaker.release(ticket)
+                raise
+            item.done(ticket, True, time.monotonic(), time.monotonic() - started)
+            if not hold:
+                item.inflight -= 1
+            reason = group.strategy + (f" in {group.name}" if group.name != model else "")
+            if skipped:
+                reason += "; after " + ", ".join(skipped)
+            return result, item, reason
+        if last is None:
+            raise GatewayError(
+                "NO_DEPLOYMENT",
+                f"every deployment of {model!r} is cooling down",
+                headers=[(b"retry-after", b"5")],
+            )
+        raise _gateway_error(last, "; ".join(skipped))
+
+
+def _gateway_error(exc: ProviderError, tried: str = "") -> GatewayError:
+    headers = [(b"retry-after", b"%d" % max(1, round(exc.retry_after)))] if exc.retry_after else None
+    message = exc.message + (f" (tried: {tried})" if tried else "")
+    return GatewayError(
+        exc.code if exc.code in _KNOWN else "UPSTREAM_ERROR", message, headers=headers, status=exc.status
+    )
+
+
+_KNOWN = frozenset(
+    {
+        "RATE_LIMITED",
+        "CONTEXT_WINDOW",
+        "BAD_REQUEST",
+        "UNSUPPORTED",
+        "UPSTREAM_AUTH",
+        "UPSTREAM_ERROR",
+        "UPSTREAM_TIMEOUT",
+        "UPSTREAM_CONNECT",
+        "BAD_RESPONSE",
+        "STREAM_BROKEN",
+    }
+)
+
+
+def _route_headers(item: Deployed, reason: str) -> list[tuple[bytes, bytes]]:
+    d = item.deployment
+    return [
+        (b"x-bridgeway-deployment", f"{d.provider}/{d.model}".encode()),
+        (b"x-bridgeway-route", reason.encode("latin-1", "replace")),
+    ]
+
+
+async def _send_json(send, status: int, body: object, headers: list) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
+    await send({"type": "http.response.body", "body": orjson.dumps(body)})
+
+
+async def _relay_stream(stream: ChatStream, scope, receive, send, headers: list) -> None:
+    """Chunks as SSE events until [DONE]; a failure after the first token becomes an error
+    event and a clean end. A client that leaves stops the upstream stream."""
+    task = asyncio.current_task()
+    gone = asyncio.ensure_future(_disconnect(receive))
+
+    def stop(_: asyncio.Future) -> None:
+        task.cancel()
+
+    gone.add_done_callback(stop)
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": [*_SSE, *headers]})
+        try:
+            async for chunk in stream:
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                        "more_body": True,
+                    }
+                )
+        except StreamBroken as exc:
+            error = {"error": {"code": exc.code, "message": exc.message, "type": "stream_error"}}
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(error) + b"\n\n"})
+            return
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+    except asyncio.CancelledError:
+        if gone.done() and not gone.cancelled():
+            task.uncancel()
+            raise ClientGone from None
+        raise
+    finally:
+        gone.remove_done_callback(stop)
+        gone.cancel()
+        stream.close()
+
+
+async def _disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
