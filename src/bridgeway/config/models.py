@@ -195,6 +195,11 @@ class AuthConfig(Model):
     required: bool = Field(False, description="every /bridge request needs an API key or token")
 
 
+class AuditConfig(Model):
+    enabled: bool = Field(True, description="record security events in the state backend and the logs")
+    retention: Duration = Field(30 * 86400.0, gt=0, description="how long a record is kept")
+
+
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
@@ -207,6 +212,7 @@ class Config(Model):
     roles: dict[str, RoleConfig] = {}
     clients: dict[ServiceName, ClientConfig] = {}
     logging: LoggingConfig = LoggingConfig()
+    audit: AuditConfig = AuditConfig()
     services: dict[ServiceName, ServiceConfig] = {}
 
     @model_validator(mode="after")
