@@ -95,7 +95,7 @@ async def test_record_returns_at_once_and_the_writer_stores_it_in_the_background
     assert cursor is None
     assert record["event"] == "key.created" and record["actor"] == "admin:token"
     assert record["outcome"] == "success" and record["details"] == {"key_id": "abcdef0123"}
-    assert record["time"] == "2026-01-01T00:00:00.000Z" and record["epoch"] == T0
+    assert record["time"] == "2026-01-01T00:00:00.000000Z" and record["epoch"] == T0
     for field in ("id", "service", "route", "method", "path", "address", "trace_id"):
         assert field in record
 
@@ -268,6 +268,16 @@ async def test_query_by_time_window(audit, clock):
     assert [r["details"]["n"] for r in await everything(audit, until=T0 + 59)] == [0]
     both = await everything(audit, event="key.created", actor="key:0000000000", until=T0 + 400)
     assert [r["details"]["n"] for r in both] == [6, 3, 0]
+
+
+async def test_a_records_own_time_is_an_inclusive_bound(audit, clock):
+    clock.now = T0 + 0.1234567  # not a whole microsecond
+    fill(audit, clock, 3, step=0.0000013)
+    await audit.flush()
+    for record in await everything(audit):
+        for bound in (record["epoch"], parse_time(record["time"], 0)):
+            found = await everything(audit, since=bound, until=bound)
+            assert [r["id"] for r in found] == [record["id"]]
 
 
 async def test_bad_query_arguments(audit):

@@ -38,7 +38,7 @@ import re
 import secrets
 import time
 from collections import deque
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
@@ -72,6 +72,7 @@ SCAN_BUDGET = 10_000  # entries one query reads at most when filtering by actor
 MAX_PATH = 512
 
 _MAX_NS = 10**20 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EVENT = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+")
 _ID = re.compile(r"[0-9]{20}-[0-9a-f]{1,16}")
 _SECRET_NAME = re.compile(r"secret|token|password|passwd|hash|sha256|authorization", re.IGNORECASE)
@@ -141,10 +142,11 @@ class AuditLog:
             raise ValueError(f"{event!r} is not a dotted lowercase event name")
         ns = max(int(self.clock() * 1e9), self._last_ns + 1)  # unique and ordered within a writer
         self._last_ns = ns
+        micros = ns // 1000  # both times shown to the microsecond, so either one is a precise bound
         record = {
             "id": f"{_MAX_NS - ns:020d}-{self.writer}",
-            "time": datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
-            "epoch": round(ns / 1e9, 6),
+            "time": (_EPOCH + timedelta(microseconds=micros)).isoformat(timespec="microseconds")[:-6] + "Z",
+            "epoch": micros / 1e6,
             "event": event,
             "actor": actor,
             "outcome": outcome,
@@ -284,7 +286,7 @@ class AuditLog:
         """Visit the expired tail of each listing. Expired entries vanish by themselves, but
         Redis keeps their members in the namespace's index until a listing meets them, and a
         newest-first reader seldom reaches the oldest end."""
-        boundary = _inverted(self.clock() - self.retention)
+        boundary = _inverted(_ns(self.clock() - self.retention))
         try:
             for prefix in ("r/", *(f"e/{event}/" for event in sorted(self._events))):
                 await self.kv.list(NAMESPACE, prefix, limit=1000, after=prefix + boundary)
@@ -316,9 +318,9 @@ class AuditLog:
             raise ValueError("cursor: not a cursor returned by a previous page")
         prefix = f"e/{event}/" if event is not None else "r/"
         start = prefix + after if after is not None else None
-        if until is not None:
-            start = max(start or "", prefix + _inverted(until))  # the newest record allowed
-        stop = _inverted(since) if since is not None else None  # ids past it are older
+        if until is not None:  # a bound is a whole microsecond, as records show their time
+            start = max(start or "", prefix + _inverted(_ns(until) + 999))  # the newest allowed
+        stop = _inverted(_ns(since)) if since is not None else None  # ids past it are older
         page = limit + 1 if actor is None else 500
         records: list[dict] = []
         scanned = 0
@@ -341,9 +343,14 @@ class AuditLog:
             start = entries[-1][0]
 
 
-def _inverted(epoch: float) -> str:
-    ns = min(max(int(epoch * 1e9), 0), _MAX_NS)
-    return f"{_MAX_NS - ns:020d}"
+def _ns(epoch: float) -> int:
+    """`epoch` in ns, to the nearest microsecond: bounds are whole microseconds, as records show
+    their times (and a float's error stays far below one)."""
+    return round(epoch * 1e6) * 1000
+
+
+def _inverted(ns: int) -> str:
+    return f"{_MAX_NS - min(max(ns, 0), _MAX_NS):020d}"
 
 
 def _clean(value, name: str = ""):
