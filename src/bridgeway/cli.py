@@ -1,4 +1,4 @@
-"""`bridgeway serve | check | demo`."""
+"""`bridgeway serve | check | demo | keys | audit`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from bridgeway import __version__
 from bridgeway.config import Config, ConfigError, load_config
@@ -106,26 +107,51 @@ keys_app = typer.Typer(help="API keys, stored hashed in the config's state backe
 app.add_typer(keys_app, name="keys")
 
 
-def _with_keys(config: Path, action):
-    """Run `action(KeyStore)` against the state the gateway with this config uses."""
+def _with_state(config: Path, action):
+    """Run `action(KeyStore, AuditLog)` against the state the gateway with this config uses.
+    The CLI writes there directly, so it records its changes in the audit log itself."""
     import asyncio
 
+    from bridgeway.governance.audit import AuditLog
+    from bridgeway.observability import logs
     from bridgeway.security.keys import KeyStore
     from bridgeway.state import open_state
 
     cfg = _load_or_exit(config)
     if cfg.state.startswith("memory:"):
-        err.print("keys need shared state: set state to sqlite:///... or redis://... in the config")
+        err.print("keys and the audit log need shared state: set state to sqlite:///... or redis://...")
         raise typer.Exit(1)
+    logs.configure("warning", sys.stderr.buffer)  # stdout carries what the command prints
 
     async def run():
         kv = open_state(cfg.state)
+        audit = AuditLog(kv, retention=cfg.audit.retention, enabled=cfg.audit.enabled)
+        audit.start()
         try:
-            return await action(KeyStore(kv))
+            return await action(KeyStore(kv), audit)
         finally:
+            await audit.stop()
             await kv.close()
+            if audit.dropped:
+                err.print(f"[red]{audit.dropped} audit record(s) could not be written[/]")
 
     return asyncio.run(run())
+
+
+def _audited(event: str, change, **details):
+    """An action for `_with_state` that makes `change(keys)` and records `event` for it: a
+    success when it returns the key's record (or a token and the record), else a failure."""
+    from bridgeway.governance.audit import cli_actor, key_fields
+
+    async def action(keys, audit):
+        result = await change(keys)
+        record = result[1] if isinstance(result, tuple) else result
+        facts = {**details, **key_fields(record)} if record is not None else details
+        outcome = "success" if record is not None else "failure"
+        audit.record(event, actor=cli_actor(), outcome=outcome, **facts)
+        return result
+
+    return action
 
 
 def _print_secret(token: str) -> None:
@@ -162,9 +188,12 @@ def keys_create(
     elif role is None:
         err.print("--role is required (or --client, to act as a client of the config)")
         raise typer.Exit(1)
-    token, _ = _with_keys(
+    token, _ = _with_state(
         config,
-        lambda keys: keys.create(name, role, services=wanted, expires_in=lifetime, client=client),
+        _audited(
+            "key.created",
+            lambda keys: keys.create(name, role, services=wanted, expires_in=lifetime, client=client),
+        ),
     )
     _print_secret(token)
 
@@ -177,7 +206,7 @@ def keys_list(config: ConfigOption = Path("bridgeway.yaml")) -> None:
     def when(ts: float | None) -> str:
         return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M") if ts else "-"
 
-    records = _with_keys(config, lambda keys: keys.list())
+    records = _with_state(config, lambda keys, audit: keys.list())
     table = Table(title=f"{len(records)} keys")
     for column in ("id", "name", "role", "services", "created", "expires", "revoked"):
         table.add_column(column)
@@ -192,7 +221,7 @@ def keys_list(config: ConfigOption = Path("bridgeway.yaml")) -> None:
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, config: ConfigOption = Path("bridgeway.yaml")) -> None:
     """Revoke a key by its id: refused by every gateway sharing this state."""
-    if _with_keys(config, lambda keys: keys.revoke(key_id)) is None:
+    if _with_state(config, _audited("key.revoked", lambda keys: keys.revoke(key_id), key_id=key_id)) is None:
         err.print(f"no key with id {key_id}")
         raise typer.Exit(1)
     console.print(f"revoked {key_id}")
@@ -207,11 +236,72 @@ def keys_rotate(
     """Give a key a new secret; the old one works for the grace period."""
     from bridgeway.config.units import parse_duration
 
-    rotated = _with_keys(config, lambda keys: keys.rotate(key_id, parse_duration(grace)))
+    try:
+        seconds = parse_duration(grace)
+    except ValueError as exc:
+        err.print(f"--grace: {exc}")
+        raise typer.Exit(1) from None
+    rotated = _with_state(
+        config,
+        _audited("key.rotated", lambda keys: keys.rotate(key_id, seconds), key_id=key_id, grace=seconds),
+    )
     if rotated is None:
         err.print(f"no active key with id {key_id}")
         raise typer.Exit(1)
     _print_secret(rotated[0])
+
+
+@app.command()
+def audit(
+    event: Annotated[str | None, typer.Option(help="only this event, e.g. key.revoked")] = None,
+    actor: Annotated[str | None, typer.Option(help='only this actor, e.g. "key:0123456789"')] = None,
+    since: Annotated[str | None, typer.Option(help="from: 1h (ago), ISO 8601 or epoch seconds")] = None,
+    until: Annotated[str | None, typer.Option(help="to: 10m (ago), ISO 8601 or epoch seconds")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="records to show")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="go on from a previous listing")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+) -> None:
+    """Security events from the audit log, newest first."""
+    import time
+
+    from bridgeway.governance.audit import parse_time
+
+    now = time.time()
+    bounds = {}
+    for name, value in (("since", since), ("until", until)):
+        try:
+            bounds[name] = parse_time(value, now) if value is not None else None
+        except ValueError as exc:
+            err.print(f"--{name}: {exc}", markup=False)
+            raise typer.Exit(1) from None
+
+    async def query(keys, log):
+        return await log.query(event, actor, bounds["since"], bounds["until"], limit, cursor)
+
+    try:
+        records, after = _with_state(config, query)
+    except ValueError as exc:
+        err.print(str(exc), markup=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{len(records)} audit records, newest first")
+    for column in ("time", "event", "outcome", "actor", "request", "address", "details"):
+        table.add_column(column)
+    for r in records:
+        request = f"{r['method']} {r['path']}" if r["path"] else "-"
+        details = ", ".join(f"{k}={v}" for k, v in r["details"].items() if v is not None)
+        cells = (
+            r["time"],
+            r["event"],
+            r["outcome"],
+            r["actor"] or "-",
+            request,
+            r["address"] or "-",
+            details,
+        )
+        table.add_row(*map(Text, cells))  # as text: a value such as "[redacted]" is not markup
+    console.print(table, highlight=False)
+    if after is not None:
+        err.print(f"more: --cursor {after}", markup=False)
 
 
 @app.command()

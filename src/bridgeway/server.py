@@ -18,18 +18,20 @@ import orjson
 
 from bridgeway import __version__
 from bridgeway.api import build_api
+from bridgeway.api.auth import credential_kind
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
 from bridgeway.dataplane.proxy import BRIDGE, Call, ClientGone, StreamCut, proxy_http, read_head
 from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
+from bridgeway.governance.audit import AuditLog
 from bridgeway.llm.endpoint import LLMEndpoint
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 from bridgeway.security.access import Access
 from bridgeway.security.jwt import JwtVerifier, SigningKeys
-from bridgeway.security.keys import KeyStore
+from bridgeway.security.keys import KeyStore, public_id
 from bridgeway.security.limits import RedisLimiter
 from bridgeway.security.oauth import TokenIssuer
 from bridgeway.state import KV, open_state
@@ -61,6 +63,8 @@ class Gateway:
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
         self.log = logs.get_logger()
+        # Recording works from the start; the writer starts with the state, in the worker's loop.
+        self.audit = AuditLog(retention=config.audit.retention, enabled=config.audit.enabled)
         self.api = build_api(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -69,6 +73,7 @@ class Gateway:
         logs.configure(self.config.logging.level)
         self.state = self.registry.state = open_state(self.config.state)
         self.keys = KeyStore(self.state)
+        self.audit.start(self.state)
         if self.config.state.startswith(("redis://", "rediss://")):
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
         self._build_auth(self.config)
@@ -110,6 +115,7 @@ class Gateway:
         await self.health.stop()
         await self.registry.close()
         await self.llm.close()
+        await self.audit.stop()  # writes what is still queued, while the state is open
         if self.state is not None:
             await self.state.close()
         if isinstance(self.registry.limiter, RedisLimiter):
@@ -122,9 +128,10 @@ class Gateway:
             metrics.write_snapshot()
             await asyncio.sleep(1.0)
 
-    def reload(self) -> list[str]:
+    def reload(self, actor: str = "signal:SIGHUP", **context) -> list[str]:
         """Re-read the config file; a valid one takes over at once, an invalid one changes nothing.
-        Returns the problems found (empty when the new config serves)."""
+        Returns the problems found (empty when the new config serves). `actor` and `context`
+        (the request's fields, when the API asked) go to the audit record."""
         if not self.config_path:
             return ["no config file to reload from"]
         mtime = _mtime(self.config_path)
@@ -133,6 +140,15 @@ class Gateway:
         except ConfigError as exc:
             metrics.config_reloaded(False)
             self.log.error("config_rejected", path=self.config_path, problems=exc.problems)
+            self.audit.record(
+                "config.rejected",
+                actor=actor,
+                outcome="failure",
+                file=self.config_path,
+                problems=exc.problems,
+                pid=os.getpid(),
+                **context,
+            )
             return exc.problems
         for field in ("listen", "state"):
             if getattr(config, field) != getattr(self.config, field):
@@ -146,11 +162,22 @@ class Gateway:
         self.admin_token_sha256 = _token_hash(config)
         metrics.config_reloaded(True)
         self.log.info("config_reloaded", path=self.config_path, services=list(config.services))
+        self.audit.record(
+            "config.reloaded",
+            actor=actor,
+            outcome="success",
+            file=self.config_path,
+            services=sorted(config.services),
+            pid=os.getpid(),
+            **context,
+        )
+        # After the record: a reload that turns the audit log off is itself recorded.
+        self.audit.retention, self.audit.enabled = config.audit.retention, config.audit.enabled
         return []
 
-    def reload_everywhere(self) -> list[str]:
+    def reload_everywhere(self, actor: str, **context) -> list[str]:
         """Reload here and, with several workers, have the supervisor tell the others too."""
-        problems = self.reload()
+        problems = self.reload(actor, **context)
         if not problems and shared_dir() is not None:
             os.kill(os.getppid(), signal.SIGHUP)
         return problems
@@ -220,6 +247,8 @@ class Gateway:
             status = await proxy_http(service, scope, receive, send, call, reply_headers, self.access)
         except GatewayError as exc:
             status = exc.status
+            if status in (401, 403):
+                self._audit_refusal(exc, scope, name, call)
             if not reply_headers:  # the head itself was refused, after its trace was known
                 reply_headers.append(
                     (b"traceparent", traceparent(call.trace_id, new_span_id(), call.trace_flags))
@@ -283,6 +312,28 @@ class Gateway:
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                     trace_id=trace_id,
                 )
+
+    def _audit_refusal(self, exc: GatewayError, scope, name: str, call: Call) -> None:
+        """Record a 401 or 403 on /bridge: only refused requests come here, admitted ones pay nothing."""
+        token = call.credential
+        key_id = public_id(token) if token is not None else None
+        client = scope.get("client")
+        fields = {
+            "outcome": "failure",
+            "trace_id": call.trace_id,
+            "service": name,
+            "route": f"/bridge/{name}",
+            "method": scope["method"],
+            "path": scope["path"],  # without the query, which may carry secrets
+            "address": client[0] if client else None,
+            "reason": exc.message,
+        }
+        if exc.status == 401:
+            credential = credential_kind(token)
+            self.audit.record("auth.failed", actor=None, credential=credential, key_id=key_id, **fields)
+        else:
+            # A 403 comes after the key was authenticated, so its (public) id names the caller.
+            self.audit.record("access.forbidden", actor=f"key:{key_id}" if key_id else None, **fields)
 
     async def _lifespan(self, receive, send) -> None:
         while True:

@@ -226,6 +226,11 @@ def test_oauth_client_credentials(gw: GatewayProc):
     )
     assert (claims["iss"], claims["sub"], claims["role"]) == ("bridgeway", "agi", "analyst")
 
+    def issued_records():
+        return gw.api("GET", "/audit?event=oauth.token_issued").json()["records"]
+
+    wait_until(lambda: any(r["actor"] == "client:agi" for r in issued_records()), timeout=5, what="audit")
+
 
 def test_oauth_refusals_speak_oauth(gw: GatewayProc):
     r = grant(gw, "agi", "wrong-secret")
@@ -235,6 +240,14 @@ def test_oauth_refusals_speak_oauth(gw: GatewayProc):
         and "basic" in r.headers["www-authenticate"].lower()
     )
     assert grant(gw, "nobody", "whatever").json()["error"] == "invalid_client"
+
+    def refused():
+        records = gw.api("GET", "/audit?event=auth.failed").json()["records"]
+        return [r for r in records if r["details"].get("credential") == "client_secret"]
+
+    wait_until(
+        lambda: {r["details"]["client_id"] for r in refused()} >= {"agi", "nobody"}, timeout=5, what="audit"
+    )
     form = urllib.parse.urlencode({"grant_type": "password"}).encode()
     basic = "Basic " + base64.b64encode(b"agi:agi-secret-0123456789abcdef").decode()
     r = gw.request(

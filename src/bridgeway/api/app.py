@@ -3,6 +3,7 @@
 It talks to the very objects the data plane uses (the gateway's registry), so there is one
 truth. Every route requires the admin role (the config's admin token or an admin API key), except
 the KV store, which roles may be granted namespaces of; errors leave in the gateway's one shape.
+Refused callers and the changes admitted ones make are recorded in the audit log.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import keys, kv, oauth, services
+from bridgeway.api import audit, context, keys, kv, oauth, services
 from bridgeway.api.auth import require_admin
 from bridgeway.errors import GatewayError, error_body
-from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
+from bridgeway.observability.tracing import new_span_id, traceparent
 from bridgeway.security.oauth import OAuthError
 
 if TYPE_CHECKING:
@@ -33,13 +34,8 @@ _CODES = {
 }
 
 
-def _trace(request: Request) -> tuple[str, str]:
-    parent = parse_traceparent(request.headers.get("traceparent", "").encode() or None)
-    return parent if parent else (new_trace_id(), "01")
-
-
 def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    trace_id, flags = _trace(request)
+    trace_id, flags = context.trace(request)
     body = error_body(code, message, trace_id)
     headers = {**(headers or {}), "traceparent": traceparent(trace_id, new_span_id(), flags).decode()}
     return Response(body, status_code=status, headers=headers, media_type="application/json")
@@ -62,10 +58,10 @@ def build_api(gateway: Gateway) -> FastAPI:
         redoc_url=None,
     )
     api.state.gateway = gateway
-    for router in (services.router, keys.router):
-        api.include_router(router, prefix="/api/v1", dependencies=[Depends(require_admin)])
+    for router in (services.router, keys.router, audit.router):
+        api.include_router(router, prefix=context.PREFIX, dependencies=[Depends(require_admin)])
     # The KV store is also for services: a role's `kv` grants open namespaces to its callers.
-    api.include_router(kv.router, prefix="/api/v1", dependencies=[Depends(kv.require_kv_access)])
+    api.include_router(kv.router, prefix=context.PREFIX, dependencies=[Depends(kv.require_kv_access)])
     api.include_router(oauth.router)  # its own client authentication, its own error shape
 
     @api.exception_handler(OAuthError)

@@ -1,13 +1,15 @@
 """/api/v1/keys: create, list, revoke and rotate API keys. A key's secret is shown once, at
-creation or rotation; afterwards only its public record is."""
+creation or rotation; afterwards only its public record is. Every change is audited."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, field_validator
 
+from bridgeway.api.context import audit
 from bridgeway.config.units import parse_duration
 from bridgeway.errors import GatewayError
+from bridgeway.governance.audit import key_fields
 
 router = APIRouter(tags=["keys"])
 
@@ -53,6 +55,7 @@ async def create_key(request: Request, body: NewKey) -> dict:
     token, record = await _keys(request).create(
         body.name, role, services=body.services, expires_in=expires_in, client=body.client
     )
+    audit(request, "key.created", **key_fields(record))
     return {"key": token, **record.public()}
 
 
@@ -65,7 +68,10 @@ async def list_keys(request: Request) -> dict:
 async def revoke_key(request: Request, key_id: str) -> dict:
     record = await _keys(request).revoke(key_id)
     if record is None:
-        raise GatewayError("NOT_FOUND", f"no key with id {key_id!r}")
+        error = GatewayError("NOT_FOUND", f"no key with id {key_id!r}")
+        audit(request, "key.revoked", outcome="failure", key_id=key_id, reason=error.message)
+        raise error
+    audit(request, "key.revoked", **key_fields(record))
     return record.public()
 
 
@@ -74,6 +80,9 @@ async def rotate_key(request: Request, key_id: str, body: Rotation | None = None
     grace = parse_duration((body or Rotation()).grace)
     rotated = await _keys(request).rotate(key_id, grace)
     if rotated is None:
-        raise GatewayError("NOT_FOUND", f"no active key with id {key_id!r}")
+        error = GatewayError("NOT_FOUND", f"no active key with id {key_id!r}")
+        audit(request, "key.rotated", outcome="failure", key_id=key_id, reason=error.message)
+        raise error
     token, record = rotated
+    audit(request, "key.rotated", grace=grace, **key_fields(record))
     return {"key": token, **record.public()}

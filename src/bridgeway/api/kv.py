@@ -2,6 +2,7 @@
 
 Values are opaque bytes. Each write bumps the key's version, returned as the `ETag`; `If-Match`
 makes a write or delete conditional on it (compare-and-set) and `If-None-Match: *` creates only.
+Writes and deletes are audited by namespace and key, never with the value.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from bridgeway.api.auth import caller_of
+from bridgeway.api.auth import caller_of, refuse
+from bridgeway.api.context import audit
 from bridgeway.config.units import parse_duration
 from bridgeway.errors import GatewayError
 from bridgeway.state import Entry, VersionMismatch
@@ -29,7 +31,7 @@ async def require_kv_access(request: Request) -> None:
     write = request.method not in ("GET", "HEAD")
     if not request.app.state.gateway.access.may_use_kv(caller, namespace, write):
         verb = "write" if write else "read"
-        raise GatewayError("FORBIDDEN", f"role {caller.role!r} may not {verb} namespace {namespace!r}")
+        raise refuse(request, caller, f"role {caller.role!r} may not {verb} namespace {namespace!r}")
 
 
 def _kv(request: Request):
@@ -109,6 +111,7 @@ async def put_value(request: Request, namespace: Namespace, key: Key, ttl: str |
         )
     except VersionMismatch as exc:
         raise _conflict(key, exc) from None
+    audit(request, "kv.put", namespace=namespace, key=key, version=entry.version, ttl=seconds)
     return Response(status_code=201 if entry.version == 1 else 200, headers=_headers(entry))
 
 
@@ -122,4 +125,5 @@ async def delete_value(request: Request, namespace: Namespace, key: Key) -> Resp
         raise _conflict(key, exc) from None
     if not deleted:
         raise GatewayError("NOT_FOUND", f"no key {key!r} in namespace {namespace!r}")
+    audit(request, "kv.deleted", namespace=namespace, key=key)
     return Response(status_code=204)

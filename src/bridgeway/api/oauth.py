@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, unquote_plus
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from bridgeway.api import context
 from bridgeway.security.jwt import InvalidToken
 from bridgeway.security.oauth import OAuthError
 
@@ -52,8 +53,11 @@ def _client(request: Request, form: dict[str, str]) -> str:
     else:
         client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
     if not client_id or not secret or not issuer.authenticate_client(client_id, secret):
-        request.app.state.gateway.log.warning("oauth_client_refused", client_id=client_id[:100])
+        context.audit(
+            request, "auth.failed", outcome="failure", credential="client_secret", client_id=client_id[:100]
+        )
         raise OAuthError(401, "invalid_client", "client authentication failed")
+    request.state.actor = f"client:{client_id}"
     return client_id
 
 
@@ -64,6 +68,7 @@ async def token(request: Request) -> Response:
     if form.get("grant_type") != "client_credentials":
         raise OAuthError(400, "unsupported_grant_type", "only grant_type=client_credentials is supported")
     issued = await request.app.state.gateway.oauth.issue(client_id)
+    context.audit(request, "oauth.token_issued", expires_in=issued["expires_in"])
     return JSONResponse(issued, headers=_NO_STORE)
 
 
@@ -82,7 +87,7 @@ async def revoke(request: Request) -> Response:
     # A client revokes only its own tokens; others' are answered alike, so none can be probed.
     if claims.issuer == gateway.oauth.issuer and claims.subject == client_id:
         await gateway.oauth.revoke(claims)
-        gateway.log.info("oauth_token_revoked", client_id=client_id, jti=claims.jti)
+        context.audit(request, "oauth.token_revoked", jti=claims.jti)
     return Response(status_code=200)
 
 

@@ -1,4 +1,6 @@
-"""/api/v1/services: what the gateway routes to, and run-time self-registration of instances."""
+"""/api/v1/services: what the gateway routes to, run-time self-registration of instances, and
+config reloads. New registrations, deregistrations and reloads are audited; lease renewals are
+not (they come every few seconds)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, field_validator
 
+from bridgeway.api.context import audit, request_fields
 from bridgeway.config.models import instance_url
 from bridgeway.config.units import parse_duration
 from bridgeway.errors import GatewayError
@@ -55,7 +58,9 @@ async def register(request: Request, response: Response, name: str, body: Regist
     service = _service(request, name)
     ttl = body.ttl or service.config.registration_ttl
     inst, created = await request.app.state.gateway.registry.register(service, body.url, ttl)
-    if not created:
+    if created:
+        audit(request, "service.instance_registered", service=name, url=body.url, ttl=ttl)
+    else:
         response.status_code = 200
     return inst.snapshot(time.monotonic())
 
@@ -65,6 +70,7 @@ async def deregister(request: Request, name: str, url: str) -> Response:
     registry = request.app.state.gateway.registry
     if not await registry.deregister(_service(request, name), url.rstrip("/")):
         raise GatewayError("NOT_FOUND", "no registered instance with that url (config instances stay)")
+    audit(request, "service.instance_deregistered", service=name, url=url.rstrip("/"))
     return Response(status_code=204)
 
 
@@ -72,9 +78,10 @@ async def deregister(request: Request, name: str, url: str) -> Response:
     "/admin/reload", summary="Reload the config file; an invalid one is rejected and the old one serves"
 )
 async def reload(request: Request) -> dict:
-    problems = request.app.state.gateway.reload_everywhere()
+    gateway = request.app.state.gateway
+    problems = gateway.reload_everywhere(request.state.actor, **request_fields(request))
     if problems:
         raise GatewayError(
             "INVALID_CONFIG", "config rejected, the previous one keeps serving: " + "; ".join(problems)
         )
-    return {"status": "reloaded", "services": sorted(request.app.state.gateway.registry.services)}
+    return {"status": "reloaded", "services": sorted(gateway.registry.services)}

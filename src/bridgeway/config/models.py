@@ -301,6 +301,11 @@ class ModelGroupConfig(Model):
     cooldown: CooldownConfig = CooldownConfig()
 
 
+class AuditConfig(Model):
+    enabled: bool = Field(True, description="record security events in the state backend and the logs")
+    retention: Duration = Field(30 * 86400.0, gt=0, description="how long a record is kept")
+
+
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
@@ -313,6 +318,7 @@ class Config(Model):
     roles: dict[str, RoleConfig] = {}
     clients: dict[ServiceName, ClientConfig] = {}
     logging: LoggingConfig = LoggingConfig()
+    audit: AuditConfig = AuditConfig()
     services: dict[ServiceName, ServiceConfig] = {}
     models: dict[str, ModelGroupConfig] = Field({}, description="the LLM router's public model names")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import BinaryIO
 
 import orjson
 import structlog
@@ -11,7 +12,8 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(level: str = "info") -> None:
+def configure(level: str = "info", stream: BinaryIO | None = None) -> None:
+    """JSON lines at `level` and above, to stdout unless told (the CLI keeps stdout for its output)."""
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -20,7 +22,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(stream or sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
 

@@ -86,6 +86,7 @@ class ServiceMetrics:
 
 _ALL: dict[str, ServiceMetrics] = {}
 _RELOADS = {"ok": 0, "rejected": 0}
+_AUDIT = {"dropped": 0}
 
 
 def for_service(name: str) -> ServiceMetrics:
@@ -100,8 +101,12 @@ def config_reloaded(ok: bool) -> None:
     _RELOADS["ok" if ok else "rejected"] += 1
 
 
+def audit_dropped(count: int) -> None:
+    _AUDIT["dropped"] += count
+
+
 def _snapshot() -> dict:
-    return {"services": {name: m.dump() for name, m in _ALL.items()}, "reloads": _RELOADS}
+    return {"services": {name: m.dump() for name, m in _ALL.items()}, "reloads": _RELOADS, "audit": _AUDIT}
 
 
 def write_snapshot() -> None:
@@ -162,6 +167,10 @@ class _Collector(Collector):
         reloads = CounterMetricFamily(
             "bridgeway_config_reloads", "Config reloads, by result", labels=["result"]
         )
+        audit_dropped = CounterMetricFamily(
+            "bridgeway_audit_dropped", "Audit records dropped: the queue to the state backend was full"
+        )
+        dropped = 0
         totals: dict = {}
         for snap, alive in _all_workers():
             for name, m in snap["services"].items():
@@ -189,12 +198,15 @@ class _Collector(Collector):
                         t[key] = [list(counts), total]
                     else:
                         t[key] = [[a + b for a, b in zip(t[key][0], counts, strict=True)], t[key][1] + total]
+            dropped += snap.get("audit", {}).get("dropped", 0)
             for result, n in snap["reloads"].items():
                 totals.setdefault("_reloads", {}).setdefault(result, 0)
                 totals["_reloads"][result] += n
         for result, n in totals.pop("_reloads", {}).items():
             reloads.add_metric([result], n)
         yield reloads
+        audit_dropped.add_metric([], dropped)
+        yield audit_dropped
         histograms = {
             "duration": HistogramMetricFamily(
                 "bridgeway_request_duration_seconds",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from bridgeway.state import KV, VersionMismatch
 
 NAMESPACE = "_keys"
 PREFIX = "bw_"
+_HEX_ID = re.compile(r"[0-9a-f]{10}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,13 @@ def _split(token: str) -> tuple[str, str] | None:
     if not sep or len(key_id) != 10 or not secret:
         return None
     return key_id, secret
+
+
+def public_id(token: str) -> str | None:
+    """The id of a token shaped like a key, else None. The id is public (it only finds the
+    record), so logs and the audit log may name it when a token is refused."""
+    parts = _split(token)
+    return parts[0] if parts is not None and _HEX_ID.fullmatch(parts[0]) else None
 
 
 class KeyStore:
