@@ -144,7 +144,8 @@ def lifetime(
     elif "max-age" in d:
         fresh = delta_seconds(d["max-age"])
     elif expires is not None:
-        fresh = _http_date(expires) - (_http_date(date) if date is not None else now)
+        origin_now = _http_date(date) if date is not None else now
+        fresh = _http_date(expires) - (origin_now if math.isfinite(origin_now) else now)
     else:
         fresh = None
     keep = ttl if fresh is None else min(fresh - age, ttl)
@@ -360,18 +361,23 @@ class ResponseCache:
 class Lookup:
     """One request as the cache sees it."""
 
-    __slots__ = ("key", "group", "head", "refresh", "max_age", "headers", "private_ok")
+    __slots__ = ("key", "head", "refresh", "max_age", "headers", "private_ok")
 
     def __init__(
-        self, key: str, group: str, head: bool, refresh: bool, max_age: int | None, headers, private_ok
+        self,
+        key: str,
+        head: bool,
+        refresh: bool,
+        max_age: int | None,
+        headers: dict[bytes, bytes],
+        private_ok: bool,
     ):
-        self.key = key
-        self.group = group
+        self.key = key  # "{service}/{target digest}/{variant digest}"
         self.head = head  # answered from a GET entry; a miss goes upstream as HEAD and is not stored
         self.refresh = refresh  # the client asked for a fresh answer: skip reads, store the result
         self.max_age = max_age
-        self.headers: dict[bytes, bytes] = headers
-        self.private_ok: bool = private_ok
+        self.headers = headers  # the request's, for the response's Vary
+        self.private_ok = private_ok
 
 
 class RouteCache:
@@ -414,15 +420,17 @@ class RouteCache:
         refresh = "no-cache" in cc or max_age == 0
         if not cc and b"no-cache" in request.get(b"pragma", b"").lower():
             refresh = True
-        group = f"{self.service}/{digest(target)}"
         parts: list[bytes | None] = [self._scope(caller).encode(), b"GET"]  # HEAD reads GET entries
         for name in self.config.vary:
             parts += (name.encode(), request.get(name.encode()))
         parts += [request.get(name) for name in CREDENTIALS]
         private_ok = self.config.scope == "caller" and caller is not None
-        return Lookup(
-            f"{group}/{digest(*parts)}", group, method == "HEAD", refresh, max_age, request, private_ok
-        )
+        key = f"{self._group(target)}/{digest(*parts)}"
+        return Lookup(key, method == "HEAD", refresh, max_age, request, private_ok)
+
+    def _group(self, target: bytes) -> str:
+        """Every entry of one target shares this key prefix, so a write can drop them all."""
+        return f"{self.service}/{digest(target)}"
 
     def _scope(self, caller: Principal | None) -> str:
         # Principal ids are "key:…", "client:…" or "jwt:…": none can be mistaken for these names.
@@ -551,7 +559,7 @@ class RouteCache:
     async def invalidate(self, target: bytes) -> None:
         """A write went through to `target` (RFC 9111 4.4): drop its entries, every scope and
         variant, here and in the shared tier. Other workers' memory keeps theirs until they expire."""
-        group = f"{self.service}/{digest(target)}"
+        group = self._group(target)
         self.shared.memory.drop_group(group)
         kv = self.shared.kv
         if kv is None:
