@@ -373,8 +373,25 @@ async def _forward(
     reply_headers: list,
     evict: RouteCache | None = None,
 ) -> int:
-    body = await _request_body(service, receive, call)
-    resp, inst = await call_upstream(service, scope["method"], call, body, time.monotonic())
+    limit = service.config.max_body
+    length = call.content_length
+    body: bytes | AsyncIterator[bytes]
+    if length is not None:
+        if length > limit:
+            raise GatewayError("BODY_TOO_LARGE", f"request body of {length} bytes exceeds {limit}")
+        body = (
+            b""
+            if length == 0
+            else await read_body(receive, limit)
+            if length <= BUFFER_LIMIT
+            else stream_body(receive, limit)
+        )
+    elif call.chunked:
+        body = stream_body(receive, limit)
+    else:
+        body = b""
+    started = time.monotonic()
+    resp, inst = await call_upstream(service, scope["method"], call, body, started)
     try:
         if evict is not None and resp.status < 400:
             await evict.invalidate(call.target)  # before the answer goes out: the next read is fresh
@@ -384,24 +401,6 @@ async def _forward(
         inst.inflight -= 1
         resp.release()
     return resp.status
-
-
-async def _request_body(service: Service, receive, call: Call) -> bytes | AsyncIterator[bytes]:
-    limit = service.config.max_body
-    length = call.content_length
-    if length is not None:
-        if length > limit:
-            raise GatewayError("BODY_TOO_LARGE", f"request body of {length} bytes exceeds {limit}")
-        return (
-            b""
-            if length == 0
-            else await read_body(receive, limit)
-            if length <= BUFFER_LIMIT
-            else stream_body(receive, limit)
-        )
-    if call.chunked:
-        return stream_body(receive, limit)
-    return b""
 
 
 async def _relay(
