@@ -395,6 +395,25 @@ async def test_a_write_drops_every_variant_of_its_target_in_both_tiers():
     assert len(cache.shared.memory) == 1
 
 
+async def test_the_shared_tier_is_the_state_backend_unless_that_is_this_process(tmp_path):
+    from bridgeway.config.loader import parse_config
+    from bridgeway.dataplane.service import Registry
+    from bridgeway.state.sqlite import SqliteKV
+
+    config = parse_config("cache: {max_entries: 7}\nservices:\n  a: {cache: {}}\n  b: {}\n")
+    registry = Registry()
+    registry.state = MemoryKV()
+    registry.apply(config)
+    assert registry.cache.kv is None and registry.cache.memory.max_entries == 7
+    assert registry.services["a"].cache.shared is registry.cache and registry.services["b"].cache is None
+    registry.state = SqliteKV(tmp_path / "state.db")
+    try:
+        registry.apply(config)
+        assert registry.cache.kv is registry.state
+    finally:
+        await registry.state.close()
+
+
 class BrokenKV(MemoryKV):
     async def get(self, namespace, key):
         raise ConnectionError("down")

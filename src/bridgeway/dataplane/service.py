@@ -24,6 +24,7 @@ from bridgeway.observability import metrics
 from bridgeway.security.budgets import Budgets
 from bridgeway.security.limits import MemoryLimiter
 from bridgeway.state import KV, Entry
+from bridgeway.state.memory import MemoryKV
 
 POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still streaming on it
 
@@ -184,7 +185,9 @@ class Registry:
 
     def apply(self, config: Config) -> None:
         old = self.services
-        self.cache.configure(config.cache, self.state)
+        # memory:// is this process already: a second copy there would only escape the byte bound.
+        shared = None if isinstance(self.state, MemoryKV) else self.state
+        self.cache.configure(config.cache, shared)
         self.services = {
             name: Service(name, cfg, old.get(name), self.limiter, self.cache)
             for name, cfg in config.services.items()
