@@ -52,15 +52,18 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return {1, cur}
 """
 
-# KEYS: index, expiry index, entry1..n. ARGV: member1..n. Drop members whose entry is gone.
+# KEYS: index, expiry index, entry1..n. ARGV: member1..n. Drop members whose entry is gone;
+# returns how many were dropped.
 PRUNE = """
+local dropped = 0
 for i, member in ipairs(ARGV) do
   if redis.call('EXISTS', KEYS[i + 2]) == 0 then
     redis.call('ZREM', KEYS[1], member)
     redis.call('ZREM', KEYS[2], member)
+    dropped = dropped + 1
   end
 end
-return 0
+return dropped
 """
 
 
@@ -124,12 +127,13 @@ class RedisKV:
     async def _sweep(self, namespace: str, now: float) -> None:
         """Drop the index members of keys that have expired (bounded work; the rest next time)."""
         expiries, index = self._expiries(namespace), self._index(namespace)
+        alive = 0  # members due by this clock whose key still exists (another clock): stepped over
         for _ in range(10):
-            members = await self._redis.zrangebyscore(expiries, "-inf", now, start=0, num=SWEEP_BATCH)
+            members = await self._redis.zrangebyscore(expiries, "-inf", now, start=alive, num=SWEEP_BATCH)
             if members:
                 names = [m.decode() for m in members]
                 keys = [index, expiries, *(self._key(namespace, m) for m in names)]
-                await self._prune(keys=keys, args=names)
+                alive += len(names) - await self._prune(keys=keys, args=names)
             if len(members) < SWEEP_BATCH:
                 self._next_sweep[namespace] = now + SWEEP_EVERY
                 return
