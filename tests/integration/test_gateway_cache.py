@@ -64,6 +64,15 @@ def test_a_miss_then_hits_with_x_cache_and_age(gw: GatewayProc, echo: Proc):
     assert "x-cache" not in gw.request("GET", "/bridge/plain/basic").headers  # a route without a cache
 
 
+def test_the_gateways_x_cache_replaces_the_upstreams(gw: GatewayProc):
+    # The sample simulator reports its own cache in X-Cache; on a cached route the gateway's wins.
+    for expected in ("MISS", "HIT"):
+        r = gw.request("GET", "/bridge/echo/headers/own-cache?x-cache=HIT")
+        assert [v for k, v in r.all if k == "x-cache"] == [expected]
+    head = gw.request("HEAD", "/bridge/echo/headers/head-miss?x-cache=HIT")
+    assert [v for k, v in head.all if k == "x-cache"] == ["MISS"]
+
+
 def test_no_store_from_the_upstream_or_the_client(gw: GatewayProc, echo: Proc):
     for _ in range(2):
         r = gw.request("GET", "/bridge/echo/headers/nostore?cache-control=no-store")

@@ -439,8 +439,6 @@ async def _cached(
         await send({"type": "http.response.body", "body": b"" if look.head else entry.body})
         return entry.status
     reply_headers.append(MISS)
-    if look.head:
-        return await _forward(service, scope, receive, send, call, reply_headers)
     try:
         return await _fill(service, receive, send, call, reply_headers, look, flight)
     finally:
@@ -450,12 +448,13 @@ async def _cached(
 async def _fill(
     service: Service, receive, send, call: Call, reply_headers: list, look: Lookup, flight: Flight
 ) -> int:
-    """A GET upstream for the cache: the answer is stored when it may be, and sent either way."""
+    """A miss goes upstream: a GET answer is stored when it may be, and sent either way."""
     cache = service.cache
-    resp, inst = await call_upstream(service, "GET", call, b"", time.monotonic())
+    resp, inst = await call_upstream(service, "HEAD" if look.head else "GET", call, b"", time.monotonic())
     try:
-        headers = response_headers(resp, [])
-        fresh = cache.storable(resp.status, headers, resp.complete, look)
+        # The gateway's X-Cache replaces one the upstream may send about a cache of its own.
+        headers = [item for item in response_headers(resp, []) if item[0] != b"x-cache"]
+        fresh = None if look.head else cache.storable(resp.status, headers, resp.complete, look)
         if fresh is None:
             flight.settle(None)  # at the head already: a long stream does not hold the followers
             await _relay(service, resp, inst, send, headers + reply_headers, receive)
