@@ -250,3 +250,21 @@ def test_the_workers_of_one_gateway_share_entries_through_sqlite(echo: Proc):
         assert upstream_calls(echo, "GET /workers") == 1
     finally:
         gw.stop()
+
+
+def test_an_unreachable_shared_tier_leaves_the_memory_tier_working(echo: Proc):
+    config = {"state": "redis://127.0.0.1:1/0", "services": {"echo": {"instances": [echo.url], "cache": {}}}}
+    gw = start_gateway(config)  # nothing listens on port 1
+    try:
+        answers = [gw.request("GET", "/bridge/echo/no-redis") for _ in range(3)]
+        assert [(r.status, r.headers["x-cache"]) for r in answers] == [
+            (200, "MISS"),
+            (200, "HIT"),
+            (200, "HIT"),
+        ]
+        assert (
+            'bridgeway_cache_errors_total{service="echo"} 1.0' in gw.request("GET", "/metrics").body.decode()
+        )
+        assert any(line.get("event") == "cache_unavailable" for line in gw.log_lines())
+    finally:
+        gw.stop()

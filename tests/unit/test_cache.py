@@ -415,17 +415,31 @@ async def test_the_shared_tier_is_the_state_backend_unless_that_is_this_process(
 
 
 class BrokenKV(MemoryKV):
+    def __init__(self, hang: bool = False):
+        super().__init__()
+        self.hang = hang
+        self.calls = 0
+
     async def get(self, namespace, key):
+        self.calls += 1
+        if self.hang:
+            await asyncio.sleep(5)  # the cache gives up after KV_TIMEOUT
         raise ConnectionError("down")
 
     async def put(self, namespace, key, value, **kwargs):
-        await asyncio.sleep(5)  # hangs: the cache gives up after KV_TIMEOUT
+        self.calls += 1
+        raise ConnectionError("down")
 
 
-async def test_a_failing_shared_tier_is_a_miss_never_an_error(monkeypatch):
+@pytest.mark.parametrize("hang", [False, True])
+async def test_a_failing_shared_tier_is_a_miss_then_left_alone_for_a_while(monkeypatch, hang):
     monkeypatch.setattr("bridgeway.dataplane.cache.KV_TIMEOUT", 0.05)
     metrics = ServiceMetrics("svc-broken")
-    cache = RouteCache("svc", CacheConfig(), worker(BrokenKV(), Clock()), metrics)
-    entry = await fill(cache, look(cache))  # the read failed, the write timed out
-    assert entry is not None and metrics.cache_errors == 2
+    kv = BrokenKV(hang)
+    cache = RouteCache("svc", CacheConfig(), worker(kv, Clock()), metrics)
+    entry = await fill(cache, look(cache))  # the read failed: a miss, and the write is not tried
+    assert entry is not None and (metrics.cache_errors, kv.calls) == (1, 1)
     assert (await cache.find(look(cache)))[0] is entry  # memory still serves
+    assert (await cache.find(look(cache, target=b"/b")))[0] is None and kv.calls == 1
+    cache.shared._resume_at = 0.0  # as if the back-off had passed
+    assert (await cache.find(look(cache, target=b"/c")))[0] is None and kv.calls == 2

@@ -64,6 +64,7 @@ PER_REQUEST = frozenset(
 HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
 KV_TIMEOUT = 0.5  # seconds: a slow shared tier costs a miss, never a stuck request
+KV_BACKOFF = 5.0  # seconds the shared tier is left alone after it failed: memory only meanwhile
 _LOG_EVERY = 10.0
 _FORMAT = b"\x01"  # first byte of a stored entry: the encoding's version
 _ENTRY_OVERHEAD = 256  # bytes an entry costs in memory beyond its body and headers (objects, key)
@@ -343,6 +344,7 @@ class ResponseCache:
         self.flights = Flights()
         self.clock = clock
         self._logged_at = -math.inf
+        self._resume_at = -math.inf
 
     def configure(self, config: CacheMemoryConfig, kv: KV | None) -> None:
         """A (re)loaded config: new bounds apply at once, the entries that still fit stay."""
@@ -350,9 +352,15 @@ class ResponseCache:
         self.memory.shrink()
         self.kv = kv
 
+    def shared_tier(self) -> KV | None:
+        """The state backend, unless it failed moments ago: a dead Redis must not add its
+        timeout to every miss."""
+        return self.kv if time.monotonic() >= self._resume_at else None
+
     def unavailable(self, metrics: ServiceMetrics, exc: BaseException) -> None:
         metrics.cache_errors += 1
         now = time.monotonic()
+        self._resume_at = now + KV_BACKOFF
         if now - self._logged_at >= _LOG_EVERY:
             self._logged_at = now
             log.error("cache_unavailable", service=metrics.name, error=type(exc).__name__)
@@ -485,7 +493,7 @@ class RouteCache:
 
     async def _fetch(self, look: Lookup) -> Stored | None:
         """The shared tier; what it has goes into memory too."""
-        kv = self.shared.kv
+        kv = self.shared.shared_tier()
         if kv is None:
             return None
         try:
@@ -546,7 +554,7 @@ class RouteCache:
 
     async def share(self, look: Lookup, entry: Stored) -> None:
         """Put a kept entry in the shared tier, so the other workers and replicas find it."""
-        kv = self.shared.kv
+        kv = self.shared.shared_tier()
         ttl = entry.expires_at - self.shared.clock()
         if kv is None or ttl <= 0:
             return
@@ -561,7 +569,7 @@ class RouteCache:
         variant, here and in the shared tier. Other workers' memory keeps theirs until they expire."""
         group = self._group(target)
         self.shared.memory.drop_group(group)
-        kv = self.shared.kv
+        kv = self.shared.shared_tier()
         if kv is None:
             return
         try:
