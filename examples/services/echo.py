@@ -18,6 +18,8 @@ Special paths (exact):
                               Content-Length; ?chunked=1 streams without Content-Length
     /stream/{n}               n chunks "chunk {i}\\n" with ?interval_ms=100 between them
     /sse/{n}                  text/event-stream, n events "id: i\\ndata: {...}\\n\\n", ?interval_ms=100
+    /headers/{name}           echo JSON with each query parameter added as a response header, e.g.
+                              /headers/a?cache-control=max-age%3D5 (for cache tests)
     /health                   200 {"status": "ok"} or 503 {"status": "failing"}
     POST /health/fail|ok      make /health fail or recover
     GET /count                {"counts": {"POST /x": 1, ...}, "total": N} requests served by this
@@ -103,9 +105,9 @@ def _describe(scope: dict, size: int, sha: str) -> dict[str, Any]:
     }
 
 
-async def _send_json(send: Any, status: int, obj: Any, head: bool = False) -> None:
+async def _send_json(send: Any, status: int, obj: Any, head: bool = False, extra: list | None = None) -> None:
     body = b"" if status in (204, 304) else dumps(obj)
-    headers = [_JSON, _INSTANCE_HEADER]
+    headers = [_JSON, _INSTANCE_HEADER, *(extra or ())]
     if status not in (204, 304):
         headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -238,6 +240,10 @@ async def _http(scope: dict, receive: Any, send: Any) -> None:
             finally:
                 watch.close()
             await _send_json(send, 200, echo, head)
+            return
+        if prefix == "headers":
+            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in _query(scope).items()]
+            await _send_json(send, 200, echo, head, extra)
             return
         if prefix in ("bytes", "stream", "sse"):
             n = _int_arg(arg, 0, 1 << 40)

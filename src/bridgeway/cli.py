@@ -50,6 +50,7 @@ def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
         "breaker",
         "health",
         "limits",
+        "cache",
         "max body",
     ):
         table.add_column(column)
@@ -71,6 +72,10 @@ def check(config: ConfigOption = Path("bridgeway.yaml")) -> None:
                 for lim in svc.limits
             )
             or "-",
+            f"{format_duration(svc.cache.ttl)} per {svc.cache.scope}"
+            + (f" on {svc.cache.path}" if svc.cache.path else "")
+            if svc.cache
+            else "-",
             f"{svc.max_body:,} B",
         )
     console.print(table)

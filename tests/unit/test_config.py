@@ -34,3 +34,26 @@ def test_clients_name_known_roles():
     assert (agi.role, agi.services, agi.limits[1].concurrency) == ("analyst", ["sim"], 8)
     (unknown,) = problems("clients:\n  agi: {role: analist}\n")
     assert "clients.agi.role: no role named 'analist'" in unknown
+
+
+def test_a_cache_is_opt_in_and_its_fields_are_checked():
+    config = parse_config(
+        "cache: {max_entries: 500, max_bytes: 8MB}\n"
+        "services:\n  a: {cache: {ttl: 5m, vary: [Accept-Language, accept], scope: role}}\n  b: {}\n"
+    )
+    cache = config.services["a"].cache
+    assert (cache.ttl, cache.vary, cache.scope, cache.methods) == (
+        300.0,
+        ["accept", "accept-language"],
+        "role",
+        ["GET", "HEAD"],
+    )
+    assert config.services["b"].cache is None
+    assert (config.cache.max_entries, config.cache.max_bytes) == (500, 8 * 1024 * 1024)
+    found = problems(
+        "services:\n  a: {cache: {scope: everyone, vary: ['accept language'], ttl: 0s, methods: [POST]}}\n"
+    )
+    assert any(p.startswith("services.a.cache.scope") for p in found)
+    assert any("services.a.cache.vary" in p and "is not a header name" in p for p in found)
+    assert any(p.startswith("services.a.cache.ttl") for p in found)
+    assert any(p.startswith("services.a.cache.methods") for p in found)

@@ -374,6 +374,46 @@ async def test_redis_index_pruned_after_expiry():
         await kv.close()
 
 
+async def test_redis_writes_with_a_ttl_sweep_expired_keys_out_of_the_index():
+    # Short-lived keys that are never listed (the response cache) must not grow the index forever.
+    kv = await _redis_kv()
+    try:
+        for i in range(3):
+            await kv.put("ns", f"short{i}", b"v", ttl=0.05)
+        await kv.put("ns", "forever", b"v")
+        index, expiries = kv._index("ns"), kv._expiries("ns")
+        assert (await kv._redis.zcard(index), await kv._redis.zcard(expiries)) == (4, 3)
+        await asyncio.sleep(0.15)
+        kv._next_sweep.clear()  # as if SWEEP_EVERY had passed
+        await kv.put("ns", "later", b"v", ttl=60)
+        assert sorted(m.decode() for m in await kv._redis.zrange(index, 0, -1)) == ["forever", "later"]
+        assert [m.decode() for m in await kv._redis.zrange(expiries, 0, -1)] == ["later"]
+        await kv.put("ns", "later", b"v")  # no TTL any more: not swept
+        await kv.delete("ns", "forever")
+        assert await kv._redis.zcard(expiries) == 0
+    finally:
+        await _redis_cleanup(kv)
+        await kv.close()
+
+
+async def test_a_redis_sweep_steps_over_keys_another_clock_thinks_are_due(monkeypatch):
+    monkeypatch.setattr("bridgeway.state.redis.SWEEP_BATCH", 1)
+    kv = await _redis_kv()
+    try:
+        await kv.put("ns", "alive", b"v", ttl=60)
+        await kv._redis.zadd(kv._expiries("ns"), {"alive": 0})  # due by a clock far ahead
+        for i in range(3):
+            await kv.put("ns", f"short{i}", b"v", ttl=0.05)
+        await asyncio.sleep(0.15)
+        kv._next_sweep.clear()
+        await kv.put("ns", "later", b"v", ttl=60)
+        members = sorted(m.decode() for m in await kv._redis.zrange(kv._index("ns"), 0, -1))
+        assert members == ["alive", "later"]
+    finally:
+        await _redis_cleanup(kv)
+        await kv.close()
+
+
 async def test_open_state_redis():
     await (await _redis_kv()).close()  # skips (or fails) like the other Redis tests when no server
     kv = open_state(REDIS_URL)

@@ -6,6 +6,7 @@ request path ever looks at a string from the config again.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -136,6 +137,47 @@ class ClientLimitConfig(_Budget):
     service: str | None = Field(None, description="only calls to this service; every service when absent")
 
 
+def _header_names(names: list[str]) -> list[str]:
+    for name in names:
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValueError(f'"{name}" is not a header name')
+    return sorted({name.lower() for name in names})
+
+
+class CacheConfig(Model):
+    """The response cache of one service (opt-in): see docs/configuration.md."""
+
+    ttl: Duration = Field(
+        60.0,
+        gt=0,
+        description="how long an answer is kept; an upstream max-age or s-maxage may only shorten it",
+    )
+    methods: list[Literal["GET", "HEAD"]] = Field(
+        ["GET", "HEAD"], description="GET answers are stored; HEAD is answered from them"
+    )
+    max_entry: Size = Field(1024 * 1024, gt=0, description="larger answers are passed through, not stored")
+    vary: Annotated[list[str], AfterValidator(_header_names)] = Field(
+        [], description="request headers whose values are part of the key, e.g. accept-language"
+    )
+    scope: Literal["caller", "role", "public"] = Field(
+        "caller", description="who shares an entry: the same caller, callers of one role, or everyone"
+    )
+    path: str | None = Field(None, description='only upstream paths matching this glob, e.g. "/models*"')
+
+    @model_validator(mode="after")
+    def _get_first(self) -> CacheConfig:
+        if "GET" not in self.methods:
+            raise ValueError("methods must include GET: HEAD is answered from stored GET answers")
+        return self
+
+
+class CacheMemoryConfig(Model):
+    """The in-process tier shared by every cached route of a worker."""
+
+    max_entries: int = Field(10_000, ge=1)
+    max_bytes: Size = Field(64 * 1024 * 1024, gt=0)
+
+
 class ServiceConfig(Model):
     instances: list[InstanceURL] = []
     balancer: Literal["round_robin", "least_requests", "p2c_ewma"] = "p2c_ewma"
@@ -150,6 +192,7 @@ class ServiceConfig(Model):
     outlier: OutlierConfig = OutlierConfig()
     breaker: BreakerConfig = BreakerConfig()
     pool: PoolConfig = PoolConfig()
+    cache: CacheConfig | None = Field(None, description="response cache for GET; none when absent")
 
     @model_validator(mode="after")
     def _distinct(self) -> ServiceConfig:
@@ -319,6 +362,7 @@ class Config(Model):
     clients: dict[ServiceName, ClientConfig] = {}
     logging: LoggingConfig = LoggingConfig()
     audit: AuditConfig = AuditConfig()
+    cache: CacheMemoryConfig = CacheMemoryConfig()
     services: dict[ServiceName, ServiceConfig] = {}
     models: dict[str, ModelGroupConfig] = Field({}, description="the LLM router's public model names")
 

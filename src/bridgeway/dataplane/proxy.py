@@ -1,6 +1,7 @@
 """The /bridge/{service}/{path} pipeline: request in, one upstream chosen, response streamed back.
 
-Per request: parse the path, filter headers, read or stream the body, then try instances
+Per request: parse the path, filter headers, authenticate, authorise and draw from the limits,
+consult the route's response cache when it has one, read or stream the body, then try instances
 (balancer -> breaker -> pooled call), retrying only where it is safe and the budget allows,
 and stream the answer back. Everything configurable was compiled into the `Service` already.
 """
@@ -14,6 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+from bridgeway.dataplane.cache import MISS, Flight, Lookup, RouteCache
 from bridgeway.dataplane.instance import Instance
 from bridgeway.dataplane.retry import backoff, is_retryable
 from bridgeway.dataplane.service import Service
@@ -39,6 +41,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 BRIDGE = "/bridge/"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Small bodies are read whole: they can be retried and go upstream in one write.
 BUFFER_LIMIT = 1 << 20
 
@@ -341,6 +344,8 @@ async def proxy_http(
     try:
         if held is not None:
             reply_headers += await _draw_budgets(service, scope, call.target, caller, access, held)
+        if service.cache is not None:
+            return await _cached(service, scope, receive, send, call, reply_headers, caller)
         return await _forward(service, scope, receive, send, call, reply_headers)
     finally:
         if held is not None and held.slots:
@@ -362,7 +367,15 @@ async def _draw_budgets(
     return ratelimit_headers(*tightest) if tightest else []
 
 
-async def _forward(service: Service, scope: dict, receive, send, call: Call, reply_headers: list) -> int:
+async def _forward(
+    service: Service,
+    scope: dict,
+    receive,
+    send,
+    call: Call,
+    reply_headers: list,
+    evict: RouteCache | None = None,
+) -> int:
     limit = service.config.max_body
     length = call.content_length
     body: bytes | AsyncIterator[bytes]
@@ -383,20 +396,83 @@ async def _forward(service: Service, scope: dict, receive, send, call: Call, rep
     started = time.monotonic()
     resp, inst = await call_upstream(service, scope["method"], call, body, started)
     try:
+        if evict is not None and resp.status < 400:
+            await evict.invalidate(call.target)  # before the answer goes out: the next read is fresh
         headers = response_headers(resp, reply_headers)
-        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
-        if resp.complete:
+        await _relay(service, resp, inst, send, headers, receive if isinstance(body, bytes) else None)
+    finally:
+        inst.inflight -= 1
+        resp.release()
+    return resp.status
+
+
+async def _relay(
+    service: Service, resp: UpstreamResponse, inst: Instance, send, headers: list, receive
+) -> None:
+    """Send the upstream's answer: in one piece when it is all here, else streamed."""
+    start = {"type": "http.response.start", "status": resp.status, "headers": headers}
+    if resp.complete:
+        data = await resp.read()
+        await send(start)
+        await send({"type": "http.response.body", "body": data})
+    else:
+        await send(start)
+        try:
+            await stream_response(resp, send, receive)
+        except UpstreamError as exc:
+            inst.outlier.record(False, time.monotonic())
+            service.metrics.upstream_error(exc.code)
+            raise StreamCut(resp.status, exc.code) from None
+
+
+async def _cached(
+    service: Service, scope: dict, receive, send, call: Call, reply_headers: list, caller: Principal | None
+) -> int:
+    """`_forward` behind the route's response cache; dataplane/cache.py holds its rules."""
+    cache = service.cache
+    method = scope["method"]
+    look = cache.lookup(method, call.target, call.headers, call.chunked or bool(call.content_length), caller)
+    if look is None:  # not a read the cache answers; a write evicts its path's entries
+        evict = None if method in SAFE_METHODS else cache
+        return await _forward(service, scope, receive, send, call, reply_headers, evict)
+    entry, flight = await cache.find(look)
+    if entry is not None:
+        headers = cache.reply_headers(entry, reply_headers)
+        await send({"type": "http.response.start", "status": entry.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if look.head else entry.body})
+        return entry.status
+    reply_headers.append(MISS)
+    try:
+        return await _fill(service, receive, send, call, reply_headers, look, flight)
+    finally:
+        flight.settle(None)  # a no-op once the answer was handed over; else the followers go upstream
+
+
+async def _fill(
+    service: Service, receive, send, call: Call, reply_headers: list, look: Lookup, flight: Flight
+) -> int:
+    """A miss goes upstream: a GET answer is stored when it may be, and sent either way."""
+    cache = service.cache
+    resp, inst = await call_upstream(service, "HEAD" if look.head else "GET", call, b"", time.monotonic())
+    try:
+        # The gateway's X-Cache replaces one the upstream may send about a cache of its own.
+        headers = [item for item in response_headers(resp, []) if item[0] != b"x-cache"]
+        fresh = None if look.head else cache.storable(resp.status, headers, resp.complete, look)
+        if fresh is None:
+            flight.settle(None)  # at the head already: a long stream does not hold the followers
+            await _relay(service, resp, inst, send, headers + reply_headers, receive)
+            return resp.status
+        try:
             data = await resp.read()
-            await send(start)
-            await send({"type": "http.response.body", "body": data})
-        else:
-            await send(start)
-            try:
-                await stream_response(resp, send, receive if isinstance(body, bytes) else None)
-            except UpstreamError as exc:
-                inst.outlier.record(False, time.monotonic())
-                service.metrics.upstream_error(exc.code)
-                raise StreamCut(resp.status, exc.code) from None
+        except UpstreamError as exc:  # nothing was sent yet: a clean error instead of a cut stream
+            inst.outlier.record(False, time.monotonic())
+            service.metrics.upstream_error(exc.code)
+            raise GatewayError(exc.code, _MESSAGES[exc.code].format(service.name)) from None
+        entry = cache.keep(look, resp.status, headers, data, fresh, flight)
+        if entry is not None:
+            await cache.share(look, entry)  # before answering: a client that saw MISS finds it anywhere
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers + reply_headers})
+        await send({"type": "http.response.body", "body": data})
     finally:
         inst.inflight -= 1
         resp.release()

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from bridgeway.config.models import Config, ServiceConfig
 from bridgeway.dataplane.balancer import make_balancer
 from bridgeway.dataplane.breaker import CircuitBreaker
+from bridgeway.dataplane.cache import ResponseCache, RouteCache
 from bridgeway.dataplane.instance import ActiveHealth, Instance, OutlierDetector
 from bridgeway.dataplane.retry import RetryBudget
 from bridgeway.dataplane.upstream import UpstreamPool
@@ -23,6 +24,7 @@ from bridgeway.observability import metrics
 from bridgeway.security.budgets import Budgets
 from bridgeway.security.limits import MemoryLimiter
 from bridgeway.state import KV, Entry
+from bridgeway.state.memory import MemoryKV
 
 POOL_GRACE = 120.0  # seconds a replaced pool stays open for the requests still streaming on it
 
@@ -39,9 +41,17 @@ class Service:
         "metrics",
         "base_paths",
         "limits",
+        "cache",
     )
 
-    def __init__(self, name: str, config: ServiceConfig, previous: Service | None, limiter=None):
+    def __init__(
+        self,
+        name: str,
+        config: ServiceConfig,
+        previous: Service | None,
+        limiter=None,
+        cache: ResponseCache | None = None,
+    ):
         self.name = name
         self.config = config
         self.balancer = make_balancer(config.balancer, random.Random())
@@ -62,6 +72,9 @@ class Service:
         # A concurrency slot in Redis outlives a crashed holder by its lease, at least 5 minutes.
         lease = max(300.0, 2 * config.timeout)
         self.limits = Budgets(f"service {name!r}", config.limits, limiter, lease) if config.limits else None
+        self.cache = (
+            RouteCache(name, config.cache, cache or ResponseCache(), self.metrics) if config.cache else None
+        )
 
         old = {i.url: i for i in previous.instances} if previous else {}
         same_checks = previous is not None and (previous.config.health, previous.config.outlier) == (
@@ -168,11 +181,16 @@ class Registry:
         self.services: dict[str, Service] = {}
         self.state: KV | None = None  # set once the state backend is open
         self.limiter = MemoryLimiter()  # RedisLimiter when the state is in Redis
+        self.cache = ResponseCache()  # one per worker, shared by every cached route
 
     def apply(self, config: Config) -> None:
         old = self.services
+        # memory:// is this process already: a second copy there would only escape the byte bound.
+        shared = None if isinstance(self.state, MemoryKV) else self.state
+        self.cache.configure(config.cache, shared)
         self.services = {
-            name: Service(name, cfg, old.get(name), self.limiter) for name, cfg in config.services.items()
+            name: Service(name, cfg, old.get(name), self.limiter, self.cache)
+            for name, cfg in config.services.items()
         }
         for name, service in old.items():
             kept = self.services.get(name)

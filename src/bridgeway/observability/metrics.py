@@ -47,6 +47,10 @@ class ServiceMetrics:
         "inflight",
         "retries",
         "limiter_unavailable",
+        "cache_hits",
+        "cache_misses",
+        "cache_stores",
+        "cache_errors",
         "statuses",
         "errors",
         "duration",
@@ -58,6 +62,10 @@ class ServiceMetrics:
         self.inflight = 0
         self.retries = 0
         self.limiter_unavailable = 0
+        self.cache_hits = 0  # answered from the cache
+        self.cache_misses = 0  # looked up, went upstream
+        self.cache_stores = 0  # answers stored
+        self.cache_errors = 0  # shared tier (state backend) failed or timed out
         self.statuses: dict[int, int] = {}
         self.errors: dict[str, int] = {}
         self.duration = Histogram()
@@ -77,6 +85,7 @@ class ServiceMetrics:
             "inflight": self.inflight,
             "retries": self.retries,
             "limiter_unavailable": self.limiter_unavailable,
+            "cache": [self.cache_hits, self.cache_misses, self.cache_stores, self.cache_errors],
             "statuses": {str(k): v for k, v in self.statuses.items()},
             "errors": self.errors,
             "duration": [self.duration.counts, self.duration.sum],
@@ -164,6 +173,20 @@ class _Collector(Collector):
         errors = CounterMetricFamily(
             "bridgeway_upstream_errors", "Failed upstream tries, by error code", labels=["service", "code"]
         )
+        cache = [
+            CounterMetricFamily(
+                "bridgeway_cache_hits", "Requests answered from the cache", labels=["service"]
+            ),
+            CounterMetricFamily(
+                "bridgeway_cache_misses", "Cache lookups that went upstream", labels=["service"]
+            ),
+            CounterMetricFamily("bridgeway_cache_stores", "Answers stored in the cache", labels=["service"]),
+            CounterMetricFamily(
+                "bridgeway_cache_errors",
+                "Cache reads and writes the shared tier (state backend) failed",
+                labels=["service"],
+            ),
+        ]
         reloads = CounterMetricFamily(
             "bridgeway_config_reloads", "Config reloads, by result", labels=["result"]
         )
@@ -180,6 +203,7 @@ class _Collector(Collector):
                         "inflight": 0,
                         "retries": 0,
                         "limiter_unavailable": 0,
+                        "cache": [0, 0, 0, 0],
                         "statuses": {},
                         "errors": {},
                         "duration": None,
@@ -189,6 +213,7 @@ class _Collector(Collector):
                 t["inflight"] += m["inflight"] if alive else 0
                 t["retries"] += m["retries"]
                 t["limiter_unavailable"] += m.get("limiter_unavailable", 0)
+                t["cache"] = [a + b for a, b in zip(t["cache"], m.get("cache", (0, 0, 0, 0)), strict=True)]
                 for key in ("statuses", "errors"):
                     for k, v in m[key].items():
                         t[key][k] = t[key].get(k, 0) + v
@@ -223,6 +248,8 @@ class _Collector(Collector):
             inflight.add_metric([name], t["inflight"])
             retries.add_metric([name], t["retries"])
             unavailable.add_metric([name], t["limiter_unavailable"])
+            for family, n in zip(cache, t["cache"], strict=True):
+                family.add_metric([name], n)
             for status, n in sorted(t["statuses"].items()):
                 requests.add_metric([name, str(status)], n)
             for code, n in sorted(t["errors"].items()):
@@ -234,7 +261,7 @@ class _Collector(Collector):
                     cumulative += n
                     buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
                 family.add_metric([name], buckets, total)
-        yield from (requests, inflight, retries, unavailable, errors, *histograms.values())
+        yield from (requests, inflight, retries, unavailable, errors, *cache, *histograms.values())
 
         breaker = GaugeMetricFamily(
             "bridgeway_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["service"]
