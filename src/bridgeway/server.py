@@ -206,7 +206,9 @@ class Gateway:
             if scope["path"].startswith(BRIDGE):
                 service, _ = self._service_for(scope["path"])
                 if service is not None:
-                    await proxy_websocket(service, scope, receive, send, len(BRIDGE) + len(service.name))
+                    await proxy_websocket(
+                        service, scope, receive, send, len(BRIDGE) + len(service.name), self.access
+                    )
                     return
             await send({"type": "websocket.close", "code": 4404})
         elif kind == "lifespan":

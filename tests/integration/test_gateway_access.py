@@ -4,10 +4,12 @@ forwarded), revocation within a second, and limits per key."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
 import pytest
+import websockets
 
 from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway, wait_until
@@ -148,3 +150,22 @@ def test_a_key_revoked_through_one_gateway_is_refused_by_another(echo: Proc):
     finally:
         a.stop()
         b.stop()
+
+
+async def test_websocket_upgrades_need_a_key_too(gw: GatewayProc):
+    url = "ws" + gw.url[4:] + "/bridge/other/ws"
+    for headers in ({}, {"Authorization": "Bearer bw_0000000000_nope"}):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(url, additional_headers=headers, open_timeout=5):
+                pass
+        assert refused.value.response.status_code == 403  # the server refuses a closed handshake so
+    analyst = new_key(gw, "analyst")["key"]  # may call sim only
+    with pytest.raises(websockets.InvalidStatus):
+        async with websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {analyst}"}, open_timeout=5
+        ):
+            pass
+    reader = new_key(gw, "reader")["key"]
+    async with websockets.connect(url, additional_headers={"X-API-Key": reader}, open_timeout=5) as ws:
+        await ws.send("hello")
+        assert await asyncio.wait_for(ws.recv(), 5) == "hello"

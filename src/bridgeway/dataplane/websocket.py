@@ -2,6 +2,8 @@
 
 Off the hot path, so it uses aiohttp's client. The upstream is chosen by the service's balancer
 and guarded by its breaker like any request; the upstream's chosen subprotocol is passed back.
+The caller is authenticated and authorised like any /bridge request (rate limits are not drawn:
+a connection is not a request).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import aiohttp
 from bridgeway.dataplane.proxy import HOP_BY_HOP, parse_target
 from bridgeway.dataplane.service import Service
 from bridgeway.errors import GatewayError
+from bridgeway.security.access import Access
 
 # The handshake headers aiohttp writes itself.
 _HANDSHAKE = HOP_BY_HOP | {
@@ -26,14 +29,39 @@ _HANDSHAKE = HOP_BY_HOP | {
 }
 
 
-async def proxy_websocket(service: Service, scope: dict, receive, send, prefix_len: int) -> None:
+def _credential(headers) -> tuple[str | None, list[tuple[str, str]]]:
+    """The caller's credential, and the headers to forward: a gateway key is consumed, a JWT
+    passed on, as on HTTP routes."""
+    credential = None
+    out = []
+    for name, value in headers:
+        if name in _HANDSHAKE:
+            continue
+        if name == b"authorization" and value[:10].lower() in (b"bearer bw_", b"bearer eyj"):
+            credential = value[7:].strip().decode("latin-1")
+            if value[7:10] == b"bw_":
+                continue
+        elif name == b"x-api-key" and value.startswith(b"bw_"):
+            credential = value.strip().decode("latin-1")
+            continue
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    return credential, out
+
+
+async def proxy_websocket(
+    service: Service, scope: dict, receive, send, prefix_len: int, access: Access
+) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
         return
+    credential, headers = _credential(scope["headers"])
     try:
         target = parse_target(scope, prefix_len)
-    except GatewayError:
-        await send({"type": "websocket.close", "code": 1008})
+        if credential is not None or access.required:
+            await access.check(credential, service.name, "GET", target)
+    except GatewayError as exc:
+        # Closing before the accept refuses the handshake (the server answers 403).
+        await send({"type": "websocket.close", "code": {401: 4401, 403: 4403}.get(exc.status, 1008)})
         return
     now = time.monotonic()
     inst = service.balancer.pick(service.instances, now)
@@ -41,7 +69,6 @@ async def proxy_websocket(service: Service, scope: dict, receive, send, prefix_l
     if ticket is None:
         await send({"type": "websocket.close", "code": 1013})  # try again later
         return
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HANDSHAKE]
     url = "ws" + inst.url[4:] + service.base_paths[inst.url].decode() + target.decode("latin-1")
     session = aiohttp.ClientSession(auto_decompress=False)
     inst.inflight += 1
