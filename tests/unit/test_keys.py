@@ -29,7 +29,7 @@ async def test_a_created_key_authenticates_and_only_its_hash_is_stored(store):
     found = await keys.authenticate(token)
     assert found is not None and (found.name, found.role, found.services) == ("ci", "analyst", ("sim",))
     entry = await keys.kv.get("_keys", record.id)
-    secret = token.rpartition("_")[2]
+    secret = token.split("_", 2)[2]
     assert secret.encode() not in entry.value  # the secret itself is never stored
     assert "secret_sha256" not in record.public() and "previous_sha256" not in record.public()
 
@@ -38,7 +38,7 @@ async def test_a_created_key_authenticates_and_only_its_hash_is_stored(store):
     "mangle",
     [
         lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),  # wrong secret
-        lambda t: "bw_0000000000_" + t.rpartition("_")[2],  # unknown id
+        lambda t: "bw_0000000000_" + t.split("_", 2)[2],  # unknown id
         lambda t: t.removeprefix("bw_"),  # not a key at all
         lambda t: "",
         lambda t: "bw_short_x",
