@@ -114,8 +114,10 @@ async def test_error_replies_raise_and_the_connection_stays() -> None:
 
 async def test_1000_concurrent_calls_share_one_connection_in_order() -> None:
     async with redis() as (c, p):
+        early, late = c.execute("CLIENT", "ID"), c.execute("CLIENT", "ID")  # both before any connect
         ids = await asyncio.gather(*(c.execute("CLIENT", "ID") for _ in range(50)))
         assert len(set(ids)) == 1  # the first calls waited for one shared connect
+        assert await early == await late == ids[0]  # awaited after it: no second connection
         echoes = await asyncio.gather(*(c.execute("ECHO", f"m{i}") for i in range(1000)))
         assert echoes == [f"m{i}".encode() for i in range(1000)]
         # Redis ran them in the order they were issued: the counter proves it, not just matching

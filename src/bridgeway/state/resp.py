@@ -111,6 +111,9 @@ class _Connection(asyncio.Protocol):
     def send(self, packed: bytes, timeout: float | None) -> asyncio.Future[Any]:
         loop = self._loop
         fut = loop.create_future()
+        if self.closed:  # lost while a handshake or a waiting caller was being resumed
+            fut.set_exception(RespConnectionError("connection to Redis lost"))
+            return fut
         now = loop.time()
         timer = None if timeout is None else loop.call_at(now + timeout, self._expire, fut)
         pending = self._pending
@@ -269,6 +272,9 @@ class RespClient:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         loop = self._loop
+        conn = self._conn
+        if conn is not None:  # connected since this coroutine was made (it may be awaited late)
+            return await conn.send(packed, self.timeout)
         deadline = None if self.timeout is None else loop.time() + self.timeout
         task = self._connecting
         if task is None:
@@ -284,8 +290,8 @@ class RespClient:
             if task.cancelled() and self._closed:  # close() stopped the connect, not our caller
                 raise RespConnectionError("Redis client closed") from None
             raise
-        if conn.closed:
-            raise RespConnectionError("Redis client closed" if self._closed else "connection to Redis lost")
+        if self._closed:
+            raise RespConnectionError("Redis client closed")
         return await conn.send(packed, None if deadline is None else deadline - loop.time())
 
     async def _open(self) -> _Connection:
