@@ -19,7 +19,8 @@ from bridgeway.security.limits import (
     gcra,
     ratelimit_headers,
 )
-from tests.support.services import REDIS_URL, absent
+from bridgeway.state.resp import RespClient
+from tests.support.services import REDIS_URL, require_redis
 
 
 def run(times: list[float], period: float, limit: int, costs: list[int] | None = None) -> list[Decision]:
@@ -168,24 +169,22 @@ def test_memory_evicts_stale_keys() -> None:
 
 @pytest.fixture
 async def redis_client():
-    try:
-        from redis import asyncio as aioredis
-    except ImportError:
-        absent("redis client not installed (pip install 'redis[hiredis]')")
-    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=0.5)
-    try:
-        await client.ping()
-    except Exception:
-        await client.aclose()
-        absent("Redis not reachable on 127.0.0.1:6379")
+    """A RespClient for looking at Redis directly, and a key prefix of the test's own."""
+    require_redis()
+    client = RespClient(REDIS_URL, timeout=2.0)
     prefix = f"bwtest:rl:{uuid.uuid4().hex}:"
     try:
         yield client, prefix
     finally:
-        keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
+        keys, cursor = [], b"0"
+        while True:
+            cursor, batch = await client.execute("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 500)
+            keys += batch
+            if cursor == b"0":
+                break
         if keys:
-            await client.delete(*keys)
-        await client.aclose()
+            await client.execute("DEL", *keys)
+        await client.close()
 
 
 async def test_redis_two_replicas_admit_exactly_n(redis_client) -> None:
@@ -203,13 +202,13 @@ async def test_redis_two_replicas_admit_exactly_n(redis_client) -> None:
     assert len(allowed) == n
     assert all(d.retry_after > 0 and d.remaining == 0 for d in denied)
     assert sorted(d.remaining for d in allowed) == list(range(n))
-    ttl = await client.pttl(prefix + "client-1")
+    ttl = await client.execute("PTTL", prefix + "client-1")
     assert 0 < ttl <= 60_000  # expires when the bucket is full again
 
 
 async def test_redis_values_and_cost(redis_client) -> None:
-    client, prefix = redis_client
-    limiter = RedisLimiter(client, prefix=prefix)
+    _client, prefix = redis_client
+    limiter = RedisLimiter(REDIS_URL, prefix=prefix)
     rate = Rate(10, 10.0)
     d = await limiter.hit("k", rate, cost=4)
     assert d.allowed and d.remaining == 6 and d.retry_after == 0
@@ -217,8 +216,9 @@ async def test_redis_values_and_cost(redis_client) -> None:
     d = await limiter.hit("k", rate, cost=7)
     assert not d.allowed and d.remaining == 6 and 0.9 < d.retry_after <= 1.0
     assert (await limiter.hit("other", rate)).remaining == 9
-    await limiter.aclose()  # a borrowed client stays open
-    assert await client.ping()
+    await limiter.aclose()
+    with pytest.raises(LimiterUnavailable):  # closed for good: no silent reconnect
+        await limiter.hit("k", rate)
 
 
 def test_memory_concurrency_slots() -> None:
@@ -233,19 +233,23 @@ def test_memory_concurrency_slots() -> None:
 
 
 async def test_redis_concurrency_slots_shared_and_leased(redis_client) -> None:
-    client, prefix = redis_client
-    a, b = RedisLimiter(client, prefix=prefix), RedisLimiter(client, prefix=prefix)
-    tokens = await asyncio.gather(*(x.acquire("k", 3, lease=60) for x in (a, b, a, b, a)))
-    held = [t for t in tokens if t is not None]
-    assert len(held) == 3  # two replicas together hold at most the limit
-    await b.release("k", held[0])
-    assert await a.acquire("k", 3, lease=60) is not None
-    assert await a.acquire("k", 3, lease=60) is None
-    # A holder that dies never releases: its slot comes back when the lease ends.
-    assert await a.acquire("short", 1, lease=0.2) is not None
-    assert await b.acquire("short", 1, lease=0.2) is None
-    await asyncio.sleep(0.3)
-    assert await b.acquire("short", 1, lease=0.2) is not None
+    _client, prefix = redis_client
+    a, b = RedisLimiter(REDIS_URL, prefix=prefix), RedisLimiter(REDIS_URL, prefix=prefix)
+    try:
+        tokens = await asyncio.gather(*(x.acquire("k", 3, lease=60) for x in (a, b, a, b, a)))
+        held = [t for t in tokens if t is not None]
+        assert len(held) == 3  # two replicas together hold at most the limit
+        await b.release("k", held[0])
+        assert await a.acquire("k", 3, lease=60) is not None
+        assert await a.acquire("k", 3, lease=60) is None
+        # A holder that dies never releases: its slot comes back when the lease ends.
+        assert await a.acquire("short", 1, lease=0.2) is not None
+        assert await b.acquire("short", 1, lease=0.2) is None
+        await asyncio.sleep(0.3)
+        assert await b.acquire("short", 1, lease=0.2) is not None
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 async def test_redis_dead_port_raises_quickly() -> None:
@@ -257,12 +261,21 @@ async def test_redis_dead_port_raises_quickly() -> None:
     await limiter.aclose()
 
 
+def test_redis_url_without_tls_support_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="TLS"):  # at start-up, not as failing checks later
+        RedisLimiter("rediss://127.0.0.1:6380/0")
+
+
 async def test_redis_silent_server_times_out() -> None:
     """A server that accepts and never answers must not hold the request past `timeout`."""
+
+    gone = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(-1)
         writer.close()
+        await writer.wait_closed()
+        gone.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -274,6 +287,7 @@ async def test_redis_silent_server_times_out() -> None:
         assert time.monotonic() - start < 1.0
     finally:
         await limiter.aclose()
+        await asyncio.wait_for(gone.wait(), 1.0)  # aclose() hung up (and no socket outlives the test)
         server.close()
 
 

@@ -21,14 +21,13 @@ died free themselves when their lease ends.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from bridgeway.config.units import Rate
 
@@ -199,23 +198,20 @@ return 0
 
 class RedisLimiter:
     """GCRA shared by every replica: one Lua script, one round trip per hit (after the first
-    call loads the script). Raises LimiterUnavailable instead of waiting longer than `timeout`."""
+    call loads the script). Raises LimiterUnavailable instead of waiting longer than `timeout`
+    (twice that only in the rare call that finds the script gone from Redis and sends it again).
 
-    def __init__(self, url_or_client: Any, *, prefix: str = "bw:rl:", timeout: float = 0.25) -> None:
-        from redis import asyncio as aioredis  # the [redis] extra; imported only when used
-        from redis.exceptions import RedisError
+    It talks to Redis through RespClient (one pipelined connection, see state/resp.py): on the
+    hot path redis-py's asyncio client cost more per call than the round trip itself."""
 
-        if isinstance(url_or_client, str):
-            self._redis = aioredis.from_url(
-                url_or_client, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-            self._owned = True
-        else:
-            self._redis = url_or_client
-            self._owned = False
+    def __init__(self, url: str, *, prefix: str = "bw:rl:", timeout: float = 0.25) -> None:
+        from bridgeway.state.resp import RespClient, RespError  # hiredis: the [redis] extra, loaded only here
+
+        # connect_timeout too: a call waiting for a connect is bounded by `timeout` anyway
+        self._redis = RespClient(url, timeout=timeout, connect_timeout=timeout)
+        # an error reply, a lost or refused connection, or no answer within `timeout`
+        self._errors: tuple[type[BaseException], ...] = (RespError, OSError, TimeoutError)
         self._prefix = prefix
-        self._timeout = timeout
-        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._script = self._redis.register_script(_GCRA_LUA)
         self._acquire = self._redis.register_script(_ACQUIRE_LUA)
 
@@ -223,11 +219,9 @@ class RedisLimiter:
         """`now` is ignored: Redis's own clock (TIME) decides, so all replicas share one timeline."""
         _check_cost(cost, rate.count)
         try:
-            # asyncio.timeout bounds the whole call, including redis-py's own retries and reconnects
-            async with asyncio.timeout(self._timeout):
-                allowed, remaining, retry_ms, reset_ms = await self._script(
-                    keys=[self._prefix + key], args=[rate.period * 1000, rate.count, cost]
-                )
+            allowed, remaining, retry_ms, reset_ms = await self._redis.evalsha(
+                self._script, (self._prefix + key,), (rate.period * 1000, rate.count, cost)
+            )
         except self._errors as exc:
             raise LimiterUnavailable(f"rate limiter store unavailable: {exc.__class__.__name__}") from exc
         return Decision(
@@ -238,8 +232,9 @@ class RedisLimiter:
         """A slot's token, or None when `limit` are in flight; the slot frees itself after `lease`."""
         token = secrets.token_hex(8)
         try:
-            async with asyncio.timeout(self._timeout):
-                got = await self._acquire(keys=[self._prefix + key], args=[limit, int(lease * 1000), token])
+            got = await self._redis.evalsha(
+                self._acquire, (self._prefix + key,), (limit, int(lease * 1000), token)
+            )
         except self._errors as exc:
             raise LimiterUnavailable(f"rate limiter store unavailable: {exc.__class__.__name__}") from exc
         return token if got == 1 else None
@@ -247,12 +242,10 @@ class RedisLimiter:
     async def release(self, key: str, token: str) -> None:
         """Best effort: if Redis cannot be reached now, the lease frees the slot later."""
         with contextlib.suppress(*self._errors):
-            async with asyncio.timeout(self._timeout):
-                await self._redis.zrem(self._prefix + key, token)
+            await self._redis.execute("ZREM", self._prefix + key, token)
 
     async def aclose(self) -> None:
-        if self._owned:
-            await self._redis.aclose()
+        await self._redis.close()
 
 
 def _whole_seconds(seconds: float) -> int:
