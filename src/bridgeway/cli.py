@@ -269,19 +269,16 @@ def audit(
     """Security events from the audit log, newest first."""
     import time
 
-    from bridgeway.governance.audit import parse_time
+    from bridgeway.governance.audit import parse_window
 
-    now = time.time()
-    bounds = {}
-    for name, value in (("since", since), ("until", until)):
-        try:
-            bounds[name] = parse_time(value, now) if value is not None else None
-        except ValueError as exc:
-            err.print(f"--{name}: {exc}", markup=False)
-            raise typer.Exit(1) from None
+    try:
+        start, end = parse_window(since, until, time.time())
+    except ValueError as exc:
+        err.print(f"--{exc}", markup=False)
+        raise typer.Exit(1) from None
 
     async def query(keys, log):
-        return await log.query(event, actor, bounds["since"], bounds["until"], limit, cursor)
+        return await log.query(event, actor, start, end, limit, cursor)
 
     try:
         records, after = _with_state(config, query)

@@ -11,17 +11,9 @@ from collections.abc import Iterator
 import pytest
 import websockets
 
-from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway, wait_until
 from tests.support.procs import Proc
 from tests.support.services import require_redis
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway, wait_until
 from tests.support.procs import Proc
 
@@ -31,13 +30,6 @@ def _config(echo: Proc, state: str) -> dict:
         },
         "services": {"sim": {"instances": [echo.url]}},
     }
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.procs import Proc
 from tests.support.services import require_redis
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

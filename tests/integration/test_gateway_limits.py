@@ -5,22 +5,13 @@ when Redis cannot be reached (fail open or closed, counted)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.procs import Proc
 from tests.support.services import require_redis
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 def _statuses(gw: GatewayProc, path: str, n: int) -> list[int]:

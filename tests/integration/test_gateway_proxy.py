@@ -21,7 +21,6 @@ import aiohttp
 import pytest
 import websockets
 
-from tests.support import start_service
 from tests.support.gateway import GatewayProc, raw_request, rss_bytes, start_gateway
 from tests.support.procs import Proc
 
@@ -29,13 +28,6 @@ MB = 1024 * 1024
 PATTERN = b"0123456789abcdef"
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

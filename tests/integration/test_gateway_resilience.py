@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.support import free_port, start_service, start_services
+from tests.support import free_port, start_services
 from tests.support.gateway import GatewayProc, RawServer, raw_request, start_gateway, wait_until
 from tests.support.procs import Proc
 
@@ -29,13 +29,6 @@ def dead_url() -> str:
 
 NO_EJECT = {"failures": 1000, "base_ejection": "1s", "max_ejection": "1s"}
 NO_BREAK = {"failures": 1000, "open_for": "1s"}
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

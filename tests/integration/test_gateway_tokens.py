@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import RSAAlgorithm
 
-from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway, wait_until
 from tests.support.procs import Proc
 from tests.support.services import require_redis
@@ -75,13 +74,6 @@ class Issuer:
             "exp": now + lifetime,
         }
         return jwt.encode({**payload, **claims}, key, algorithm="RS256", headers={"kid": kid})
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from bridgeway.sdk import BridgewayError, Client, VersionConflict
-from tests.support import start_service
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.procs import Proc
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Proc]:
-    proc = start_service("echo")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

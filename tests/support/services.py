@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 
 import pytest
 
@@ -38,3 +39,25 @@ def require_service(name: str) -> None:
 
 def require_redis() -> None:
     require_service("redis")
+
+
+async def open_redis_kv():
+    """A Redis state backend under a fresh key prefix (skips or fails when Redis is absent)."""
+    try:
+        from bridgeway.state.redis import RedisKV
+    except ImportError:
+        absent("redis client not installed (pip install 'redis[hiredis]')")
+    kv = RedisKV(REDIS_URL, prefix=f"bwtest-{uuid.uuid4().hex}")
+    try:
+        await kv.ping()
+    except Exception as exc:  # redis-py wraps socket errors in its own ConnectionError
+        await kv.close()
+        absent(f"Redis not reachable on 127.0.0.1:6379 ({exc.__class__.__name__})")
+    return kv
+
+
+async def drop_redis_kv(kv) -> None:
+    """Delete every key under the backend's test prefix."""
+    keys = [k async for k in kv._redis.scan_iter(match=f"{kv._prefix}:*", count=500)]
+    if keys:
+        await kv._redis.delete(*keys)

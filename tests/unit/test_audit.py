@@ -15,7 +15,6 @@ from structlog.testing import capture_logs
 from bridgeway.governance.audit import NAMESPACE, SCAN_BUDGET, AuditLog, key_fields, parse_time
 from bridgeway.observability import metrics
 from bridgeway.security.keys import KeyStore
-from bridgeway.state import open_state
 from bridgeway.state.memory import MemoryKV
 from tests.support.services import REDIS_URL, require_redis
 
@@ -28,27 +27,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def kv(request, tmp_path):
-    if request.param == "memory":
-        store = open_state("memory://")
-    elif request.param == "sqlite":
-        store = open_state(f"sqlite:///{tmp_path / 'state.db'}")
-    else:
-        require_redis()
-        from bridgeway.state.redis import RedisKV
-
-        store = RedisKV(REDIS_URL, prefix=f"bwtest-{uuid.uuid4().hex}")
-    try:
-        yield store
-    finally:
-        if request.param == "redis":
-            keys = [k async for k in store._redis.scan_iter(match=f"{store._prefix}:*", count=500)]
-            if keys:
-                await store._redis.delete(*keys)
-        await store.close()
 
 
 @pytest.fixture

@@ -16,46 +16,7 @@ from bridgeway.state import KV, Entry, VersionMismatch, open_state
 from bridgeway.state.base import prefix_end
 from bridgeway.state.memory import MemoryKV
 from bridgeway.state.sqlite import SqliteKV
-from tests.support.services import REDIS_URL, absent
-
-
-async def _redis_kv():
-    try:
-        from bridgeway.state.redis import RedisKV
-    except ImportError:
-        reason = "redis client not installed (pip install 'redis[hiredis]')"
-    else:
-        kv = RedisKV(REDIS_URL, prefix=f"bwtest-{uuid.uuid4().hex}")
-        try:
-            await kv.ping()
-            return kv
-        except Exception as exc:  # redis-py wraps socket errors in its own ConnectionError
-            await kv.close()
-            reason = f"Redis not reachable on 127.0.0.1:6379 ({exc.__class__.__name__})"
-    absent(reason)
-
-
-async def _redis_cleanup(kv) -> None:
-    r = kv._redis
-    keys = [k async for k in r.scan_iter(match=f"{kv._prefix}:*", count=500)]
-    if keys:
-        await r.delete(*keys)
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def kv(request, tmp_path):
-    if request.param == "memory":
-        store = open_state("memory://")
-    elif request.param == "sqlite":
-        store = open_state(f"sqlite:///{tmp_path / 'state.db'}")
-    else:
-        store = await _redis_kv()
-    try:
-        yield store
-    finally:
-        if request.param == "redis":
-            await _redis_cleanup(store)
-        await store.close()
+from tests.support.services import REDIS_URL, drop_redis_kv, open_redis_kv
 
 
 async def eventually(check, timeout: float = 3.0, interval: float = 0.02):
@@ -356,7 +317,7 @@ async def test_sqlite_shared_by_worker_processes(tmp_path):
 
 
 async def test_redis_index_pruned_after_expiry():
-    kv = await _redis_kv()
+    kv = await open_redis_kv()
     try:
         await kv.put("ns", "gone", b"v", ttl=0.1)
         await kv.put("ns", "kept", b"v")
@@ -370,13 +331,13 @@ async def test_redis_index_pruned_after_expiry():
         await kv.delete("ns", "kept")
         assert await kv._redis.zcard(index) == 0
     finally:
-        await _redis_cleanup(kv)
+        await drop_redis_kv(kv)
         await kv.close()
 
 
 async def test_redis_writes_with_a_ttl_sweep_expired_keys_out_of_the_index():
     # Short-lived keys that are never listed (the response cache) must not grow the index forever.
-    kv = await _redis_kv()
+    kv = await open_redis_kv()
     try:
         for i in range(3):
             await kv.put("ns", f"short{i}", b"v", ttl=0.05)
@@ -392,13 +353,13 @@ async def test_redis_writes_with_a_ttl_sweep_expired_keys_out_of_the_index():
         await kv.delete("ns", "forever")
         assert await kv._redis.zcard(expiries) == 0
     finally:
-        await _redis_cleanup(kv)
+        await drop_redis_kv(kv)
         await kv.close()
 
 
 async def test_a_redis_sweep_steps_over_keys_another_clock_thinks_are_due(monkeypatch):
     monkeypatch.setattr("bridgeway.state.redis.SWEEP_BATCH", 1)
-    kv = await _redis_kv()
+    kv = await open_redis_kv()
     try:
         await kv.put("ns", "alive", b"v", ttl=60)
         await kv._redis.zadd(kv._expiries("ns"), {"alive": 0})  # due by a clock far ahead
@@ -410,12 +371,12 @@ async def test_a_redis_sweep_steps_over_keys_another_clock_thinks_are_due(monkey
         members = sorted(m.decode() for m in await kv._redis.zrange(kv._index("ns"), 0, -1))
         assert members == ["alive", "later"]
     finally:
-        await _redis_cleanup(kv)
+        await drop_redis_kv(kv)
         await kv.close()
 
 
 async def test_open_state_redis():
-    await (await _redis_kv()).close()  # skips (or fails) like the other Redis tests when no server
+    await (await open_redis_kv()).close()  # skips (or fails) like the other Redis tests when no server
     kv = open_state(REDIS_URL)
     try:
         assert type(kv).__name__ == "RedisKV"

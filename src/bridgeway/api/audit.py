@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from bridgeway.errors import GatewayError
-from bridgeway.governance.audit import parse_time
+from bridgeway.governance.audit import parse_window
 
 router = APIRouter(tags=["audit"])
 WHEN = "epoch seconds, ISO 8601 (UTC unless an offset is given), or a duration ago such as 1h"
@@ -26,17 +26,12 @@ async def query_audit(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
 ) -> dict:
-    now = time.time()
-    bounds = {}
-    for name, value in (("since", since), ("until", until)):
-        try:
-            bounds[name] = parse_time(value, now) if value is not None else None
-        except ValueError as exc:
-            raise GatewayError("BAD_REQUEST", f"{name}: {exc}") from None
     try:
-        records, after = await request.app.state.gateway.audit.query(
-            event, actor, bounds["since"], bounds["until"], limit, cursor
-        )
+        start, end = parse_window(since, until, time.time())
+    except ValueError as exc:
+        raise GatewayError("BAD_REQUEST", str(exc)) from None
+    try:
+        records, after = await request.app.state.gateway.audit.query(event, actor, start, end, limit, cursor)
     except ValueError as exc:
         raise GatewayError("BAD_REQUEST", str(exc)) from None
     return {"records": records, "next": after}

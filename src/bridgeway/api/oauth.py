@@ -91,10 +91,6 @@ async def revoke(request: Request) -> Response:
     return Response(status_code=200)
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
 @router.get("/.well-known/jwks.json", summary="The public keys that verify the gateway's tokens")
 async def jwks(request: Request) -> JSONResponse:
     keys = await request.app.state.gateway.oauth.signing.jwks()
@@ -103,4 +99,5 @@ async def jwks(request: Request) -> JSONResponse:
 
 @router.get("/.well-known/openid-configuration", summary="Discovery: issuer, endpoints, algorithms")
 async def discovery(request: Request) -> JSONResponse:
-    return JSONResponse(await request.app.state.gateway.oauth.discovery(_base_url(request)))
+    base_url = str(request.base_url).rstrip("/")
+    return JSONResponse(request.app.state.gateway.oauth.discovery(base_url))

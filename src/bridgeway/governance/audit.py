@@ -392,6 +392,17 @@ def parse_time(text: str, now: float) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def parse_window(since: str | None, until: str | None, now: float) -> tuple[float | None, float | None]:
+    """A query's time bounds as epoch seconds; the ValueError names the bound that is wrong."""
+    bounds = []
+    for name, value in (("since", since), ("until", until)):
+        try:
+            bounds.append(parse_time(value, now) if value is not None else None)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return bounds[0], bounds[1]
+
+
 def key_fields(record) -> dict:
     """What an audit record says about an API key: its public facts, never its secret or hashes."""
     return {

@@ -13,27 +13,24 @@ Bodies are plain dicts through orjson: no pydantic on this path.
 
 from __future__ import annotations
 
-import asyncio
-import fnmatch
-import re
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 
 from bridgeway.config.models import Config
 from bridgeway.dataplane.breaker import CircuitBreaker
-from bridgeway.dataplane.proxy import ClientGone, read_body
-from bridgeway.errors import GatewayError
+from bridgeway.dataplane.proxy import read_body, stream_response
+from bridgeway.errors import STATUS, GatewayError
 from bridgeway.llm.client import ChatStream, Pools, chat, embeddings
 from bridgeway.llm.prices import price_of
 from bridgeway.llm.providers import Deployment, ProviderError, StreamBroken
 from bridgeway.llm.router import Deployed, ModelGroup, Router
-from bridgeway.security.access import ADMIN_ROLE, FOREIGN, Access, Principal
+from bridgeway.security.access import Access, Principal
 
 MAX_BODY = 16 << 20  # prompts with images are large, but not unbounded
 _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_CHALLENGE = [(b"www-authenticate", b'Bearer realm="bridgeway"')]
 
 
 def compile_router(config: Config, previous: Router | None = None) -> Router:
@@ -69,13 +66,6 @@ class LLMEndpoint:
     def __init__(self, config: Config, previous: LLMEndpoint | None = None):
         self.router = compile_router(config, previous.router if previous else None)
         self.pools = previous.pools if previous is not None else Pools()
-        self.required = config.auth.required
-        self.grants = {
-            name: re.compile("|".join(fnmatch.translate(m) for m in role.models)).match
-            if role.models
-            else None
-            for name, role in config.roles.items()
-        }
 
     async def close(self) -> None:
         await self.pools.close()
@@ -87,7 +77,7 @@ class LLMEndpoint:
         if path == "/v1/models":
             if method != "GET":
                 raise GatewayError("METHOD_NOT_ALLOWED", "GET /v1/models")
-            return await self._models(send, caller, trace_headers)
+            return await self._models(send, caller, access, trace_headers)
         if path not in ("/v1/chat/completions", "/v1/embeddings"):
             raise GatewayError("NOT_FOUND", f"no route for {path[:200]!r}")
         if method != "POST":
@@ -101,7 +91,7 @@ class LLMEndpoint:
         model = body.get("model")
         if not isinstance(model, str) or model not in self.router.groups:
             raise GatewayError("UNKNOWN_MODEL", f"no model named {str(model)[:100]!r}")
-        if not self._may_use(caller, model):
+        if not access.may_use_model(caller, model):
             raise GatewayError("FORBIDDEN", f"this caller may not use model {model!r}")
         if path == "/v1/embeddings":
             return await self._embeddings(send, body, model, trace_headers)
@@ -116,29 +106,16 @@ class LLMEndpoint:
                 token = value[7:].strip().decode("latin-1")
             elif name == b"x-api-key":  # what Anthropic-style clients send
                 token = value.strip().decode("latin-1")
-        if token is None:
-            if self.required:
-                raise GatewayError("UNAUTHENTICATED", "an API key or token is required", headers=_CHALLENGE)
-            return None
-        caller = await access.authenticate(token)
-        if caller is None or caller is FOREIGN:
-            raise GatewayError("UNAUTHENTICATED", "the credential is not valid", headers=_CHALLENGE)
-        return caller
-
-    def _may_use(self, caller: Principal | None, model: str) -> bool:
-        if caller is None or caller.role == ADMIN_ROLE:
-            return True  # anonymous only reaches here when auth is not required
-        grant = self.grants.get(caller.role)
-        return grant is not None and grant(model) is not None
+        return await access.identify(token)
 
     # -- answers ------------------------------------------------------------------------------
 
-    async def _models(self, send, caller: Principal | None, trace_headers: list) -> int:
+    async def _models(self, send, caller: Principal | None, access: Access, trace_headers: list) -> int:
         now = int(time.time())
         data = [
             {"id": name, "object": "model", "created": now, "owned_by": "bridgeway"}
             for name in self.router.groups
-            if self._may_use(caller, name)
+            if access.may_use_model(caller, name)
         ]
         await _send_json(send, 200, {"object": "list", "data": data}, trace_headers)
         return 200
@@ -219,25 +196,8 @@ class LLMEndpoint:
 def _gateway_error(exc: ProviderError, tried: str = "") -> GatewayError:
     headers = [(b"retry-after", b"%d" % max(1, round(exc.retry_after)))] if exc.retry_after else None
     message = exc.message + (f" (tried: {tried})" if tried else "")
-    return GatewayError(
-        exc.code if exc.code in _KNOWN else "UPSTREAM_ERROR", message, headers=headers, status=exc.status
-    )
-
-
-_KNOWN = frozenset(
-    {
-        "RATE_LIMITED",
-        "CONTEXT_WINDOW",
-        "BAD_REQUEST",
-        "UNSUPPORTED",
-        "UPSTREAM_AUTH",
-        "UPSTREAM_ERROR",
-        "UPSTREAM_TIMEOUT",
-        "UPSTREAM_CONNECT",
-        "BAD_RESPONSE",
-        "STREAM_BROKEN",
-    }
-)
+    code = exc.code if exc.code in STATUS else "UPSTREAM_ERROR"
+    return GatewayError(code, message, headers=headers, status=exc.status)
 
 
 def _route_headers(item: Deployed, reason: str) -> list[tuple[bytes, bytes]]:
@@ -254,42 +214,22 @@ async def _send_json(send, status: int, body: object, headers: list) -> None:
 
 
 async def _relay_stream(stream: ChatStream, scope, receive, send, headers: list) -> None:
-    """Chunks as SSE events until [DONE]; a failure after the first token becomes an error
-    event and a clean end. A client that leaves stops the upstream stream."""
-    task = asyncio.current_task()
-    gone = asyncio.ensure_future(_disconnect(receive))
-
-    def stop(_: asyncio.Future) -> None:
-        task.cancel()
-
-    gone.add_done_callback(stop)
+    """The chunks as SSE events, with the proxy's streaming (a client that leaves stops the
+    upstream stream)."""
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*_SSE, *headers]})
-        try:
-            async for chunk in stream:
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
-                        "more_body": True,
-                    }
-                )
-        except StreamBroken as exc:
-            error = {"error": {"code": exc.code, "message": exc.message, "type": "stream_error"}}
-            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(error) + b"\n\n"})
-            return
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-    except asyncio.CancelledError:
-        if gone.done() and not gone.cancelled():
-            task.uncancel()
-            raise ClientGone from None
-        raise
+        await stream_response(_sse(stream), send, receive)
     finally:
-        gone.remove_done_callback(stop)
-        gone.cancel()
         stream.close()
 
 
-async def _disconnect(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def _sse(stream: ChatStream) -> AsyncIterator[bytes]:
+    """Events until [DONE]; a failure after the first token becomes an error event and a clean end."""
+    try:
+        async for chunk in stream:
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+    except StreamBroken as exc:
+        error = {"error": {"code": exc.code, "message": exc.message, "type": "stream_error"}}
+        yield b"data: " + orjson.dumps(error) + b"\n\n"
+        return
+    yield b"data: [DONE]\n\n"

@@ -85,7 +85,7 @@ class TokenIssuer:
     async def revoked(self, jti: str | None) -> bool:
         return jti is not None and await self.kv.get(REVOKED, jti) is not None
 
-    async def discovery(self, base_url: str) -> dict:
+    def discovery(self, base_url: str) -> dict:
         """A minimal /.well-known/openid-configuration for a client-credentials server."""
         return {
             "issuer": self.issuer,

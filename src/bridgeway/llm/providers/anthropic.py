@@ -35,10 +35,13 @@ from bridgeway.llm.providers.base import (
     bad_request,
     bad_response,
     completion,
+    error_json,
     load_json,
     new_id,
     retry_after,
     status_error,
+    text_of,
+    tool_arguments,
     unsupported,
     usage_dict,
 )
@@ -151,7 +154,7 @@ def _turns(messages: list, d: Deployment) -> tuple[list[str], list[dict]]:
                 }
             ]
         elif role in ("system", "developer"):
-            system.append(_text(m.get("content"), d))
+            system.append(text_of(m.get("content"), d))
             continue
         else:
             raise bad_request(d, f"unsupported message role {role!r}")
@@ -199,42 +202,19 @@ def _part(part: dict, d: Deployment) -> dict:
     raise unsupported(d, f"content parts of type {kind!r}")
 
 
-def _text(content: Any, d: Deployment) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if p.get("type") == "text")
-    raise bad_request(d, "message content must be a string or a list of parts")
-
-
 def _assistant_content(m: dict, d: Deployment) -> str | list:
     content = m.get("content")
     calls = m.get("tool_calls")
     if not calls:
-        return content if isinstance(content, str) else _text(content or "", d)
-    text = _text(content or "", d)
+        return content if isinstance(content, str) else text_of(content or "", d)
+    text = text_of(content or "", d)
     blocks: list[dict] = [{"type": "text", "text": text}] if text else []
     for call in calls:
         fn = call.get("function") or {}
         blocks.append(
-            {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": _arguments(fn, d)}
+            {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": tool_arguments(fn, d)}
         )
     return blocks
-
-
-def _arguments(fn: dict, d: Deployment) -> dict:
-    args = fn.get("arguments")
-    if isinstance(args, dict):
-        return args
-    if not args:
-        return {}
-    try:
-        value = orjson.loads(args)
-    except orjson.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise bad_request(d, f"tool call arguments of {fn.get('name')!r} are not a JSON object")
-    return value
 
 
 def _tool(tool: dict, d: Deployment) -> dict:
@@ -426,11 +406,7 @@ def embeddings_response(
 
 
 def error(status: int, body: bytes, d: Deployment, headers: Sequence = ()) -> ProviderError:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    return _error_from(status, data, d, retry_after(headers))
+    return _error_from(status, error_json(body), d, retry_after(headers))
 
 
 def _error_from(status: int, data: Any, d: Deployment, after: float | None) -> ProviderError:

@@ -42,13 +42,16 @@ __all__ = [
     "StreamTranslator",
     "bad_request",
     "bad_response",
+    "error_json",
     "completion",
     "load_json",
     "new_id",
     "retry_after",
     "safe_message",
     "status_error",
+    "text_of",
     "tokens",
+    "tool_arguments",
     "unsupported",
     "usage_dict",
 ]
@@ -243,6 +246,39 @@ def load_json(data: bytes, d: Deployment) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         raise bad_response(d, "invalid JSON from upstream") from None
+
+
+def error_json(body: bytes) -> Any:
+    """An error body's JSON, or None when it is not JSON (a proxy's HTML error page, say)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def text_of(content: Any, d: Deployment) -> str:
+    """The text of an OpenAI message's content: a string, or the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    raise bad_request(d, "message content must be a string or a list of parts")
+
+
+def tool_arguments(fn: dict, d: Deployment) -> dict:
+    """A tool call's arguments as an object (OpenAI sends them as a JSON string)."""
+    args = fn.get("arguments")
+    if isinstance(args, dict):
+        return args
+    if not args:
+        return {}
+    try:
+        value = orjson.loads(args)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise bad_request(d, f"tool call arguments of {fn.get('name')!r} are not a JSON object")
+    return value
 
 
 def retry_after(headers: Sequence[tuple[bytes, bytes]]) -> float | None:

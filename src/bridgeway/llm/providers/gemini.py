@@ -37,10 +37,13 @@ from bridgeway.llm.providers.base import (
     bad_request,
     bad_response,
     completion,
+    error_json,
     load_json,
     new_id,
     retry_after,
     status_error,
+    text_of,
+    tool_arguments,
     unsupported,
     usage_dict,
 )
@@ -146,7 +149,7 @@ def _contents(messages: list, d: Deployment) -> tuple[list[str], list[dict]]:
                 raise bad_request(d, f"tool result {m.get('tool_call_id')!r} answers no earlier tool call")
             parts = [{"functionResponse": {"name": name, "response": _tool_response(m.get("content"), d)}}]
         elif role in ("system", "developer"):
-            system.append(_text(m.get("content"), d))
+            system.append(text_of(m.get("content"), d))
             continue
         else:
             raise bad_request(d, f"unsupported message role {role!r}")
@@ -184,23 +187,15 @@ def _part(part: dict, d: Deployment) -> dict:
     raise unsupported(d, f"content parts of type {kind!r}")
 
 
-def _text(content: Any, d: Deployment) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if p.get("type") == "text")
-    raise bad_request(d, "message content must be a string or a list of parts")
-
-
 def _model_parts(m: dict, names: dict[str, str], d: Deployment) -> list[dict]:
     content = m.get("content")
-    text = _text(content, d) if content else ""
+    text = text_of(content, d) if content else ""
     parts: list[dict] = [{"text": text}] if text else []
     for call in m.get("tool_calls") or ():
         fn = call.get("function") or {}
         name = fn.get("name")
         names[call.get("id")] = name
-        part: dict[str, Any] = {"functionCall": {"name": name, "args": _arguments(fn, d)}}
+        part: dict[str, Any] = {"functionCall": {"name": name, "args": tool_arguments(fn, d)}}
         signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
         if signature:
             part["thoughtSignature"] = signature
@@ -208,25 +203,10 @@ def _model_parts(m: dict, names: dict[str, str], d: Deployment) -> list[dict]:
     return parts
 
 
-def _arguments(fn: dict, d: Deployment) -> dict:
-    args = fn.get("arguments")
-    if isinstance(args, dict):
-        return args
-    if not args:
-        return {}
-    try:
-        value = orjson.loads(args)
-    except orjson.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise bad_request(d, f"tool call arguments of {fn.get('name')!r} are not a JSON object")
-    return value
-
-
 def _tool_response(content: Any, d: Deployment) -> dict:
     """functionResponse.response must be an object: a JSON object result is sent as it is,
     anything else under "output" (the key Gemini documents for a function's output)."""
-    text = _text(content, d)
+    text = text_of(content, d)
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -465,11 +445,7 @@ def _base64_floats(values: list[float]) -> str:
 
 
 def error(status: int, body: bytes, d: Deployment, headers: Sequence = ()) -> ProviderError:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    return _error_from(status, data, d, retry_after(headers))
+    return _error_from(status, error_json(body), d, retry_after(headers))
 
 
 def _error_from(status: int, data: Any, d: Deployment, after: float | None) -> ProviderError:

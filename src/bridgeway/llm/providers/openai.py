@@ -20,6 +20,7 @@ from bridgeway.llm.providers.base import (
     Request,
     StreamTranslator,
     bad_response,
+    error_json,
     load_json,
     retry_after,
     status_error,
@@ -139,11 +140,7 @@ def embeddings_response(
 
 
 def error(status: int, body: bytes, d: Deployment, headers: Sequence = ()) -> ProviderError:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    return _error_from(status, data, d, retry_after(headers))
+    return _error_from(status, error_json(body), d, retry_after(headers))
 
 
 def _error_from(status: int, data: object, d: Deployment, after: float | None) -> ProviderError:
