@@ -344,6 +344,7 @@ class Gateway:
                 try:
                     await self.startup()
                 except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    self.log.exception("startup_failed")  # the server prints only the message
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})

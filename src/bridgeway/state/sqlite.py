@@ -33,6 +33,20 @@ CREATE INDEX IF NOT EXISTS kv_expires ON kv (expires_at) WHERE expires_at IS NOT
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
+def _use_wal(conn: sqlite3.Connection, wait: float) -> None:
+    """Switch the file to WAL once. Changing the journal mode needs the file to itself, and
+    SQLite answers "database is locked" at once, without its busy wait, while another process
+    (a sibling worker starting, say) holds it: so check first, and retry for up to `wait`."""
+    deadline = time.monotonic() + wait
+    while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SqliteKV:
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
         self.path = str(path)
@@ -40,7 +54,7 @@ class SqliteKV:
         # Opened here (synchronously, so a bad path fails at open_state); used only in the executor.
         conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn, busy_timeout)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
         except BaseException:
