@@ -349,6 +349,14 @@ class AuditConfig(Model):
     retention: Duration = Field(30 * 86400.0, gt=0, description="how long a record is kept")
 
 
+class JobsConfig(Model):
+    backend: str = Field(
+        "",
+        description="where queues and events live: sqlite:///path.db, redis://host:port/db or "
+        "nats://host:4222; default: the state backend's (an in-process SQLite for memory://)",
+    )
+
+
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
@@ -365,6 +373,7 @@ class Config(Model):
     cache: CacheMemoryConfig = CacheMemoryConfig()
     services: dict[ServiceName, ServiceConfig] = {}
     models: dict[str, ModelGroupConfig] = Field({}, description="the LLM router's public model names")
+    jobs: JobsConfig = JobsConfig()
 
     @model_validator(mode="after")
     def _known_roles(self) -> Config:
@@ -376,6 +385,13 @@ class Config(Model):
                 if other not in self.models or other == name:
                     raise ValueError(f"models.{name}.fallbacks: no other model group named {other!r}")
         return self
+
+    @property
+    def jobs_backend(self) -> str:
+        """The URL the queues and the event log use."""
+        if self.jobs.backend:
+            return self.jobs.backend
+        return "sqlite:///:memory:" if self.state.startswith("memory:") else self.state
 
     @property
     def host(self) -> str:

@@ -1,0 +1,1 @@
+"""Durable job queues: the backend contract, its three backends, delivery and retries."""
