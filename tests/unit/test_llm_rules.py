@@ -85,7 +85,9 @@ def test_a_group_the_caller_may_not_use_is_passed_over():
 def test_a_preferred_model_comes_first_unless_the_router_ignores_it():
     d = _decide(_body(task="code", prefer="eu-chat"))
     assert (d.model, d.confidence) == ("eu-chat", 1.0)
-    assert _decide(_body(task="code", prefer="eu-chat"), allowed=lambda g: g != "eu-chat").model == "code-chat"
+    assert (
+        _decide(_body(task="code", prefer="eu-chat"), allowed=lambda g: g != "eu-chat").model == "code-chat"
+    )
     stubborn = Routing(_config(prefer=False))
     assert _decide(_body(task="code", prefer="eu-chat"), routing=stubborn).model == "code-chat"
     with pytest.raises(BadSignal, match="prefer names no model group"):
@@ -193,13 +195,26 @@ def test_the_estimate_is_cheap():
             "routing.auto.rules.0.model: no model group named 'nope'",
         ),
         ({"big-chat": {"default": "small-chat"}}, "routing.big-chat: the name is already a model group's"),
-        ({"auto": {"default": "small-chat", "rules": [{"when": {}, "model": "big-chat"}]}}, "at least one of"),
         (
-            {"auto": {"default": "small-chat", "rules": [{"when": {"complexity": "huge"}, "model": "big-chat"}]}},
+            {"auto": {"default": "small-chat", "rules": [{"when": {}, "model": "big-chat"}]}},
+            "at least one of",
+        ),
+        (
+            {
+                "auto": {
+                    "default": "small-chat",
+                    "rules": [{"when": {"complexity": "huge"}, "model": "big-chat"}],
+                }
+            },
             "complexity",
         ),
         (
-            {"auto": {"default": "small-chat", "rules": [{"when": {"task": "x", "size": 1}, "model": "big-chat"}]}},
+            {
+                "auto": {
+                    "default": "small-chat",
+                    "rules": [{"when": {"task": "x", "size": 1}, "model": "big-chat"}],
+                }
+            },
             "size",
         ),
     ],
@@ -219,7 +234,12 @@ def test_routing_config_errors_are_precise(tmp_path, routing, problem):
 
 def test_the_cache_key_ignores_what_does_not_change_the_answer():
     a = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": 1, "user": "u1"}
-    b = {"temperature": 1.0, "messages": [{"content": "hi", "role": "user"}], "stream": True, "metadata": {"k": "v"}}
+    b = {
+        "temperature": 1.0,
+        "messages": [{"content": "hi", "role": "user"}],
+        "stream": True,
+        "metadata": {"k": "v"},
+    }
     assert canonical(a) == canonical(b)
     assert canonical(a) != canonical({**a, "temperature": 0.5})
     assert canonical(a) != canonical({**a, "unknown_param": 1})  # unknown fields stay in the key

@@ -170,7 +170,10 @@ class LLMEndpoint:
         if entry is None:
             return False, flight
         await self.cache.replay(
-            entry, look, send, headers + [(b"x-bridgeway-route", _joined(route, "cache hit"))]
+            entry,
+            look,
+            send,
+            headers + [(b"x-bridgeway-route", _joined(route, "cache hit").encode("latin-1", "replace"))],
         )
         return True, flight
 

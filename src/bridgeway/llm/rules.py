@@ -10,9 +10,10 @@ A request describes itself with four signals, from OpenAI's `metadata` object in
     prefer      metadata.prefer      X-Bridgeway-Prefer       a model group the caller prefers
 
 What is not given is estimated from the prompt, deterministically and cheaply (no tokenizer, no
-regex; keywords are looked for in the last user message's first few KB only): complexity from
-the prompt's length, fenced code blocks, hard-task keywords and the number of tools; the task
-is "code" when the prompt holds a fenced code block, else unknown.
+regex, and a bounded cost whatever the prompt's size: fences and keywords are looked for only in
+the first and last 2 KB of the last user message, where instructions sit): complexity from the
+prompt's length, fenced code blocks, hard-task keywords and the number of tools; the task is
+"code" when that window holds a fenced code block, else unknown.
 
 A router's rules are compiled at load into predicates over frozensets, tried in order: the
 first that applies and names a group the caller may use wins; then the default. A preferred
@@ -40,7 +41,7 @@ DEFAULT_OUTPUT_TOKENS: Final = 256  # the answer's length when max_tokens does n
 CHARS_PER_TOKEN: Final = 4
 _MAX_VALUE = 128  # characters of a task, tag or model name
 _MAX_TAGS = 32
-_KEYWORD_WINDOW = 4096  # characters of the last user message searched for keywords
+_WINDOW = 2048  # characters at each end of the last user message searched for fences and keywords
 # Words that mark a request as hard whatever its length.
 HARD_WORDS: Final = (
     "step by step",
@@ -110,7 +111,7 @@ def _text(content: object) -> str:
 
 def estimate(messages: object, tools: object) -> tuple[float, int, bool]:
     """(complexity score 0..1, prompt characters, whether the prompt holds fenced code)."""
-    chars = fences = 0
+    chars = 0
     last_user = ""
     if isinstance(messages, list):
         for m in messages:
@@ -118,11 +119,12 @@ def estimate(messages: object, tools: object) -> tuple[float, int, bool]:
                 continue
             text = _text(m.get("content"))
             chars += len(text)
-            fences += text.count("```")
             if m.get("role") == "user":
                 last_user = text
-    blocks = fences // 2
-    window = last_user[:_KEYWORD_WINDOW].lower()
+    if len(last_user) > 2 * _WINDOW:
+        last_user = last_user[:_WINDOW] + "\n" + last_user[-_WINDOW:]
+    blocks = last_user.count("```") // 2
+    window = last_user.lower()
     hits = sum(1 for word in HARD_WORDS if word in window)
     n_tools = len(tools) if isinstance(tools, list) else 0
     score = (
