@@ -58,7 +58,7 @@ class Gateway:
         self.oauth: TokenIssuer | None = None
         self.verifier: JwtVerifier | None = None
         self.access = Access(config, None)  # rebuilt with the key store at start-up
-        self.llm = LLMEndpoint(config)
+        self.llm = LLMEndpoint(config, cache=self.registry.cache)  # one cache memory, one backend
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)

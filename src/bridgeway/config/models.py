@@ -337,11 +337,63 @@ class CooldownConfig(Model):
     open_for: Duration = Field(30.0, description="how long it rests before a probe may try it again")
 
 
+class LLMCacheConfig(Model):
+    """The answer cache of one model group (opt-in): see docs/configuration.md."""
+
+    ttl: Duration = Field(600.0, gt=0, description="how long an answer is kept")
+    scope: Literal["caller", "role", "public"] = Field(
+        "caller", description="who shares an entry: the same caller, callers of one role, or everyone"
+    )
+    max_entry: Size = Field(1024 * 1024, gt=0, description="larger answers are passed on, not stored")
+
+
 class ModelGroupConfig(Model):
     strategy: Literal["weighted", "least_busy", "lowest_latency", "lowest_cost"] = "weighted"
     deployments: list[LLMDeploymentConfig] = Field(min_length=1)
     fallbacks: list[str] = Field([], description="model groups tried, in order, after this one's")
     cooldown: CooldownConfig = CooldownConfig()
+    cache: LLMCacheConfig | None = Field(None, description="cache of answers; none when absent")
+
+
+Complexity = Literal["low", "medium", "high"]
+
+
+def _one_or_many(value: object) -> object:
+    """`task: code` reads as well as `task: [code, review]`."""
+    return [value] if isinstance(value, str) else value
+
+
+class RuleWhen(Model):
+    """What a request's metadata must show for a rule to apply; every field given must hold."""
+
+    task: Annotated[list[str], BeforeValidator(_one_or_many)] | None = Field(
+        None, min_length=1, description="one of these task types"
+    )
+    complexity: Annotated[list[Complexity], BeforeValidator(_one_or_many)] | None = Field(
+        None, min_length=1, description="one of these levels (given, or estimated from the prompt)"
+    )
+    tags: Annotated[list[str], BeforeValidator(_one_or_many)] | None = Field(
+        None, min_length=1, description="all of these tags"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> RuleWhen:
+        if self.task is None and self.complexity is None and self.tags is None:
+            raise ValueError("a rule's `when` needs at least one of task, complexity or tags")
+        return self
+
+
+class RuleConfig(Model):
+    when: RuleWhen
+    model: str = Field(min_length=1, description="the model group chosen when the rule applies")
+
+
+class RouterConfig(Model):
+    """A router name callers may put in `model`: the first rule that applies picks the group."""
+
+    rules: list[RuleConfig] = []
+    default: str = Field(min_length=1, description="the group chosen when no rule applies")
+    prefer: bool = Field(True, description="honour a caller's preferred model (metadata `prefer`)")
 
 
 class AuditConfig(Model):
@@ -373,6 +425,9 @@ class Config(Model):
     cache: CacheMemoryConfig = CacheMemoryConfig()
     services: dict[ServiceName, ServiceConfig] = {}
     models: dict[str, ModelGroupConfig] = Field({}, description="the LLM router's public model names")
+    routing: dict[str, RouterConfig] = Field(
+        {}, description="router names (e.g. auto) that choose a model group from request metadata"
+    )
     jobs: JobsConfig = JobsConfig()
 
     @model_validator(mode="after")
@@ -384,6 +439,14 @@ class Config(Model):
             for other in group.fallbacks:
                 if other not in self.models or other == name:
                     raise ValueError(f"models.{name}.fallbacks: no other model group named {other!r}")
+        for name, router in self.routing.items():
+            if name in self.models:
+                raise ValueError(f"routing.{name}: the name is already a model group's")
+            for i, rule in enumerate(router.rules):
+                if rule.model not in self.models:
+                    raise ValueError(f"routing.{name}.rules.{i}.model: no model group named {rule.model!r}")
+            if router.default not in self.models:
+                raise ValueError(f"routing.{name}.default: no model group named {router.default!r}")
         return self
 
     @property
