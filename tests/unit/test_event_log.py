@@ -8,7 +8,6 @@ import time
 import pytest
 
 from bridgeway.jobs.events.log import NewEvent, Retention, SqliteEventLog, open_event_log
-from tests.support.events import event_log  # noqa: F401 - the fixture
 
 
 def ev(event_id: str, event_type: str = "job.done", at: float | None = None) -> NewEvent:

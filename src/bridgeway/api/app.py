@@ -2,7 +2,7 @@
 
 It talks to the very objects the data plane uses (the gateway's registry), so there is one
 truth. Every route requires the admin role (the config's admin token or an admin API key), except
-the KV store, which roles may be granted namespaces of; errors leave in the gateway's one shape.
+the KV store and the event bus, which roles may be granted namespaces and event types of; errors leave in the gateway's one shape.
 Refused callers and the changes admitted ones make are recorded in the audit log.
 """
 
@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import audit, context, keys, kv, oauth, services
+from bridgeway.api import audit, context, events, keys, kv, oauth, services
 from bridgeway.api.auth import require_admin
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, traceparent
@@ -62,6 +62,8 @@ def build_api(gateway: Gateway) -> FastAPI:
         api.include_router(router, prefix=context.PREFIX, dependencies=[Depends(require_admin)])
     # The KV store is also for services: a role's `kv` grants open namespaces to its callers.
     api.include_router(kv.router, prefix=context.PREFIX, dependencies=[Depends(kv.require_kv_access)])
+    # Events: roles may be granted event types; each route checks its caller itself.
+    api.include_router(events.router, prefix=context.PREFIX)
     api.include_router(oauth.router)  # its own client authentication, its own error shape
 
     @api.exception_handler(OAuthError)
