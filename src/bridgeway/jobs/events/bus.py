@@ -75,7 +75,7 @@ def parse_events(body: bytes, max_event: int, now: float) -> list[NewEvent]:
     for i, item in enumerate(items):
         where = f"[{i}]." if batch else ""
         if not isinstance(item, dict):
-            problems.append(f"{where or 'body'}: an event is a JSON object")
+            problems.append(f"{where.rstrip('.') or 'body'}: an event is a JSON object")
             continue
         try:
             event = EventIn.model_validate(item)
