@@ -1,4 +1,4 @@
-"""`bridgeway serve | check | demo | keys | audit`."""
+"""`bridgeway serve | check | demo | keys | audit | events`."""
 
 from __future__ import annotations
 
@@ -304,6 +304,11 @@ def audit(
     console.print(table, highlight=False)
     if after is not None:
         err.print(f"more: --cursor {after}", markup=False)
+
+
+from bridgeway.cli_events import events_app  # noqa: E402 - after `app`, to add to it
+
+app.add_typer(events_app, name="events")
 
 
 @app.command()

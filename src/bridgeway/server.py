@@ -26,6 +26,8 @@ from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.governance.audit import AuditLog
+from bridgeway.jobs.events.log import EventLog, Retention, open_event_log
+from bridgeway.jobs.events.webhooks import WebhookDelivery
 from bridgeway.llm.endpoint import LLMEndpoint
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
@@ -59,6 +61,8 @@ class Gateway:
         self.verifier: JwtVerifier | None = None
         self.access = Access(config, None)  # rebuilt with the key store at start-up
         self.llm = LLMEndpoint(config, cache=self.registry.cache)  # one cache memory, one backend
+        self.event_log: EventLog | None = None  # opened at start-up, on the jobs backend
+        self.webhooks: WebhookDelivery | None = None
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -79,6 +83,7 @@ class Gateway:
         self._build_auth(self.config)
         self.registry.apply(self.config)
         self.health.start()
+        await self._start_events()
         if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())
         loop = asyncio.get_running_loop()
@@ -93,6 +98,14 @@ class Gateway:
         gc.freeze()
         self.ready = True
         self.log.info("gateway_started", listen=self.config.listen, services=list(self.config.services))
+
+    async def _start_events(self) -> None:
+        events = self.config.events
+        retention = Retention(events.retention.max_age, events.retention.max_count, events.dedupe_window)
+        self.event_log = open_event_log(self.config.jobs_backend, events.log, retention)
+        self.webhooks = WebhookDelivery(self.event_log, self.state, events.delivery)
+        self.webhooks.configure(events.webhooks, events.delivery)
+        await self.webhooks.start()
 
     def _build_auth(self, config: Config) -> None:
         """Keys, tokens (the gateway's own and configured issuers') and the clients table."""
@@ -115,6 +128,10 @@ class Gateway:
         await self.health.stop()
         await self.registry.close()
         await self.llm.close()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        if self.event_log is not None:
+            await self.event_log.close()
         await self.audit.stop()  # writes what is still queued, while the state is open
         if self.state is not None:
             await self.state.close()
@@ -150,12 +167,14 @@ class Gateway:
                 **context,
             )
             return exc.problems
-        for field in ("listen", "state"):
+        for field in ("listen", "state", "jobs"):
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
         self._build_auth(config)
         self.llm = LLMEndpoint(config, self.llm)
+        if self.webhooks is not None:
+            self.webhooks.configure(config.events.webhooks, config.events.delivery)
         self.config = config
         self._loaded_mtime = mtime
         logs.configure(config.logging.level)
@@ -210,6 +229,9 @@ class Gateway:
                         service, scope, receive, send, len(BRIDGE) + len(service.name), self.access
                     )
                     return
+            elif scope["path"].startswith("/api/"):
+                await self.api(scope, receive, send)  # the event stream's WebSocket
+                return
             await send({"type": "websocket.close", "code": 4404})
         elif kind == "lifespan":
             await self._lifespan(receive, send)

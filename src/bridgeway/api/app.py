@@ -2,8 +2,9 @@
 
 It talks to the very objects the data plane uses (the gateway's registry), so there is one
 truth. Every route requires the admin role (the config's admin token or an admin API key), except
-the KV store, which roles may be granted namespaces of, and the routing decision (/ai/route), which
-answers any caller about the models its role may use; errors leave in the gateway's one shape.
+the KV store and the event bus, which roles may be granted namespaces and event types of, and the
+routing decision (/ai/route), which answers any caller about the models its role may use; errors
+leave in the gateway's one shape.
 Refused callers and the changes admitted ones make are recorded in the audit log.
 """
 
@@ -17,7 +18,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import ai, audit, context, keys, kv, oauth, services
+from bridgeway.api import ai, audit, context, events, keys, kv, oauth, services
 from bridgeway.api.auth import require_admin
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, traceparent
@@ -65,6 +66,8 @@ def build_api(gateway: Gateway) -> FastAPI:
     api.include_router(kv.router, prefix=context.PREFIX, dependencies=[Depends(kv.require_kv_access)])
     # The routing decision: any authenticated caller, about the models its role may use.
     api.include_router(ai.router, prefix=context.PREFIX)
+    # Events: roles may be granted event types; each route checks its caller itself.
+    api.include_router(events.router, prefix=context.PREFIX)
     api.include_router(oauth.router)  # its own client authentication, its own error shape
 
     @api.exception_handler(OAuthError)

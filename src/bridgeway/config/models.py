@@ -223,9 +223,15 @@ class KvGrant(Model):
     access: Literal["read", "write"] = Field("read", description="write includes read")
 
 
+class EventGrant(Model):
+    types: str = Field(description='an event type or a glob of them, e.g. "job.*"')
+    access: Literal["publish", "subscribe"] = Field(description="publish events, or subscribe to them")
+
+
 class RoleConfig(Model):
     allow: list[Grant] = []
     kv: list[KvGrant] = Field([], description="KV namespaces the role may read or write")
+    events: list[EventGrant] = Field([], description="event types the role may publish or subscribe to")
     models: list[str] = Field(
         [], description='public model names (globs) the role may use on /v1, e.g. "fast-*"'
     )
@@ -409,6 +415,62 @@ class JobsConfig(Model):
     )
 
 
+EventTypePattern = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:*?\[\]!-]{1,200}$")]
+
+
+class WebhookConfig(Model):
+    """One webhook subscription: events whose type matches `types` are posted to `url`, in order."""
+
+    types: list[EventTypePattern] = Field(min_length=1, description='globs on event_type, e.g. "job.*"')
+    url: str = Field(description="where events are posted (http or https)")
+    secret: SecretStr = Field(description='HMAC key for X-Bridgeway-Signature; use "${env:NAME}"')
+    service: str | None = Field(
+        None, description="only events whose target_services is empty or names this service"
+    )
+    start: Literal["latest", "earliest"] = Field(
+        "latest", description="where a new subscription starts: events published from now, or all retained"
+    )
+    timeout: Duration = Field(10.0, gt=0, description="for one post")
+
+    @model_validator(mode="after")
+    def _http_url(self) -> WebhookConfig:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f'"{self.url}" is not a webhook URL (expected http(s)://host/path)')
+        if not self.secret.get_secret_value():
+            raise ValueError("secret must not be empty")
+        return self
+
+
+class EventRetentionConfig(Model):
+    max_age: Duration = Field(7 * 86400.0, gt=0, description="events older than this are dropped")
+    max_count: int = Field(1_000_000, ge=1, description="only the newest this many events are kept")
+
+
+class EventDeliveryConfig(Model):
+    backoff: Duration = Field(0.5, gt=0, description="wait after a failed webhook post, doubled each time")
+    max_backoff: Duration = Field(60.0, gt=0, description="the longest wait between two tries")
+    lease: Duration = Field(
+        15.0, gt=0, description="how long a worker owns a subscription without renewing it"
+    )
+
+
+class EventsConfig(Model):
+    log: str = Field(
+        "events",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="name of the log: the SQLite table's suffix, the Redis key, the NATS stream",
+    )
+    retention: EventRetentionConfig = EventRetentionConfig()
+    dedupe_window: Duration = Field(
+        120.0, gt=0, description="an event_id published again within this window is not stored twice"
+    )
+    max_payload: Size = Field(256 * 1024, gt=0, description="largest event (as JSON) accepted")
+    heartbeat: Duration = Field(15.0, gt=0, description="idle live streams get a heartbeat this often")
+    delivery: EventDeliveryConfig = EventDeliveryConfig()
+    webhooks: dict[ServiceName, WebhookConfig] = Field({}, description="subscriptions declared in config")
+
+
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
@@ -429,6 +491,7 @@ class Config(Model):
         {}, description="router names (e.g. auto) that choose a model group from request metadata"
     )
     jobs: JobsConfig = JobsConfig()
+    events: EventsConfig = EventsConfig()
 
     @model_validator(mode="after")
     def _known_roles(self) -> Config:

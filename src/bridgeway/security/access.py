@@ -81,6 +81,10 @@ class Access:
             name: [(re.compile(fnmatch.translate(g.namespace)).match, g.access) for g in role.kv]
             for name, role in config.roles.items()
         }
+        self.event_grants = {
+            name: [(re.compile(fnmatch.translate(g.types)).match, g.access) for g in role.events]
+            for name, role in config.roles.items()
+        }
         self.model_grants = {
             name: re.compile("|".join(fnmatch.translate(m) for m in role.models)).match
             for name, role in config.roles.items()
@@ -144,6 +148,24 @@ class Access:
             match(namespace) and (access == "write" or not write)
             for match, access in self.kv_grants.get(caller.role, ())
         )
+
+    def may_use_events(self, caller: Principal, types: str, access: str) -> bool:
+        """Whether `caller` may publish (`access="publish"`) events of type `types`, or subscribe
+        to the pattern `types`. A pattern is granted when it matches a grant's glob as a string
+        ("job.*" is covered by "job.*" and "job.created" by "job.*"); streams additionally filter
+        every event through `event_filter`, so a pattern that slips past this is still narrowed."""
+        if caller.role == ADMIN_ROLE:
+            return True
+        return any(
+            match(types) and granted == access for match, granted in self.event_grants.get(caller.role, ())
+        )
+
+    def event_filter(self, caller: Principal):
+        """A predicate on event types the caller may receive; None when it may receive all."""
+        if caller.role == ADMIN_ROLE:
+            return None
+        matches = [m for m, granted in self.event_grants.get(caller.role, ()) if granted == "subscribe"]
+        return lambda event_type: any(m(event_type) for m in matches)
 
     def principal_of_key(self, record: KeyRecord) -> Principal:
         """A key acts as its client when it was issued to one: the client's role, services and
