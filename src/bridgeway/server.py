@@ -27,6 +27,8 @@ from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.governance.audit import AuditLog
 from bridgeway.llm.endpoint import LLMEndpoint
+from bridgeway.llm.ledger import open_ledger
+from bridgeway.llm.spend import Spending
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 from bridgeway.security.access import Access
@@ -78,6 +80,8 @@ class Gateway:
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
         self._build_auth(self.config)
         self.registry.apply(self.config)
+        self.llm.spending = Spending(open_ledger(self.config.state))  # LLM spend and budgets
+        self.llm.spending.start()
         self.health.start()
         if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())
@@ -115,6 +119,8 @@ class Gateway:
         await self.health.stop()
         await self.registry.close()
         await self.llm.close()
+        if self.llm.spending is not None:
+            await self.llm.spending.close()  # writes the spend still queued
         await self.audit.stop()  # writes what is still queued, while the state is open
         if self.state is not None:
             await self.state.close()

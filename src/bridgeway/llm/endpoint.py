@@ -23,9 +23,9 @@ from bridgeway.dataplane.breaker import CircuitBreaker
 from bridgeway.dataplane.proxy import read_body, stream_response
 from bridgeway.errors import STATUS, GatewayError
 from bridgeway.llm.client import ChatStream, Pools, chat, embeddings
-from bridgeway.llm.prices import price_of
 from bridgeway.llm.providers import Deployment, ProviderError, StreamBroken
 from bridgeway.llm.router import Deployed, ModelGroup, Router
+from bridgeway.llm.spend import Charge, Spending, SpendPolicy, admit, deployment_prices
 from bridgeway.security.access import Access, Principal
 
 MAX_BODY = 16 << 20  # prompts with images are large, but not unbounded
@@ -53,7 +53,7 @@ def compile_router(config: Config, previous: Router | None = None) -> Router:
                 deployed.append(kept)
                 continue
             breaker = CircuitBreaker(failures=group.cooldown.failures, open_for=group.cooldown.open_for)
-            deployed.append(Deployed(deployment, dc.weight, dc.timeout, sum(price_of(dc.model)), breaker))
+            deployed.append(Deployed(deployment, dc.weight, dc.timeout, sum(deployment_prices(dc)), breaker))
         groups[name] = ModelGroup(name, group, deployed)
     return Router(groups)
 
@@ -66,6 +66,10 @@ class LLMEndpoint:
     def __init__(self, config: Config, previous: LLMEndpoint | None = None):
         self.router = compile_router(config, previous.router if previous else None)
         self.pools = previous.pools if previous is not None else Pools()
+        self.policy = SpendPolicy(config)  # prices and budgets of this config
+        self.spending: Spending | None = (
+            previous.spending if previous is not None else None
+        )  # set at start-up
 
     async def close(self) -> None:
         await self.pools.close()
@@ -83,7 +87,8 @@ class LLMEndpoint:
         if method != "POST":
             raise GatewayError("METHOD_NOT_ALLOWED", f"POST {path}")
         try:
-            body = orjson.loads(await read_body(receive, MAX_BODY))
+            raw = await read_body(receive, MAX_BODY)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise GatewayError("BAD_REQUEST", f"the body is not valid JSON: {exc.msg}") from None
         if not isinstance(body, dict):
@@ -93,9 +98,14 @@ class LLMEndpoint:
             raise GatewayError("UNKNOWN_MODEL", f"no model named {str(model)[:100]!r}")
         if not access.may_use_model(caller, model):
             raise GatewayError("FORBIDDEN", f"this caller may not use model {model!r}")
-        if path == "/v1/embeddings":
-            return await self._embeddings(send, body, model, trace_headers)
-        return await self._chat(scope, receive, send, body, model, trace_headers)
+        # Spend and budgets (llm/spend.py): reserve before the chain, settle after it.
+        charge = await admit(self.policy, self.spending, scope, caller, access, model, body, len(raw))
+        try:
+            if path == "/v1/embeddings":
+                return await self._embeddings(send, body, model, trace_headers + charge.headers, charge)
+            return await self._chat(scope, receive, send, body, model, trace_headers + charge.headers, charge)
+        finally:
+            await charge.close()
 
     # -- who ----------------------------------------------------------------------------------
 
@@ -120,17 +130,20 @@ class LLMEndpoint:
         await _send_json(send, 200, {"object": "list", "data": data}, trace_headers)
         return 200
 
-    async def _embeddings(self, send, body: dict, model: str, trace_headers: list) -> int:
+    async def _embeddings(self, send, body: dict, model: str, trace_headers: list, charge: Charge) -> int:
         async def call(item: Deployed):
             return await embeddings(
                 self.pools.get(item.deployment), item.deployment, body, model, timeout=item.timeout
             )
 
         result, item, reason = await self._try_chain(model, call)
+        charge.answered(item.deployment, result.get("usage"))  # queued; before a client can leave
         await _send_json(send, 200, result, trace_headers + _route_headers(item, reason))
         return 200
 
-    async def _chat(self, scope, receive, send, body: dict, model: str, trace_headers: list) -> int:
+    async def _chat(
+        self, scope, receive, send, body: dict, model: str, trace_headers: list, charge: Charge
+    ) -> int:
         stream = body.get("stream") is True
 
         async def call(item: Deployed):
@@ -140,12 +153,14 @@ class LLMEndpoint:
         result, item, reason = await self._try_chain(model, call, hold=stream)
         headers = trace_headers + _route_headers(item, reason)
         if not stream:
+            charge.answered(item.deployment, result.get("usage"))
             await _send_json(send, 200, result, headers)
             return 200
         try:
             await _relay_stream(result, scope, receive, send, headers)
         finally:
             item.inflight -= 1
+            charge.answered(item.deployment, result.usage)  # also when the client left: it was billed
         return 200
 
     async def _try_chain(self, model: str, call, *, hold: bool = False):

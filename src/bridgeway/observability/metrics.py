@@ -106,6 +106,60 @@ def for_service(name: str) -> ServiceMetrics:
 UNMATCHED = for_service(NO_SERVICE)
 
 
+class LLMSpendMetrics:
+    """LLM spend and budgets (labels: the public model name, never a key: cardinality)."""
+
+    __slots__ = ("nano", "tokens_in", "tokens_out", "refusals", "write_failures", "store_unavailable",
+                 "limiter_unavailable")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.nano: dict[str, int] = {}  # model -> nano-USD spent
+        self.tokens_in: dict[str, int] = {}
+        self.tokens_out: dict[str, int] = {}
+        self.refusals = 0  # 429 BUDGET_EXCEEDED
+        self.write_failures = 0  # answered calls whose spend could not be recorded
+        self.store_unavailable = 0  # reserves the budget store could not answer
+        self.limiter_unavailable = 0  # client rate limits on /v1 the shared limiter could not check
+
+    def dump(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+LLM_SPEND = LLMSpendMetrics()
+
+
+def _llm_spend_families(snapshots: list[dict]):
+    sums: dict = {"nano": {}, "tokens_in": {}, "tokens_out": {}}
+    counts = dict.fromkeys(("refusals", "write_failures", "store_unavailable", "limiter_unavailable"), 0)
+    for snap in snapshots:
+        for name, value in snap.items():
+            if name in sums:
+                for model, n in value.items():
+                    sums[name][model] = sums[name].get(model, 0) + n
+            elif name in counts:
+                counts[name] += value
+    usd = CounterMetricFamily("bridgeway_llm_spend_usd", "USD spent on LLM calls", labels=["model"])
+    tokens = CounterMetricFamily(
+        "bridgeway_llm_tokens", "LLM tokens, as the providers counted them", labels=["model", "direction"]
+    )
+    for model, n in sorted(sums["nano"].items()):
+        usd.add_metric([model], n / 1e9)
+    for direction in ("in", "out"):
+        for model, n in sorted(sums[f"tokens_{direction}"].items()):
+            tokens.add_metric([model, direction], n)
+    yield usd
+    yield tokens
+    for name, help_ in (
+        ("refusals", "LLM calls refused with BUDGET_EXCEEDED"),
+        ("write_failures", "Answered LLM calls whose spend could not be recorded"),
+        ("store_unavailable", "Budget reservations the state backend could not answer"),
+        ("limiter_unavailable", "Client rate limits on /v1 the shared limiter could not check"),
+    ):
+        family = CounterMetricFamily(f"bridgeway_llm_budget_{name}", help_)
+        family.add_metric([], counts[name])
+        yield family
+
+
 def config_reloaded(ok: bool) -> None:
     _RELOADS["ok" if ok else "rejected"] += 1
 
@@ -115,7 +169,12 @@ def audit_dropped(count: int) -> None:
 
 
 def _snapshot() -> dict:
-    return {"services": {name: m.dump() for name, m in _ALL.items()}, "reloads": _RELOADS, "audit": _AUDIT}
+    return {
+        "services": {name: m.dump() for name, m in _ALL.items()},
+        "reloads": _RELOADS,
+        "audit": _AUDIT,
+        "llm_spend": LLM_SPEND.dump(),
+    }
 
 
 def write_snapshot() -> None:
@@ -195,7 +254,9 @@ class _Collector(Collector):
         )
         dropped = 0
         totals: dict = {}
-        for snap, alive in _all_workers():
+        workers = _all_workers()
+        yield from _llm_spend_families([snap.get("llm_spend", {}) for snap, _ in workers])
+        for snap, alive in workers:
             for name, m in snap["services"].items():
                 t = totals.setdefault(
                     name,
