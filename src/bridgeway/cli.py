@@ -183,8 +183,10 @@ def keys_create(
     config: ConfigOption = Path("bridgeway.yaml"),
 ) -> None:
     """Create a key and print it, once."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from bridgeway.config.models import BudgetConfig
     from bridgeway.config.units import parse_duration
-    from bridgeway.llm.budgets import parse_budget
 
     try:
         lifetime = parse_duration(expires) if expires else None
@@ -192,9 +194,10 @@ def keys_create(
         err.print(f"--expires: {exc}")
         raise typer.Exit(1) from None
     try:
-        budgets = [parse_budget(b) for b in budget or ()]
-    except ValueError as exc:
-        err.print(f"--budget: {exc}", markup=False)
+        checked = TypeAdapter(list[BudgetConfig]).validate_python(budget or [])
+        budgets = [b.model_dump(exclude_none=True) for b in checked]
+    except ValidationError as exc:
+        err.print(f"--budget: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", markup=False)
         raise typer.Exit(1) from None
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     wanted = [s.strip() for s in services.split(",") if s.strip()] if services else None
@@ -235,13 +238,16 @@ def keys_list(config: ConfigOption = Path("bridgeway.yaml")) -> None:
 
     records = _with_state(config, lambda keys, audit: keys.list())
     table = Table(title=f"{len(records)} keys")
-    for column in ("id", "name", "role", "services", "created", "expires", "revoked"):
+    from bridgeway.llm.budgets import format_budget
+
+    for column in ("id", "name", "role", "services", "models", "budgets", "created", "expires", "revoked"):
         table.add_column(column)
     for r in sorted(records, key=lambda r: r.created_at):
         services = ",".join(r.services) if r.services is not None else "(role's)"
-        table.add_row(
-            r.id, r.name, r.role, services, when(r.created_at), when(r.expires_at), when(r.revoked_at)
-        )
+        models = ",".join(r.models) if r.models is not None else "(role's)"
+        budgets = " ".join(format_budget(b) for b in r.budgets) or "(role's)"
+        cells = (r.id, r.name, r.role, services, models, budgets)
+        table.add_row(*map(Text, cells), when(r.created_at), when(r.expires_at), when(r.revoked_at))
     console.print(table)
 
 
