@@ -1,4 +1,4 @@
-"""`bridgeway serve | check | demo | keys | audit | events`."""
+"""`bridgeway serve | check | demo | keys | audit | events | spend`."""
 
 from __future__ import annotations
 
@@ -173,9 +173,19 @@ def keys_create(
     ] = None,
     services: Annotated[str | None, typer.Option(help="comma-separated services it may call")] = None,
     expires: Annotated[str | None, typer.Option(help="lifetime, e.g. 90d")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="comma-separated LLM model names (globs) it may use, within its role's")
+    ] = None,
+    budget: Annotated[
+        list[str] | None,
+        typer.Option(help="its own LLM budget, e.g. 5usd/1d or 2000000tokens/30d; repeatable"),
+    ] = None,
     config: ConfigOption = Path("bridgeway.yaml"),
 ) -> None:
     """Create a key and print it, once."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from bridgeway.config.models import BudgetConfig
     from bridgeway.config.units import parse_duration
 
     try:
@@ -183,6 +193,13 @@ def keys_create(
     except ValueError as exc:
         err.print(f"--expires: {exc}")
         raise typer.Exit(1) from None
+    try:
+        checked = TypeAdapter(list[BudgetConfig]).validate_python(budget or [])
+        budgets = [b.model_dump(exclude_none=True) for b in checked]
+    except ValidationError as exc:
+        err.print(f"--budget: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", markup=False)
+        raise typer.Exit(1) from None
+    allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     wanted = [s.strip() for s in services.split(",") if s.strip()] if services else None
     if client is not None:
         clients = _load_or_exit(config).clients
@@ -197,7 +214,15 @@ def keys_create(
         config,
         _audited(
             "key.created",
-            lambda keys: keys.create(name, role, services=wanted, expires_in=lifetime, client=client),
+            lambda keys: keys.create(
+                name,
+                role,
+                services=wanted,
+                expires_in=lifetime,
+                client=client,
+                models=allowed,
+                budgets=budgets,
+            ),
         ),
     )
     _print_secret(token)
@@ -213,13 +238,16 @@ def keys_list(config: ConfigOption = Path("bridgeway.yaml")) -> None:
 
     records = _with_state(config, lambda keys, audit: keys.list())
     table = Table(title=f"{len(records)} keys")
-    for column in ("id", "name", "role", "services", "created", "expires", "revoked"):
+    from bridgeway.llm.budgets import format_budget
+
+    for column in ("id", "name", "role", "services", "models", "budgets", "created", "expires", "revoked"):
         table.add_column(column)
     for r in sorted(records, key=lambda r: r.created_at):
         services = ",".join(r.services) if r.services is not None else "(role's)"
-        table.add_row(
-            r.id, r.name, r.role, services, when(r.created_at), when(r.expires_at), when(r.revoked_at)
-        )
+        models = ",".join(r.models) if r.models is not None else "(role's)"
+        budgets = " ".join(format_budget(b) for b in r.budgets) or "(role's)"
+        cells = (r.id, r.name, r.role, services, models, budgets)
+        table.add_row(*map(Text, cells), when(r.created_at), when(r.expires_at), when(r.revoked_at))
     console.print(table)
 
 
@@ -309,6 +337,65 @@ def audit(
 from bridgeway.cli_events import events_app  # noqa: E402 - after `app`, to add to it
 
 app.add_typer(events_app, name="events")
+
+
+@app.command()
+def spend(
+    key: Annotated[str | None, typer.Option(help="a key id, or a caller id")] = None,
+    team: Annotated[str | None, typer.Option(help="a client of the clients table")] = None,
+    model: Annotated[str | None, typer.Option(help="a public model name")] = None,
+    since: Annotated[
+        str | None, typer.Option("--from", help="first UTC day, YYYY-MM-DD (default: 29 days ago)")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--to", help="last UTC day, YYYY-MM-DD (default: today)")
+    ] = None,
+    group_by: Annotated[
+        str, typer.Option(help="columns to sum by: day,key,team,model,deployment")
+    ] = "key,model",
+    config: ConfigOption = Path("bridgeway.yaml"),
+) -> None:
+    """LLM spend from the state backend: totals and rows per key, team, model and day."""
+    from bridgeway.api.spend import parse_day, spend_report
+    from bridgeway.errors import GatewayError
+    from bridgeway.llm.ledger import open_ledger
+    from bridgeway.llm.spend import Spending, today
+
+    cfg = _load_or_exit(config)
+    if cfg.state.startswith("memory:"):
+        err.print("spend is kept in the gateway's memory with state memory://: use the API")
+        raise typer.Exit(1)
+
+    async def run():
+        spending = Spending(open_ledger(cfg.state))
+        try:
+            last = parse_day(until, today(), "--to")
+            return await spend_report(
+                spending, key, team, model, parse_day(since, last - 29, "--from"), last, group_by
+            )
+        finally:
+            await spending.close()
+
+    import asyncio
+
+    try:
+        report = asyncio.run(run())
+    except GatewayError as exc:
+        err.print(exc.message, markup=False)
+        raise typer.Exit(1) from None
+    totals = report["totals"]
+    columns = [c.strip() for c in group_by.split(",") if c.strip()]
+    table = Table(
+        title=f"LLM spend {report['from']} .. {report['to']}: {totals['requests']} requests, "
+        f"{totals['tokens_in']} tokens in, {totals['tokens_out']} out, {totals['usd']:.6f} USD"
+    )
+    for column in (*columns, "requests", "tokens in", "tokens out", "USD"):
+        table.add_column(column)
+    for row in report["rows"]:
+        cells = [str(row[c]) for c in columns]
+        cells += [str(row["requests"]), str(row["tokens_in"]), str(row["tokens_out"]), f"{row['usd']:.6f}"]
+        table.add_row(*map(Text, cells))
+    console.print(table, highlight=False)
 
 
 @app.command()

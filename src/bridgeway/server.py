@@ -29,6 +29,8 @@ from bridgeway.governance.audit import AuditLog
 from bridgeway.jobs.events.log import EventLog, Retention, open_event_log
 from bridgeway.jobs.events.webhooks import WebhookDelivery
 from bridgeway.llm.endpoint import LLMEndpoint
+from bridgeway.llm.ledger import open_ledger
+from bridgeway.llm.spend import Spending
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 from bridgeway.security.access import Access
@@ -82,6 +84,8 @@ class Gateway:
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
         self._build_auth(self.config)
         self.registry.apply(self.config)
+        self.llm.spending = Spending(open_ledger(self.config.state))  # LLM spend and budgets
+        self.llm.spending.start()
         self.health.start()
         await self._start_events()
         if shared_dir() is not None:
@@ -132,6 +136,8 @@ class Gateway:
             await self.webhooks.stop()
         if self.event_log is not None:
             await self.event_log.close()
+        if self.llm.spending is not None:
+            await self.llm.spending.close()  # writes the spend still queued
         await self.audit.stop()  # writes what is still queued, while the state is open
         if self.state is not None:
             await self.state.close()

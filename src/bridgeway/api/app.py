@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import ai, audit, context, events, keys, kv, oauth, services
+from bridgeway.api import ai, audit, context, events, keys, kv, oauth, services, spend
 from bridgeway.api.auth import require_admin
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, traceparent
@@ -60,7 +60,7 @@ def build_api(gateway: Gateway) -> FastAPI:
         redoc_url=None,
     )
     api.state.gateway = gateway
-    for router in (services.router, keys.router, audit.router):
+    for router in (services.router, keys.router, audit.router, spend.router):
         api.include_router(router, prefix=context.PREFIX, dependencies=[Depends(require_admin)])
     # The KV store is also for services: a role's `kv` grants open namespaces to its callers.
     api.include_router(kv.router, prefix=context.PREFIX, dependencies=[Depends(kv.require_kv_access)])

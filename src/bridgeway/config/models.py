@@ -226,6 +226,32 @@ class KvGrant(Model):
 class EventGrant(Model):
     types: str = Field(description='an event type or a glob of them, e.g. "job.*"')
     access: Literal["publish", "subscribe"] = Field(description="publish events, or subscribe to them")
+def _budget_text(value: object) -> object:
+    """`"5usd/1d"` or `"2000000tokens/30d"` as the object form (keys API and CLI spell them so)."""
+    if isinstance(value, str):
+        from bridgeway.llm.budgets import parse_budget  # the budget rules live with the ledger
+
+        return parse_budget(value)
+    return value
+
+
+class _BudgetFields(Model):
+    """A spending budget on /v1 calls: money and/or tokens (input + output) per period."""
+
+    period: Literal["1d", "7d", "30d", "total"] = Field(
+        description="the current UTC day, the last 7 or 30 UTC days (today included), or all time"
+    )
+    usd: float | None = Field(None, gt=0, description="USD per period, from the price table")
+    tokens: int | None = Field(None, gt=0, description="input + output tokens per period")
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.usd is None and self.tokens is None:
+            raise ValueError("a budget sets usd, tokens or both")
+        return self
+
+
+BudgetConfig = Annotated[_BudgetFields, BeforeValidator(_budget_text)]
 
 
 class RoleConfig(Model):
@@ -234,6 +260,9 @@ class RoleConfig(Model):
     events: list[EventGrant] = Field([], description="event types the role may publish or subscribe to")
     models: list[str] = Field(
         [], description='public model names (globs) the role may use on /v1, e.g. "fast-*"'
+    )
+    budgets: list[BudgetConfig] = Field(
+        [], description="LLM budgets of each key (or token subject) of the role, unless the key sets its own"
     )
 
 
@@ -244,6 +273,7 @@ class ClientConfig(Model):
     role: str
     services: list[str] | None = Field(None, description="narrows the role to these services")
     limits: list[ClientLimitConfig] = Field([], description="budgets the client's calls draw from, together")
+    budgets: list[BudgetConfig] = Field([], description="LLM spending budgets the client's keys share")
     secret: SecretStr | None = Field(
         None, description="OAuth2 client secret for POST /oauth/token; kept only as a hash"
     )
@@ -336,6 +366,12 @@ class LLMDeploymentConfig(Model):
     api_key: SecretStr | None = Field(None, description='use "${env:NAME}"; never logged')
     weight: float = Field(1.0, gt=0, description="share of traffic under the weighted strategy")
     timeout: Duration = Field(120.0, description="until the response head, and between stream events")
+    input_per_1m: float | None = Field(
+        None, ge=0, description="USD per 1M input tokens; default: price table"
+    )
+    output_per_1m: float | None = Field(
+        None, ge=0, description="USD per 1M output tokens; default: price table"
+    )
 
 
 class CooldownConfig(Model):
@@ -471,6 +507,17 @@ class EventsConfig(Model):
     webhooks: dict[ServiceName, WebhookConfig] = Field({}, description="subscriptions declared in config")
 
 
+class SpendConfig(Model):
+    """How LLM spend is estimated before a call and held against budgets."""
+
+    default_output_tokens: int = Field(
+        1024, ge=0, description="output estimate of a chat request without max_tokens / max_completion_tokens"
+    )
+    hold_for: Duration = Field(
+        900.0, gt=0, description="a reservation not settled by then (a gateway died) is released"
+    )
+
+
 class Config(Model):
     listen: Listen = "127.0.0.1:8080"
     state: str = Field(
@@ -492,6 +539,7 @@ class Config(Model):
     )
     jobs: JobsConfig = JobsConfig()
     events: EventsConfig = EventsConfig()
+    spend: SpendConfig = SpendConfig()
 
     @model_validator(mode="after")
     def _known_roles(self) -> Config:

@@ -31,10 +31,10 @@ from bridgeway.errors import STATUS, GatewayError
 from bridgeway.llm import metrics as llm_metrics
 from bridgeway.llm.cache import MISS, BadDirective, LLMCache, Lookup, directive
 from bridgeway.llm.client import ChatStream, Pools, chat, embeddings
-from bridgeway.llm.prices import price_of
 from bridgeway.llm.providers import Deployment, ProviderError, StreamBroken
 from bridgeway.llm.router import Deployed, ModelGroup, Router
 from bridgeway.llm.rules import BadSignal, Decision, Routing, read_signals, upstream_body
+from bridgeway.llm.spend import Charge, Spending, SpendPolicy, admit, deployment_prices
 from bridgeway.security.access import Access, Principal
 
 MAX_BODY = 16 << 20  # prompts with images are large, but not unbounded
@@ -62,7 +62,7 @@ def compile_router(config: Config, previous: Router | None = None) -> Router:
                 deployed.append(kept)
                 continue
             breaker = CircuitBreaker(failures=group.cooldown.failures, open_for=group.cooldown.open_for)
-            deployed.append(Deployed(deployment, dc.weight, dc.timeout, sum(price_of(dc.model)), breaker))
+            deployed.append(Deployed(deployment, dc.weight, dc.timeout, sum(deployment_prices(dc)), breaker))
         groups[name] = ModelGroup(name, group, deployed)
     return Router(groups)
 
@@ -81,6 +81,8 @@ class LLMEndpoint:
         # The data plane's cache (its memory bound and state backend), or one of its own.
         self.cache = previous.cache if previous is not None else LLMCache(cache or ResponseCache())
         self.cached = {name: group.cache for name, group in config.models.items() if group.cache}
+        self.policy = SpendPolicy(config)  # prices and budgets of this config
+        self.spending: Spending | None = previous.spending if previous is not None else None  # at start-up
 
     async def close(self) -> None:
         await self.pools.close()
@@ -113,7 +115,8 @@ class LLMEndpoint:
         if method != "POST":
             raise GatewayError("METHOD_NOT_ALLOWED", f"POST {path}")
         try:
-            body = orjson.loads(await read_body(receive, MAX_BODY))
+            raw = await read_body(receive, MAX_BODY)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise GatewayError("BAD_REQUEST", f"the body is not valid JSON: {exc.msg}") from None
         if not isinstance(body, dict):
@@ -130,9 +133,18 @@ class LLMEndpoint:
             raise GatewayError("FORBIDDEN", f"this caller may not use model {model!r}")
         look = self._cache_lookup(path, model, body, scope["headers"], caller)
         body = upstream_body(body)
-        if path == "/v1/embeddings":
-            return await self._embeddings(send, body, model, trace_headers, tally, look)
-        return await self._chat(scope, receive, send, body, model, trace_headers, tally, route, look)
+        # Spend and budgets (llm/spend.py): reserve before the chain, settle after it; an answer
+        # from the cache settles nothing, so its reservation is released.
+        charge = await admit(self.policy, self.spending, scope, caller, access, model, body, len(raw))
+        trace_headers = trace_headers + charge.headers
+        try:
+            if path == "/v1/embeddings":
+                return await self._embeddings(send, body, model, trace_headers, tally, look, charge)
+            return await self._chat(
+                scope, receive, send, body, model, trace_headers, tally, route, look, charge
+            )
+        finally:
+            await charge.close()
 
     # -- routing and caching (llm/rules.py, llm/cache.py) ----------------------------------------
 
@@ -200,7 +212,9 @@ class LLMEndpoint:
         await _send_json(send, 200, {"object": "list", "data": data}, trace_headers)
         return 200
 
-    async def _embeddings(self, send, body: dict, model: str, trace_headers: list, tally, look) -> int:
+    async def _embeddings(
+        self, send, body: dict, model: str, trace_headers: list, tally, look, charge: Charge
+    ) -> int:
         async def call(item: Deployed):
             return await embeddings(
                 self.pools.get(item.deployment), item.deployment, body, model, timeout=item.timeout
@@ -212,6 +226,7 @@ class LLMEndpoint:
         try:
             result, item, reason = await self._try_chain(model, call, tally=tally)
             tally.usage = result.get("usage")
+            charge.answered(item.deployment, tally.usage)  # queued; before a client can leave
             headers = _route_headers(item, reason)
             data = orjson.dumps(result)
             if look is not None:
@@ -223,7 +238,17 @@ class LLMEndpoint:
         return 200
 
     async def _chat(
-        self, scope, receive, send, body: dict, model: str, trace_headers: list, tally, route="", look=None
+        self,
+        scope,
+        receive,
+        send,
+        body: dict,
+        model: str,
+        trace_headers: list,
+        tally,
+        route,
+        look,
+        charge: Charge,
     ) -> int:
         stream = body.get("stream") is True
 
@@ -241,6 +266,7 @@ class LLMEndpoint:
                 headers.append(MISS)
             if not stream:
                 tally.usage = result.get("usage")
+                charge.answered(item.deployment, tally.usage)
                 data = orjson.dumps(result)
                 if look is not None:
                     await self.cache.keep(look, data, headers[:1], flight)
@@ -255,6 +281,7 @@ class LLMEndpoint:
             finally:
                 item.inflight -= 1
                 tally.usage = result.usage
+                charge.answered(item.deployment, result.usage)  # also when the client left: it was billed
             return 200
         finally:
             flight.settle(None)

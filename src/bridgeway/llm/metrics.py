@@ -195,4 +195,50 @@ def _families(workers: list[dict]) -> Iterable:
     yield from (requests, tokens, fallbacks, routed_, *cache, *histograms.values())
 
 
+class SpendMetrics:
+    """Spend and budgets (labels: the public model name, never a key: cardinality). Tokens are
+    counted once, by `ModelMetrics`."""
+
+    __slots__ = ("nano", "refusals", "write_failures", "store_unavailable", "limiter_unavailable")
+
+    def __init__(self) -> None:
+        self.nano: dict[str, int] = {}  # model -> nano-USD spent
+        self.refusals = 0  # 429 BUDGET_EXCEEDED
+        self.write_failures = 0  # answered calls whose spend could not be recorded
+        self.store_unavailable = 0  # reserves the budget store could not answer
+        self.limiter_unavailable = 0  # client rate limits on /v1 the shared limiter could not check
+
+    def dump(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+SPEND = SpendMetrics()
+
+
+def _spend_families(snapshots: list[dict]) -> Iterable:
+    sums: dict = {"nano": {}}
+    counts = dict.fromkeys(("refusals", "write_failures", "store_unavailable", "limiter_unavailable"), 0)
+    for snap in snapshots:
+        for name, value in snap.items():
+            if name in sums:
+                for model, n in value.items():
+                    sums[name][model] = sums[name].get(model, 0) + n
+            elif name in counts:
+                counts[name] += value
+    usd = CounterMetricFamily("bridgeway_llm_spend_usd", "USD spent on LLM calls", labels=["model"])
+    for model, n in sorted(sums["nano"].items()):
+        usd.add_metric([model], n / 1e9)
+    yield usd
+    for name, help_ in (
+        ("refusals", "LLM calls refused with BUDGET_EXCEEDED"),
+        ("write_failures", "Answered LLM calls whose spend could not be recorded"),
+        ("store_unavailable", "Budget reservations the state backend could not answer"),
+        ("limiter_unavailable", "Client rate limits on /v1 the shared limiter could not check"),
+    ):
+        family = CounterMetricFamily(f"bridgeway_llm_budget_{name}", help_)
+        family.add_metric([], counts[name])
+        yield family
+
+
 metrics.register_section("llm", _dump, _families)
+metrics.register_section("llm_spend", SPEND.dump, _spend_families)

@@ -12,6 +12,7 @@ client's budgets.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class Principal:
     role: str
     services: frozenset[str] | None  # None: every service the role allows
     client: str | None = None  # the row of the clients table whose budgets apply
+    models: tuple[str, ...] | None = None  # a key's own model globs, narrowing its role's
+    budgets: tuple[dict, ...] = ()  # a key's own LLM budgets (else its role's apply)
 
 
 # What a bearer token from an unknown issuer proves: nothing to the gateway (it may be the
@@ -136,7 +139,11 @@ class Access:
 
     def may_use_model(self, caller: Principal | None, model: str) -> bool:
         """Anonymous callers only get this far where authentication is not required."""
-        if caller is None or caller.role == ADMIN_ROLE:
+        if caller is None:
+            return True
+        if caller.models is not None and _globs(caller.models)(model) is None:
+            return False
+        if caller.role == ADMIN_ROLE:
             return True
         grant = self.model_grants.get(caller.role)
         return grant is not None and grant(model) is not None
@@ -171,11 +178,12 @@ class Access:
         """A key acts as its client when it was issued to one: the client's role, services and
         budgets (narrowed further by the key's own service list)."""
         client = self.clients.get(record.client) if record.client else None
+        own = {"models": record.models, "budgets": record.budgets}
         if client is None:
             services = frozenset(record.services) if record.services is not None else None
-            return Principal(f"key:{record.id}", record.role, services)
+            return Principal(f"key:{record.id}", record.role, services, **own)
         services = _narrow(client.services, record.services)
-        return Principal(f"key:{record.id}", client.role, services, record.client)
+        return Principal(f"key:{record.id}", client.role, services, record.client, **own)
 
     def principal_of_client(self, name: str) -> Principal | None:
         client = self.clients.get(name)
@@ -215,6 +223,12 @@ class Access:
             self._cache.clear()
         self._cache[token] = (now, caller)
         return caller
+
+
+@functools.lru_cache(maxsize=1024)
+def _globs(patterns: tuple[str, ...]):
+    """One compiled matcher per distinct list of globs (keys share few lists)."""
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or "(?!)").match
 
 
 def _narrow(a: list[str] | None, b) -> frozenset[str] | None:
