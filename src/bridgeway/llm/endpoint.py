@@ -71,6 +71,27 @@ def _identity(d: Deployment) -> tuple:
     return (d.provider, d.model, d.base_url, d.api_key)
 
 
+class _Ask:
+    """One /v1 call on its way: what routing, the cache, the budgets and the metrics know of it."""
+
+    __slots__ = ("model", "body", "headers", "tally", "route", "look", "charge")
+
+    def __init__(
+        self, model: str, body: dict, headers: list, tally, route: str, look: Lookup | None, charge: Charge
+    ):
+        self.model = model  # the model group that serves (after routing)
+        self.body = body  # as the providers get it
+        self.headers = headers  # trace and rate-limit headers every answer carries
+        self.tally = tally
+        self.route = route  # the routing decision, when a router name was asked for
+        self.look = look  # the cache lookup, when the group caches
+        self.charge = charge
+
+    def answered(self, item: Deployed, usage: dict | None) -> None:
+        self.tally.usage = usage
+        self.charge.answered(item.deployment, usage)
+
+
 class LLMEndpoint:
     def __init__(
         self, config: Config, previous: LLMEndpoint | None = None, cache: ResponseCache | None = None
@@ -136,13 +157,11 @@ class LLMEndpoint:
         # Spend and budgets (llm/spend.py): reserve before the chain, settle after it; an answer
         # from the cache settles nothing, so its reservation is released.
         charge = await admit(self.policy, self.spending, scope, caller, access, model, body, len(raw))
-        trace_headers = trace_headers + charge.headers
+        ask = _Ask(model, body, trace_headers + charge.headers, tally, route, look, charge)
         try:
             if path == "/v1/embeddings":
-                return await self._embeddings(send, body, model, trace_headers, tally, look, charge)
-            return await self._chat(
-                scope, receive, send, body, model, trace_headers, tally, route, look, charge
-            )
+                return await self._embeddings(send, ask)
+            return await self._chat(scope, receive, send, ask)
         finally:
             await charge.close()
 
@@ -173,20 +192,16 @@ class LLMEndpoint:
             raise GatewayError("BAD_REQUEST", str(exc)) from None
         return self.cache.lookup(path, model, config, body, wish, caller, llm_metrics.for_model(model))
 
-    async def _cached(self, look: Lookup | None, send, tally, headers: list, route: str):
+    async def _cached(self, ask: _Ask, send):
         """A stored answer sent (True), or this request's flight to settle once answered."""
-        if look is None:
+        if ask.look is None:
             return False, NO_FLIGHT
-        entry, flight = await self.cache.find(look)
-        tally.cache = "miss" if entry is None else "hit"
+        entry, flight = await self.cache.find(ask.look)
+        ask.tally.cache = "miss" if entry is None else "hit"
         if entry is None:
             return False, flight
-        await self.cache.replay(
-            entry,
-            look,
-            send,
-            headers + [(b"x-bridgeway-route", _joined(route, "cache hit").encode("latin-1", "replace"))],
-        )
+        route = _joined(ask.route, "cache hit").encode("latin-1", "replace")
+        await self.cache.replay(entry, ask.look, send, [*ask.headers, (b"x-bridgeway-route", route)])
         return True, flight
 
     # -- who ----------------------------------------------------------------------------------
@@ -212,81 +227,63 @@ class LLMEndpoint:
         await _send_json(send, 200, {"object": "list", "data": data}, trace_headers)
         return 200
 
-    async def _embeddings(
-        self, send, body: dict, model: str, trace_headers: list, tally, look, charge: Charge
-    ) -> int:
+    async def _embeddings(self, send, ask: _Ask) -> int:
         async def call(item: Deployed):
-            return await embeddings(
-                self.pools.get(item.deployment), item.deployment, body, model, timeout=item.timeout
-            )
+            d = item.deployment
+            return await embeddings(self.pools.get(d), d, ask.body, ask.model, timeout=item.timeout)
 
-        done, flight = await self._cached(look, send, tally, trace_headers, "")
+        done, flight = await self._cached(ask, send)
         if done:
             return 200
         try:
-            result, item, reason = await self._try_chain(model, call, tally=tally)
-            tally.usage = result.get("usage")
-            charge.answered(item.deployment, tally.usage)  # queued; before a client can leave
+            result, item, reason = await self._try_chain(ask.model, call, ask.tally)
+            ask.answered(item, result.get("usage"))  # queued; before a client can leave
             headers = _route_headers(item, reason)
             data = orjson.dumps(result)
-            if look is not None:
-                await self.cache.keep(look, data, headers[:1], flight)
+            if ask.look is not None:
+                await self.cache.keep(ask.look, data, headers[:1], flight)
                 headers.append(MISS)
-            await _send_raw(send, data, trace_headers + headers)
+            await _send_raw(send, data, ask.headers + headers)
         finally:
             flight.settle(None)  # a no-op once the answer was handed over; else the followers call
         return 200
 
-    async def _chat(
-        self,
-        scope,
-        receive,
-        send,
-        body: dict,
-        model: str,
-        trace_headers: list,
-        tally,
-        route,
-        look,
-        charge: Charge,
-    ) -> int:
-        stream = body.get("stream") is True
+    async def _chat(self, scope, receive, send, ask: _Ask) -> int:
+        stream = ask.body.get("stream") is True
 
         async def call(item: Deployed):
             d = item.deployment
-            return await chat(self.pools.get(d), d, body, model, stream, timeout=item.timeout)
+            return await chat(self.pools.get(d), d, ask.body, ask.model, stream, timeout=item.timeout)
 
-        done, flight = await self._cached(look, send, tally, trace_headers, route)
+        done, flight = await self._cached(ask, send)
         if done:
             return 200
         try:
-            result, item, reason = await self._try_chain(model, call, hold=stream, tally=tally)
-            headers = _route_headers(item, _joined(route, reason))
-            if look is not None:
+            result, item, reason = await self._try_chain(ask.model, call, ask.tally, hold=stream)
+            headers = _route_headers(item, _joined(ask.route, reason))
+            if ask.look is not None:
                 headers.append(MISS)
             if not stream:
-                tally.usage = result.get("usage")
-                charge.answered(item.deployment, tally.usage)
+                ask.answered(item, result.get("usage"))
                 data = orjson.dumps(result)
-                if look is not None:
-                    await self.cache.keep(look, data, headers[:1], flight)
-                await _send_raw(send, data, trace_headers + headers)
+                if ask.look is not None:
+                    await self.cache.keep(ask.look, data, headers[:1], flight)
+                await _send_raw(send, data, ask.headers + headers)
                 return 200
-            tally.first_token = time.perf_counter()
+            ask.tally.first_token = time.perf_counter()
             events = _sse(result)
-            if look is not None:
-                events = self.cache.capture(events, look, headers[:1], flight)
+            if ask.look is not None:
+                events = self.cache.capture(events, ask.look, headers[:1], flight)
             try:
-                await _relay_stream(result, scope, receive, send, trace_headers + headers, events)
+                await _relay_stream(result, scope, receive, send, ask.headers + headers, events)
             finally:
                 item.inflight -= 1
-                tally.usage = result.usage
-                charge.answered(item.deployment, result.usage)  # also when the client left: it was billed
+                ask.answered(item, result.usage)  # also when the client left: it was billed
             return 200
         finally:
             flight.settle(None)
 
-    async def _try_chain(self, model: str, call, *, hold: bool = False, tally=None):
+    async def _try_chain(self, model: str, call, tally: llm_metrics.Tally, *, hold: bool = False):
         """Each deployment of the chain in turn until one answers. With `hold` the deployment
         stays counted in flight after success (a stream still running); the caller lets go."""
         skipped: list[str] = []
@@ -297,8 +294,7 @@ class LLMEndpoint:
             name = f"{item.deployment.provider}/{item.deployment.model}"
             if ticket is None:
                 skipped.append(f"{name} cooling down")
-                if tally is not None:
-                    tally.fallbacks.append("COOLING_DOWN")
+                tally.fallbacks.append("COOLING_DOWN")
                 continue
             item.inflight += 1
             started = now
@@ -311,8 +307,7 @@ class LLMEndpoint:
                     raise _gateway_error(exc) from None
                 item.done(ticket, False, time.monotonic())
                 skipped.append(f"{name} {exc.code}")
-                if tally is not None:
-                    tally.fallbacks.append(exc.code if exc.code in STATUS else "UPSTREAM_ERROR")
+                tally.fallbacks.append(exc.code if exc.code in STATUS else "UPSTREAM_ERROR")
                 last = exc
                 continue
             except BaseException:
@@ -322,8 +317,7 @@ class LLMEndpoint:
             item.done(ticket, True, time.monotonic(), time.monotonic() - started)
             if not hold:
                 item.inflight -= 1
-            if tally is not None:
-                tally.deployment = name
+            tally.deployment = name
             reason = group.strategy + (f" in {group.name}" if group.name != model else "")
             if skipped:
                 reason += "; after " + ", ".join(skipped)
