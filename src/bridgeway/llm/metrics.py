@@ -118,7 +118,7 @@ def _dump() -> dict:
     return {name: m.dump() for name, m in _ALL.items()}
 
 
-def _families(workers: list[dict]) -> Iterable:
+def _families(workers: list[tuple[dict, bool]]) -> Iterable:
     requests = CounterMetricFamily(
         "bridgeway_llm_requests", "LLM requests answered", labels=["model", "deployment", "status"]
     )
@@ -160,7 +160,7 @@ def _families(workers: list[dict]) -> Iterable:
         ),
     }
     totals: dict[str, dict] = {}
-    for worker in workers:
+    for worker, _ in workers:
         for name, m in worker.items():
             t = totals.setdefault(
                 name,
@@ -215,10 +215,10 @@ class SpendMetrics:
 SPEND = SpendMetrics()
 
 
-def _spend_families(snapshots: list[dict]) -> Iterable:
+def _spend_families(snapshots: list[tuple[dict, bool]]) -> Iterable:
     sums: dict = {"nano": {}}
     counts = dict.fromkeys(("refusals", "write_failures", "store_unavailable", "limiter_unavailable"), 0)
-    for snap in snapshots:
+    for snap, _ in snapshots:
         for name, value in snap.items():
             if name in sums:
                 for model, n in value.items():

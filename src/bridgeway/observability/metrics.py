@@ -104,20 +104,20 @@ class ServiceMetrics:
 
 
 _ALL: dict[str, ServiceMetrics] = {}
-# Other parts' metrics (the LLM router's): name -> (this worker's counters as JSON-able data,
-# every worker's data -> metric families). Registered by the part itself, so this module does
-# not import it.
-_SECTIONS: dict[str, tuple[Callable[[], dict], Callable[[list[dict]], Iterable]]] = {}
+# Other parts' metrics (the LLM router's, the event bus's): name -> (this worker's counters as
+# JSON-able data, every worker's (data, still running) -> metric families; a gauge counts only
+# running workers). Registered by the part itself, so this module does not import it.
+Families = Callable[[list[tuple[dict, bool]]], Iterable]
+_SECTIONS: dict[str, tuple[Callable[[], dict], Families]] = {}
 
 
-def register_section(name: str, dump: Callable[[], dict], families: Callable[[list[dict]], Iterable]) -> None:
+def register_section(name: str, dump: Callable[[], dict], families: Families) -> None:
     _SECTIONS[name] = (dump, families)
 
 
 _RELOADS = {"ok": 0, "rejected": 0}
 _AUDIT = {"dropped": 0}
 # The event bus: counters, and the lag of the webhook subscriptions this worker delivers.
-_EVENTS: dict = {"published": 0, "duplicates": 0, "delivered": {}, "failures": {}, "lag": {}}
 
 
 def for_service(name: str) -> ServiceMetrics:
@@ -136,35 +136,11 @@ def audit_dropped(count: int) -> None:
     _AUDIT["dropped"] += count
 
 
-def events_published(created: int, duplicates: int) -> None:
-    _EVENTS["published"] += created
-    _EVENTS["duplicates"] += duplicates
-
-
-def event_delivered(subscription: str) -> None:
-    delivered = _EVENTS["delivered"]
-    delivered[subscription] = delivered.get(subscription, 0) + 1
-
-
-def webhook_failed(subscription: str) -> None:
-    failures = _EVENTS["failures"]
-    failures[subscription] = failures.get(subscription, 0) + 1
-
-
-def subscription_lag(subscription: str, events: int | None) -> None:
-    """Events of the log after a subscription's cursor; None: this worker no longer delivers it."""
-    if events is None:
-        _EVENTS["lag"].pop(subscription, None)
-    else:
-        _EVENTS["lag"][subscription] = events
-
-
 def _snapshot() -> dict:
     snap = {
         "services": {name: m.dump() for name, m in _ALL.items()},
         "reloads": _RELOADS,
         "audit": _AUDIT,
-        "events": _EVENTS,
     }
     for name, (dump, _) in _SECTIONS.items():
         snap[name] = dump()
@@ -282,7 +258,7 @@ class _Collector(Collector):
                 totals.setdefault("_reloads", {}).setdefault(result, 0)
                 totals["_reloads"][result] += n
         for section, (_, families) in _SECTIONS.items():
-            yield from families([snap[section] for snap, _ in workers if section in snap])
+            yield from families([(snap[section], alive) for snap, alive in workers if section in snap])
         for result, n in totals.pop("_reloads", {}).items():
             reloads.add_metric([result], n)
         yield reloads
@@ -327,44 +303,6 @@ class _Collector(Collector):
                 healthy.add_metric([service["name"], inst["url"]], 1 if inst["available"] else 0)
         yield breaker
         yield healthy
-        yield from _event_families()
-
-
-def _event_families():
-    published = CounterMetricFamily("bridgeway_events_published", "Events stored in the event log")
-    duplicates = CounterMetricFamily(
-        "bridgeway_events_duplicates", "Events published again within the dedupe window, not stored twice"
-    )
-    delivered = CounterMetricFamily(
-        "bridgeway_events_delivered",
-        "Events a webhook subscription's receiver accepted",
-        labels=["subscription"],
-    )
-    failures = CounterMetricFamily(
-        "bridgeway_webhook_failures", "Webhook posts that failed (retried later)", labels=["subscription"]
-    )
-    lag = GaugeMetricFamily(
-        "bridgeway_subscription_lag",
-        "Events in the log after a webhook subscription's cursor",
-        labels=["subscription"],
-    )
-    counts = {"published": 0, "duplicates": 0}
-    by_subscription: dict[str, dict[str, float]] = {"delivered": {}, "failures": {}, "lag": {}}
-    for snap, alive in _all_workers():
-        events = snap.get("events") or {}
-        for key in counts:
-            counts[key] += events.get(key, 0)
-        for key, totals in by_subscription.items():
-            if key == "lag" and not alive:
-                continue
-            for name, n in (events.get(key) or {}).items():
-                totals[name] = totals.get(name, 0) + n
-    published.add_metric([], counts["published"])
-    duplicates.add_metric([], counts["duplicates"])
-    for family, key in ((delivered, "delivered"), (failures, "failures"), (lag, "lag")):
-        for name, n in sorted(by_subscription[key].items()):
-            family.add_metric([name], n)
-    yield from (published, duplicates, delivered, failures, lag)
 
 
 def render(state: Callable[[], Iterable[dict]]) -> tuple[bytes, str]:

@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bridgeway.jobs.events import metrics as event_metrics
 from bridgeway.jobs.events.log import EventLog, NewEvent, StoredEvent
-from bridgeway.observability import metrics
 
 PAGE = 100  # events read from the log at a time by one subscriber
 MAX_BATCH = 1000  # events in one publish call
@@ -105,7 +105,7 @@ def parse_events(body: bytes, max_event: int, now: float) -> list[NewEvent]:
 async def publish(log: EventLog, events: list[NewEvent]) -> list[dict]:
     stored = await log.append(events)
     created = sum(1 for _, new in stored if new)
-    metrics.events_published(created, len(stored) - created)
+    event_metrics.published(created, len(stored) - created)
     return [
         {"event_id": e.event_id, "id": str(seq), "duplicate": not new}
         for e, (seq, new) in zip(events, stored, strict=True)

@@ -29,9 +29,10 @@ import orjson
 
 from bridgeway.config.models import EventDeliveryConfig, WebhookConfig
 from bridgeway.jobs import signing
+from bridgeway.jobs.events import metrics as event_metrics
 from bridgeway.jobs.events.bus import event_filter
 from bridgeway.jobs.events.log import EventLog
-from bridgeway.observability import logs, metrics
+from bridgeway.observability import logs
 from bridgeway.state import KV, VersionMismatch
 
 WEBHOOKS_NS = "_events_webhooks"  # API-managed subscriptions
@@ -196,14 +197,14 @@ class WebhookDelivery:
                 await lease.keep()
                 batch = await self.log.read(cursor, 100)
                 if not batch:
-                    metrics.subscription_lag(sub.name, 0)
+                    event_metrics.subscription_lag(sub.name, 0)
                     await self.log.wait(cursor, self.delivery.lease / 3)
                     continue
-                metrics.subscription_lag(sub.name, max(0, await self.log.last() - cursor))
+                event_metrics.subscription_lag(sub.name, max(0, await self.log.last() - cursor))
                 for event in batch:
                     if accept(event):
                         await self._post_until_accepted(sub, lease, event)
-                        metrics.event_delivered(sub.name)
+                        event_metrics.delivered(sub.name)
                         await self.state.put(CURSORS_NS, sub.name, str(event.seq).encode())
                     cursor = event.seq
                 # past the events it does not want, too, so a restart does not read them again
@@ -211,7 +212,7 @@ class WebhookDelivery:
         except LeaseLost:
             self.logger.info("webhook_lease_lost", subscription=sub.name)
         finally:
-            metrics.subscription_lag(sub.name, None)
+            event_metrics.subscription_lag(sub.name, None)
             await lease.release()
 
     async def _post_until_accepted(self, sub: Subscription, lease: _Lease, event) -> None:
@@ -222,7 +223,7 @@ class WebhookDelivery:
             if problem is None:
                 return
             failures += 1
-            metrics.webhook_failed(sub.name)
+            event_metrics.webhook_failed(sub.name)
             wait = backoff(failures, self.delivery.backoff, self.delivery.max_backoff, random.random())
             # the URL may carry a token in its query: name the subscription, never the URL
             self.logger.warning(
