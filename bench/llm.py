@@ -58,7 +58,11 @@ from common import (  # noqa: E402
 )
 
 ROWS = ("direct", "litellm", "openai", "openai>anthropic", "openai>gemini")
-BRIDGEWAY_ROWS = {"openai": "bench-openai", "openai>anthropic": "bench-anthropic", "openai>gemini": "bench-gemini"}
+BRIDGEWAY_ROWS = {
+    "openai": "bench-openai",
+    "openai>anthropic": "bench-anthropic",
+    "openai>gemini": "bench-gemini",
+}
 DEFAULT_LITELLM_PYTHON = "/tmp/venv-litellm/bin/python"
 LATENCY_CONNECTIONS = 8
 WARMUP_S = 2.0
@@ -93,7 +97,11 @@ OPENAI_REPLY = {
     "choices": [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "Hello there, dear benchmark friend.", "refusal": None},
+            "message": {
+                "role": "assistant",
+                "content": "Hello there, dear benchmark friend.",
+                "refusal": None,
+            },
             "logprobs": None,
             "finish_reason": "stop",
         }
@@ -224,9 +232,10 @@ def litellm_problem(python: str) -> str | None:
         [python, "-c", "import litellm.proxy.proxy_server"], capture_output=True, text=True, timeout=120
     )
     if found.returncode:
-        return f"{python} cannot import litellm's proxy (pip install 'litellm[proxy]' there): " + (
-            found.stderr.strip().splitlines() or ["?"]
-        )[-1]
+        return (
+            f"{python} cannot import litellm's proxy (pip install 'litellm[proxy]' there): "
+            + (found.stderr.strip().splitlines() or ["?"])[-1]
+        )
     return None
 
 
@@ -389,7 +398,9 @@ HEADERS = [
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (two per row per round)")
+    p.add_argument(
+        "--duration", type=float, default=5.0, help="seconds per measurement (two per row per round)"
+    )
     p.add_argument("--connections", type=int, default=64, help="connections of the throughput run")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the table shows medians")
     p.add_argument("--only", default=",".join(ROWS), help=f"comma list of {','.join(ROWS)}")
@@ -429,7 +440,9 @@ def main() -> int:
         targets: dict[str, Target] = {}
         if "direct" in rows:
             url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
-            targets["direct"] = Target(url, wrk_script(work / "direct.lua", "gpt-bench", None), fake.pid, WARMUP_S)
+            targets["direct"] = Target(
+                url, wrk_script(work / "direct.lua", "gpt-bench", None), fake.pid, WARMUP_S
+            )
         if "litellm" in rows:
             port = free_port()
             try:
