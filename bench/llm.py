@@ -212,6 +212,7 @@ def start_litellm(procs: Procs, work: Path, python: str, port: int, up_port: int
     cli = Path(python).parent / "litellm"
     argv = [str(cli)] if cli.exists() else [python, "-m", "litellm.proxy.proxy_cli"]
     argv += ["--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    argv += ["--telemetry", "False"]  # a no-op in recent versions, off in older ones
     log(f"starting litellm: {' '.join(argv)} (log: {work / 'litellm.log'})")
     proc = procs.spawn(argv, cpu=CPU_PROXY, log_path=work / "litellm.log", env=env)
     wait_http(port, "/health/liveliness", proc, timeout=120)
