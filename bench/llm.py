@@ -8,6 +8,8 @@ Rows (every one a non-streaming POST /v1/chat/completions with the same small Op
   direct           wrk -> the fake provider (what the load side and the fake can do)
   litellm          wrk -> LiteLLM proxy (its own virtualenv, 1 worker, master key, no database)
                         -> fake OpenAI
+  floor            wrk -> granian + one pooled upstream call (bench/llm_floor_app.py) -> fake
+                        OpenAI: the server stack Bridgeway runs on, without Bridgeway's own work
   openai           wrk -> Bridgeway (1 worker, an API key) -> fake OpenAI: the pass-through
   openai>anthropic wrk -> Bridgeway -> fake Anthropic Messages: request and answer translated
   openai>gemini    wrk -> Bridgeway -> fake Gemini generateContent: translated too
@@ -15,8 +17,8 @@ Rows (every one a non-streaming POST /v1/chat/completions with the same small Op
 The fake provider is nginx answering a fixed body per wire format (`return 200 '...'`): a few
 microseconds per request, so it is never what is measured. Each row is measured twice: throughput
 with --connections (64) connections, latency with 8 (the targets' "moderate load"; closed loop,
-so a server busy for T per request shows about 8 x T). "added" is the row's latency minus the
-direct row's at the same concurrency. Targets (issue 4): Bridgeway >= 50 x LiteLLM's requests/s,
+so a server busy for T per request shows about 8 x T) and with 1 (one request's own cost, no
+queueing). "added" is the row's latency minus the direct row's at the same concurrency. Targets (issue 4): Bridgeway >= 50 x LiteLLM's requests/s,
 <= 1 ms added at p50 and <= 3 ms at p99 (c=8), translation <= 1.5 x the pass-through's CPU per
 request. See bench/README.md for pinning, rounds and how to read the table.
 """
@@ -42,6 +44,7 @@ from common import (  # noqa: E402
     CPU_LOAD,
     CPU_PROXY,
     DEFAULT_BRIDGEWAY_CMD,
+    ROOT,
     Procs,
     WrkResult,
     core_jiffies,
@@ -57,7 +60,7 @@ from common import (  # noqa: E402
     wait_http,
 )
 
-ROWS = ("direct", "litellm", "openai", "openai>anthropic", "openai>gemini")
+ROWS = ("direct", "litellm", "floor", "openai", "openai>anthropic", "openai>gemini")
 BRIDGEWAY_ROWS = {
     "openai": "bench-openai",
     "openai>anthropic": "bench-anthropic",
@@ -66,7 +69,7 @@ BRIDGEWAY_ROWS = {
 DEFAULT_LITELLM_PYTHON = "/tmp/venv-litellm/bin/python"
 LATENCY_CONNECTIONS = 8
 WARMUP_S = 2.0
-LITELLM_WARMUP_S = 4.0  # its first requests import and build things
+LITELLM_WARMUP_S = 6.0  # its first requests import and build things
 MIN_VS_LITELLM = 50.0
 MAX_ADDED_P50_MS = 1.0
 MAX_ADDED_P99_MS = 3.0
@@ -219,6 +222,21 @@ def start_litellm(procs: Procs, work: Path, python: str, port: int, up_port: int
     return proc.pid
 
 
+def start_floor(procs: Procs, work: Path, port: int, up_port: int) -> int:
+    """granian with bench/llm_floor_app.py, pinned and configured as `bridgeway serve` runs."""
+    env = dict(
+        os.environ,
+        BENCH_UPSTREAM_PORT=str(up_port),
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), str(ROOT / "src")]),
+    )
+    argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--workers", "1"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "llm_floor_app:app"]
+    log(f"starting floor: {' '.join(argv)} (log: {work / 'floor.log'})")
+    proc = procs.spawn(argv, cpu=CPU_PROXY, log_path=work / "floor.log", env=env)
+    wait_http(port, "/v1/chat/completions", proc)
+    return proc.pid
+
+
 def litellm_problem(python: str) -> str | None:
     """Why the LiteLLM row cannot run, or None."""
     if not Path(python).exists():
@@ -286,6 +304,7 @@ def check_answer(url: str, model: str, key: str | None) -> None:
 class Measurement:
     thr: WrkResult  # at --connections
     lat: WrkResult  # at LATENCY_CONNECTIONS
+    one: WrkResult  # at 1 connection
     cpu: float  # cores the server used during the throughput run
     core_other: float  # share of the server's core taken by anything else meanwhile
 
@@ -301,6 +320,7 @@ class Target:
     script: Path
     pid: int  # the server wrk talks to (its process tree's CPU is measured)
     warmup: float
+    log_name: str  # its log in the work directory, shown when it answers badly
 
 
 def measure(t: Target, connections: int, duration: float) -> Measurement:
@@ -311,7 +331,8 @@ def measure(t: Target, connections: int, duration: float) -> Measurement:
     idle1, total1 = core_jiffies(CPU_PROXY)
     core_idle = (idle1 - idle0) / max(total1 - total0, 1)
     lat = run_wrk(t.url, connections=LATENCY_CONNECTIONS, duration=duration, script=t.script)
-    return Measurement(thr, lat, cpu, max(0.0, 1.0 - core_idle - cpu))
+    one = run_wrk(t.url, connections=1, duration=duration / 2, script=t.script)
+    return Measurement(thr, lat, one, cpu, max(0.0, 1.0 - core_idle - cpu))
 
 
 def summarize(ms: list[Measurement], on_server_core: bool) -> tuple[Measurement, int]:
@@ -334,11 +355,17 @@ def summarize(ms: list[Measurement], on_server_core: bool) -> tuple[Measurement,
         Measurement(
             merged([m.thr for m in used], [m.thr for m in ms]),
             merged([m.lat for m in used], [m.lat for m in ms]),
+            merged([m.one for m in used], [m.one for m in ms]),
             med(m.cpu for m in used),
             med(m.core_other for m in used),
         ),
         len(used),
     )
+
+
+def latency_ms(r: WrkResult, value: float, digits: int = 2) -> str:
+    """A latency, or a dash when the run got no answer at all (wrk then reports 0)."""
+    return f"{value:.{digits}f} ms" if r.requests else "no answer"
 
 
 def verdict(ok: bool) -> str:
@@ -350,12 +377,13 @@ def table_rows(results: dict[str, Measurement], used: dict[str, int], rounds: in
     rows = []
     for name, m in results.items():
         bridgeway = name in BRIDGEWAY_ROWS
-        added = vs_litellm = translation = "-"
-        if direct is not None and name != "direct":
+        added = added_one = vs_litellm = translation = "-"
+        if direct is not None and name != "direct" and m.lat.requests and m.one.requests:
             a50, a99 = m.lat.p50_ms - direct.lat.p50_ms, m.lat.p99_ms - direct.lat.p99_ms
             added = f"+{a50:.2f} / +{a99:.2f} ms"
             if bridgeway:
                 added += f" ({verdict(a50 <= MAX_ADDED_P50_MS and a99 <= MAX_ADDED_P99_MS)})"
+            added_one = f"+{m.one.p50_ms - direct.one.p50_ms:.3f} ms"
         if litellm is not None and name != "direct":
             ratio = m.thr.rps / litellm.thr.rps
             vs_litellm = f"{ratio:,.1f}x"
@@ -370,12 +398,13 @@ def table_rows(results: dict[str, Measurement], used: dict[str, int], rounds: in
                 f"{m.thr.rps:,.0f}",
                 f"{m.cpu * 100:.0f}%",
                 f"{m.cpu_us:,.0f} µs" if name != "direct" else "-",
-                f"{m.lat.p50_ms:.2f} ms",
-                f"{m.lat.p99_ms:.2f} ms",
+                latency_ms(m.lat, m.lat.p50_ms),
+                latency_ms(m.lat, m.lat.p99_ms),
                 added,
+                added_one,
                 vs_litellm,
                 translation,
-                str(m.thr.errors + m.lat.errors),
+                str(m.thr.errors + m.lat.errors + m.one.errors),
                 f"{used[name]}/{rounds}",
             ]
         )
@@ -390,6 +419,7 @@ HEADERS = [
     "p50 (c=8)",
     "p99 (c=8)",
     "added p50 / p99 (c=8)",
+    "added p50 (c=1)",
     "req/s vs LiteLLM",
     "CPU/request vs pass-through",
     "errors",
@@ -399,9 +429,7 @@ HEADERS = [
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--duration", type=float, default=5.0, help="seconds per measurement (two per row per round)"
-    )
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per measurement (c=1 gets half)")
     p.add_argument("--connections", type=int, default=64, help="connections of the throughput run")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the table shows medians")
     p.add_argument("--only", default=",".join(ROWS), help=f"comma list of {','.join(ROWS)}")
@@ -442,7 +470,11 @@ def main() -> int:
         if "direct" in rows:
             url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
             targets["direct"] = Target(
-                url, wrk_script(work / "direct.lua", "gpt-bench", None), fake.pid, WARMUP_S
+                url,
+                wrk_script(work / "direct.lua", "gpt-bench", None),
+                fake.pid,
+                WARMUP_S,
+                "fake-provider/nginx.log",
             )
         if "litellm" in rows:
             port = free_port()
@@ -451,9 +483,15 @@ def main() -> int:
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 script = wrk_script(work / "litellm.lua", "bench-openai", LITELLM_MASTER_KEY)
                 check_answer(url, "bench-openai", LITELLM_MASTER_KEY)
-                targets["litellm"] = Target(url, script, pid, LITELLM_WARMUP_S)
+                targets["litellm"] = Target(url, script, pid, LITELLM_WARMUP_S, "litellm.log")
             except (RuntimeError, TimeoutError, OSError) as exc:
                 log(f"litellm did not start or answer: {exc}\n{tail(work / 'litellm.log')}")
+        if "floor" in rows:
+            port = free_port()
+            proc = start_floor(procs, work, port, up_port)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            script = wrk_script(work / "floor.lua", "gpt-bench", None)
+            targets["floor"] = Target(url, script, proc, WARMUP_S, "floor.log")
         if any(r in BRIDGEWAY_ROWS for r in rows):
             port = free_port()
             config = bridgeway_config(port, up_port, extra)
@@ -464,7 +502,7 @@ def main() -> int:
                 if row in rows:
                     script = wrk_script(work / f"{model}.lua", model, key)
                     check_answer(url, model, key)
-                    targets[row] = Target(url, script, proc.pid, WARMUP_S)
+                    targets[row] = Target(url, script, proc.pid, WARMUP_S, "bridgeway.log")
 
         started = time.monotonic()
         runs: dict[str, list[Measurement]] = {name: [] for name in targets}
@@ -475,19 +513,20 @@ def main() -> int:
                 log(
                     f"  {m.thr.rps:,.0f} req/s at c={args.connections} (server CPU {m.cpu:.0%}, "
                     f"other work {m.core_other:.0%}); c={LATENCY_CONNECTIONS}: p50 {m.lat.p50_ms:.2f} ms "
-                    f"p99 {m.lat.p99_ms:.2f} ms; errors {m.thr.errors + m.lat.errors}"
+                    f"p99 {m.lat.p99_ms:.2f} ms; c=1: p50 {m.one.p50_ms:.3f} ms; "
+                    f"errors {m.thr.errors + m.lat.errors + m.one.errors}"
                 )
                 runs[name].append(m)
+                if m.thr.errors + m.lat.errors + m.one.errors or not (m.lat.requests and m.one.requests):
+                    log(f"  {name} answered badly; the end of its log:\n{tail(work / t.log_name)}")
         log(f"measured in {time.monotonic() - started:.0f} s")
-        summaries = {name: summarize(ms, on_server_core=name != "direct") for name, ms in runs.items()}
-        if any(s.thr.errors + s.lat.errors for name, (s, _) in summaries.items() if name in BRIDGEWAY_ROWS):
-            log(f"bridgeway had errors; last log lines:\n{tail(work / 'bridgeway.log')}")
+        summaries = {name: summarize(done, on_server_core=name != "direct") for name, done in runs.items()}
 
     results = {name: s for name, (s, _) in summaries.items()}
     used = {name: n for name, (_, n) in summaries.items()}
     title = (
         f"POST /v1/chat/completions, wrk -t1: requests/s at c={args.connections}, latency at "
-        f"c={LATENCY_CONNECTIONS}, {args.duration:g} s each, {args.rounds} round(s) (medians of rounds "
+        f"c={LATENCY_CONNECTIONS} ({args.duration:g} s each) and c=1 ({args.duration / 2:g} s), {args.rounds} round(s) (medians of rounds "
         f"where other work took < {MAX_OTHER_WORK:.0%} of core {CPU_PROXY}); server on core {CPU_PROXY}, "
         f"wrk + fake provider (nginx) on core {CPU_LOAD}"
     )
