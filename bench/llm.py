@@ -380,10 +380,10 @@ def table_rows(results: dict[str, Measurement], used: dict[str, int], rounds: in
         added = added_one = vs_litellm = translation = "-"
         if direct is not None and name != "direct" and m.lat.requests and m.one.requests:
             a50, a99 = m.lat.p50_ms - direct.lat.p50_ms, m.lat.p99_ms - direct.lat.p99_ms
-            added = f"+{a50:.2f} / +{a99:.2f} ms"
+            added = f"{a50:+.2f} / {a99:+.2f} ms"
             if bridgeway:
                 added += f" ({verdict(a50 <= MAX_ADDED_P50_MS and a99 <= MAX_ADDED_P99_MS)})"
-            added_one = f"+{m.one.p50_ms - direct.one.p50_ms:.3f} ms"
+            added_one = f"{m.one.p50_ms - direct.one.p50_ms:+.3f} ms"
         if litellm is not None and name != "direct":
             ratio = m.thr.rps / litellm.thr.rps
             vs_litellm = f"{ratio:,.1f}x"
