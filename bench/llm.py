@@ -323,6 +323,11 @@ class Target:
     log_name: str  # its log in the work directory, shown when it answers badly
 
 
+def one_duration(duration: float) -> int:
+    """The c=1 run's seconds: half the others', whole (wrk takes whole seconds)."""
+    return max(1, int(duration // 2))
+
+
 def measure(t: Target, connections: int, duration: float) -> Measurement:
     run_wrk(t.url, connections=connections, duration=t.warmup, script=t.script)
     cpu0, (idle0, total0) = tree_cpu_seconds(t.pid), core_jiffies(CPU_PROXY)
@@ -331,7 +336,7 @@ def measure(t: Target, connections: int, duration: float) -> Measurement:
     idle1, total1 = core_jiffies(CPU_PROXY)
     core_idle = (idle1 - idle0) / max(total1 - total0, 1)
     lat = run_wrk(t.url, connections=LATENCY_CONNECTIONS, duration=duration, script=t.script)
-    one = run_wrk(t.url, connections=1, duration=duration / 2, script=t.script)
+    one = run_wrk(t.url, connections=1, duration=one_duration(duration), script=t.script)
     return Measurement(thr, lat, one, cpu, max(0.0, 1.0 - core_idle - cpu))
 
 
@@ -457,6 +462,9 @@ def main() -> int:
         log(f"the litellm row is left out: {problem}")
         rows.remove("litellm")
     extra = args.extra_config.read_text() if args.extra_config else ""
+    if not rows:
+        log("no row left to measure")
+        return 1
     with (
         sigterm_as_interrupt(),
         tempfile.TemporaryDirectory(prefix="bridgeway-bench-llm-") as tmp,
@@ -526,7 +534,7 @@ def main() -> int:
     used = {name: n for name, (_, n) in summaries.items()}
     title = (
         f"POST /v1/chat/completions, wrk -t1: requests/s at c={args.connections}, latency at "
-        f"c={LATENCY_CONNECTIONS} ({args.duration:g} s each) and c=1 ({args.duration / 2:g} s), {args.rounds} round(s) (medians of rounds "
+        f"c={LATENCY_CONNECTIONS} ({args.duration:g} s each) and c=1 ({one_duration(args.duration)} s), {args.rounds} round(s) (medians of rounds "
         f"where other work took < {MAX_OTHER_WORK:.0%} of core {CPU_PROXY}); server on core {CPU_PROXY}, "
         f"wrk + fake provider (nginx) on core {CPU_LOAD}"
     )
