@@ -537,6 +537,7 @@ def main() -> int:
         f"c={LATENCY_CONNECTIONS} ({args.duration:g} s each) and c=1 ({one_duration(args.duration)} s), {args.rounds} round(s) (medians of rounds "
         f"where other work took < {MAX_OTHER_WORK:.0%} of core {CPU_PROXY}); server on core {CPU_PROXY}, "
         f"wrk + fake provider (nginx) on core {CPU_LOAD}"
+        + (f"; Bridgeway with {args.extra_config.name} appended to its config" if args.extra_config else "")
     )
     print_table(title, HEADERS, table_rows(results, used, args.rounds), args.markdown)
     return 0
