@@ -2,7 +2,7 @@
 
     python bench/llm.py [--duration 5] [--connections 64] [--rounds 1] [--markdown]
                         [--litellm-python /tmp/venv-litellm/bin/python] [--only direct,litellm,...]
-                        [--extra-config budget.yaml] [--bridgeway-cmd "python -m bridgeway serve"]
+                        [--budget] [--state URL] [--bridgeway-cmd "python -m bridgeway serve"]
 
 Rows (every one a non-streaming POST /v1/chat/completions with the same small OpenAI body):
   direct           wrk -> the fake provider (what the load side and the fake can do)
@@ -158,7 +158,11 @@ def fake_provider_server(port: int) -> str:
     )
 
 
-def bridgeway_config(port: int, up_port: int, extra: str) -> str:
+# --budget: one the benchmark never reaches, so every request reserves and settles against it.
+BUDGET = "[{period: 1d, usd: 1000000}]"
+
+
+def bridgeway_config(port: int, up_port: int, state: str = "memory://", budget: bool = False) -> str:
     base = f"http://127.0.0.1:{up_port}"
     deployments = {
         "bench-openai": ("openai", "gpt-bench", f"{base}/v1"),
@@ -172,16 +176,16 @@ def bridgeway_config(port: int, up_port: int, extra: str) -> str:
     )
     return f"""\
 listen: 127.0.0.1:{port}
-state: memory://
+state: {state}
 logging: {{access: false}}
 admin: {{token: {ADMIN_TOKEN}}}
 auth: {{required: true}}
 roles:
-  caller: {{models: ["bench-*"]}}
+  caller: {{models: ["bench-*"]{f", budgets: {BUDGET}" if budget else ""}}}
 services: {{}}
 models:
 {models}
-{extra}"""
+"""
 
 
 def litellm_config(up_port: int) -> str:
@@ -440,9 +444,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", default=",".join(ROWS), help=f"comma list of {','.join(ROWS)}")
     p.add_argument("--litellm-python", default=DEFAULT_LITELLM_PYTHON, help="python of LiteLLM's own venv")
     p.add_argument(
-        "--extra-config",
-        type=Path,
-        help="YAML appended to Bridgeway's config (top-level sections, e.g. a budget for the key's role)",
+        "--budget",
+        action="store_true",
+        help="give the key's role a budget (needs a Bridgeway with budgets); state then defaults to SQLite",
+    )
+    p.add_argument(
+        "--state",
+        help="Bridgeway's state backend (default memory://, or sqlite in the work dir with --budget), "
+        "e.g. redis://127.0.0.1:6379/15",
     )
     p.add_argument("--bridgeway-cmd", default=DEFAULT_BRIDGEWAY_CMD)
     p.add_argument("--markdown", action="store_true")
@@ -461,7 +470,6 @@ def main() -> int:
     if "litellm" in rows and (problem := litellm_problem(args.litellm_python)):
         log(f"the litellm row is left out: {problem}")
         rows.remove("litellm")
-    extra = args.extra_config.read_text() if args.extra_config else ""
     if not rows:
         log("no row left to measure")
         return 1
@@ -502,8 +510,13 @@ def main() -> int:
             targets["floor"] = Target(url, script, proc, WARMUP_S, "floor.log")
         if any(r in BRIDGEWAY_ROWS for r in rows):
             port = free_port()
-            config = bridgeway_config(port, up_port, extra)
-            proc = start_bridgeway(procs, work, port, up_port, args.bridgeway_cmd, config)
+            state = args.state or (f"sqlite:///{work / 'bridgeway.db'}" if args.budget else "memory://")
+            config = bridgeway_config(port, up_port, state, args.budget)
+            try:
+                proc = start_bridgeway(procs, work, port, up_port, args.bridgeway_cmd, config)
+            except (RuntimeError, TimeoutError) as exc:
+                log(f"bridgeway did not start: {exc}\n{tail(work / 'bridgeway.log')}")
+                return 1
             key = new_key(port)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             for row, model in BRIDGEWAY_ROWS.items():
@@ -537,7 +550,8 @@ def main() -> int:
         f"c={LATENCY_CONNECTIONS} ({args.duration:g} s each) and c=1 ({one_duration(args.duration)} s), {args.rounds} round(s) (medians of rounds "
         f"where other work took < {MAX_OTHER_WORK:.0%} of core {CPU_PROXY}); server on core {CPU_PROXY}, "
         f"wrk + fake provider (nginx) on core {CPU_LOAD}"
-        + (f"; Bridgeway with {args.extra_config.name} appended to its config" if args.extra_config else "")
+        + (f"; Bridgeway with a budget on the key's role ({BUDGET})" if args.budget else "")
+        + (f", state {args.state}" if args.state else "")
     )
     print_table(title, HEADERS, table_rows(results, used, args.rounds), args.markdown)
     return 0
