@@ -26,6 +26,9 @@ from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.governance.audit import AuditLog
+from bridgeway.jobs.queues import open_queue_backend
+from bridgeway.jobs.queues.push import Delivery
+from bridgeway.jobs.queues.service import Queues
 from bridgeway.llm.endpoint import LLMEndpoint
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
@@ -59,6 +62,8 @@ class Gateway:
         self.verifier: JwtVerifier | None = None
         self.access = Access(config, None)  # rebuilt with the key store at start-up
         self.llm = LLMEndpoint(config)
+        self.queues: Queues | None = None  # opened at start-up when the config names queues
+        self.delivery: Delivery | None = None
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -78,6 +83,7 @@ class Gateway:
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
         self._build_auth(self.config)
         self.registry.apply(self.config)
+        self._apply_queues(self.config)
         self.health.start()
         if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())
@@ -108,10 +114,27 @@ class Gateway:
             config, self.keys, self.registry.limiter, verifier=self.verifier, oauth=self.oauth
         )
 
+    def _apply_queues(self, config: Config) -> None:
+        """Open the queue backend the first time a config names queues; keep push loops in step."""
+        if self.queues is None:
+            if not config.queues:
+                return  # no queues: no backend file, no loops
+            backend = open_queue_backend(config.jobs_backend, retention=config.jobs.retention)
+            self.queues = Queues(config, backend)
+            self.queues.start()
+            self.delivery = Delivery(self.queues, self.registry)
+        else:
+            self.queues.configure(config)
+        self.delivery.apply()
+
     async def shutdown(self) -> None:
         self.ready = False
         if self._publisher:
             self._publisher.cancel()
+        if self.delivery is not None:
+            await self.delivery.stop()  # before the registry's pools close under the deliveries
+        if self.queues is not None:
+            await self.queues.stop()
         await self.health.stop()
         await self.registry.close()
         await self.llm.close()
@@ -155,6 +178,7 @@ class Gateway:
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
         self._build_auth(config)
+        self._apply_queues(config)
         self.llm = LLMEndpoint(config, self.llm)
         self.config = config
         self._loaded_mtime = mtime

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from bridgeway import __version__
-from bridgeway.api import audit, context, keys, kv, oauth, services
+from bridgeway.api import audit, context, keys, kv, oauth, queues, services
 from bridgeway.api.auth import require_admin
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.observability.tracing import new_span_id, traceparent
@@ -62,6 +62,8 @@ def build_api(gateway: Gateway) -> FastAPI:
         api.include_router(router, prefix=context.PREFIX, dependencies=[Depends(require_admin)])
     # The KV store is also for services: a role's `kv` grants open namespaces to its callers.
     api.include_router(kv.router, prefix=context.PREFIX, dependencies=[Depends(kv.require_kv_access)])
+    # Queues check their callers per route: roles may be granted queues to produce or consume.
+    api.include_router(queues.router, prefix=context.PREFIX)
     api.include_router(oauth.router)  # its own client authentication, its own error shape
 
     @api.exception_handler(OAuthError)

@@ -94,6 +94,37 @@ class ServiceMetrics:
 
 
 _ALL: dict[str, ServiceMetrics] = {}
+
+
+class QueueMetrics:
+    """The counters of one job queue; the queue service adds to them."""
+
+    __slots__ = ("enqueued", "delivered", "retried", "buried", "lost_leases")
+    FIELDS = __slots__
+
+    def __init__(self, name: str):
+        self.enqueued = 0  # jobs stored (an idempotent repeat is not)
+        self.delivered = 0  # acked
+        self.retried = 0  # failed attempts that will be tried again
+        self.buried = 0  # jobs that went to the dead-letter set
+        self.lost_leases = 0  # outcomes refused: the lease had expired or was settled
+        _QUEUES[name] = self
+
+    def dump(self) -> list[int]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+
+_QUEUES: dict[str, QueueMetrics] = {}
+_QUEUE_STATS: dict = {}  # queue -> QueueStats, this worker's last look at the backend
+
+
+def for_queue(name: str) -> QueueMetrics:
+    return _QUEUES.get(name) or QueueMetrics(name)
+
+
+def set_queue_stats(stats: dict) -> None:
+    _QUEUE_STATS.clear()
+    _QUEUE_STATS.update(stats)
 _RELOADS = {"ok": 0, "rejected": 0}
 _AUDIT = {"dropped": 0}
 
@@ -115,7 +146,12 @@ def audit_dropped(count: int) -> None:
 
 
 def _snapshot() -> dict:
-    return {"services": {name: m.dump() for name, m in _ALL.items()}, "reloads": _RELOADS, "audit": _AUDIT}
+    return {
+        "services": {name: m.dump() for name, m in _ALL.items()},
+        "reloads": _RELOADS,
+        "audit": _AUDIT,
+        "queues": {name: m.dump() for name, m in _QUEUES.items()},
+    }
 
 
 def write_snapshot() -> None:
@@ -195,7 +231,11 @@ class _Collector(Collector):
         )
         dropped = 0
         totals: dict = {}
+        queue_totals: dict[str, list[int]] = {}
         for snap, alive in _all_workers():
+            for name, counts in snap.get("queues", {}).items():
+                have = queue_totals.get(name, [0] * len(counts))
+                queue_totals[name] = [a + b for a, b in zip(have, counts, strict=True)]
             for name, m in snap["services"].items():
                 t = totals.setdefault(
                     name,
@@ -230,6 +270,7 @@ class _Collector(Collector):
         for result, n in totals.pop("_reloads", {}).items():
             reloads.add_metric([result], n)
         yield reloads
+        yield from _queue_families(queue_totals)
         audit_dropped.add_metric([], dropped)
         yield audit_dropped
         histograms = {
@@ -275,6 +316,34 @@ class _Collector(Collector):
                 healthy.add_metric([service["name"], inst["url"]], 1 if inst["available"] else 0)
         yield breaker
         yield healthy
+
+
+def _queue_families(totals: dict[str, list[int]]):
+    """Counters summed over workers; gauges from this worker's last look (they all read one
+    backend, so any worker's figures are the queue's)."""
+    helps = {
+        "enqueued": "Jobs stored",
+        "delivered": "Jobs done (acknowledged)",
+        "retried": "Failed attempts that will be tried again",
+        "buried": "Jobs moved to the dead-letter set",
+        "lost_leases": "Outcomes refused because the lease was lost",
+    }
+    for i, field in enumerate(QueueMetrics.FIELDS):
+        family = CounterMetricFamily(f"bridgeway_queue_{field}", helps[field], labels=["queue"])
+        for name, counts in sorted(totals.items()):
+            family.add_metric([name], counts[i])
+        yield family
+    gauges = {
+        "queued": ("bridgeway_queue_depth", "Jobs waiting, due or delayed"),
+        "leased": ("bridgeway_queue_leased", "Jobs held by a consumer"),
+        "dead": ("bridgeway_queue_dead", "Jobs in the dead-letter set"),
+        "oldest_age": ("bridgeway_queue_oldest_age_seconds", "Age of the oldest due job"),
+    }
+    for attr, (metric, text) in gauges.items():
+        family = GaugeMetricFamily(metric, text, labels=["queue"])
+        for name, stats in sorted(_QUEUE_STATS.items()):
+            family.add_metric([name], getattr(stats, attr))
+        yield family
 
 
 def render(state: Callable[[], Iterable[dict]]) -> tuple[bytes, str]:

@@ -81,6 +81,10 @@ class Access:
             name: [(re.compile(fnmatch.translate(g.namespace)).match, g.access) for g in role.kv]
             for name, role in config.roles.items()
         }
+        self.queue_grants = {
+            name: [(re.compile(fnmatch.translate(g.queue)).match, g.access) for g in role.queues]
+            for name, role in config.roles.items()
+        }
         self.model_grants = {
             name: re.compile("|".join(fnmatch.translate(m) for m in role.models)).match
             for name, role in config.roles.items()
@@ -143,6 +147,15 @@ class Access:
         return any(
             match(namespace) and (access == "write" or not write)
             for match, access in self.kv_grants.get(caller.role, ())
+        )
+
+    def may_use_queue(self, caller: Principal, queue: str, consume: bool) -> bool:
+        """produce: enqueue and read jobs; consume (which includes produce): claim, settle, dead list."""
+        if caller.role == ADMIN_ROLE:
+            return True
+        return any(
+            match(queue) and (access == "consume" or not consume)
+            for match, access in self.queue_grants.get(caller.role, ())
         )
 
     def principal_of_key(self, record: KeyRecord) -> Principal:
