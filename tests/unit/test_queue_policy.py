@@ -32,7 +32,9 @@ def test_the_ceiling_doubles_until_the_cap(draw):
     assert policy.delay(3, draw) == pytest.approx(4.0 * draw)
 
 
-@given(attempts=st.integers(min_value=1, max_value=50), limit=st.integers(min_value=1, max_value=50), draw=draws)
+@given(
+    attempts=st.integers(min_value=1, max_value=50), limit=st.integers(min_value=1, max_value=50), draw=draws
+)
 def test_retried_before_the_limit_buried_at_it(attempts, limit, draw):
     policy = RetryPolicy(max_attempts=99, base=2.0, max_delay=60.0)
     decision = policy.after_failure(attempts, limit, 1000.0, draw)

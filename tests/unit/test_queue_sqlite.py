@@ -46,7 +46,7 @@ async def test_jobs_survive_a_reopen_in_every_state(tmp_path):
 
 async def test_lease_expiry_with_no_attempts_left_buries(tmp_path):
     q = SqliteQueue(tmp_path / "q.db")
-    (job, _), = await q.enqueue([new(max_attempts=1)], 0.0)
+    ((job, _),) = await q.enqueue([new(max_attempts=1)], 0.0)
     (leased,) = await q.claim("q", 1, 5.0, 1.0)
     assert leased.attempts == 1
     assert await q.claim("q", 1, 5.0, 10.0) == []  # expired, but it had its one attempt
@@ -84,7 +84,7 @@ async def test_idempotency_keys_within_and_across_batches(tmp_path):
 
 async def test_a_failed_batch_stores_nothing(tmp_path):
     q = SqliteQueue(tmp_path / "q.db")
-    (job, _), = await q.enqueue([new()], 0.0)
+    ((job, _),) = await q.enqueue([new()], 0.0)
     with pytest.raises(Exception):  # noqa: B017 - the same id twice: the primary key refuses it
         await q.enqueue([new(), NewJob(job.id, "q", b"1")], 0.0)
     assert (await q.stats("q", 1.0)).queued == 1

@@ -72,7 +72,9 @@ def build_api(gateway: Gateway) -> FastAPI:
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError):
-        headers = {"WWW-Authenticate": 'Bearer realm="bridgeway"'} if exc.status == 401 else None
+        headers = {name.decode(): value.decode() for name, value in exc.headers}  # e.g. Retry-After
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="bridgeway"'
         return _error(request, exc.status, exc.code, exc.message, headers)
 
     @api.exception_handler(HTTPException)

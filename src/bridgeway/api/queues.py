@@ -114,7 +114,9 @@ async def list_queues(request: Request) -> Response:
     return _json({"queues": out})
 
 
-@router.post("/queues/{queue}/jobs", summary='Enqueue one job, or a batch as {"jobs": [...]} (all or nothing)')
+@router.post(
+    "/queues/{queue}/jobs", summary='Enqueue one job, or a batch as {"jobs": [...]} (all or nothing)'
+)
 async def enqueue(request: Request, queue: QueueName) -> Response:
     await _allow(request, queue, False)
     body = await _json_body(request)
@@ -128,8 +130,8 @@ async def enqueue(request: Request, queue: QueueName) -> Response:
         stored = await queues.enqueue(queue, items)
         return _json({"jobs": [{"id": job.id, "created": created} for job, created in stored]}, 201)
     if body is None:
-        raise GatewayError("VALIDATION_ERROR", "body: expected a job object, e.g. {\"payload\": {...}}")
-    (job, created), = await queues.enqueue(queue, [body], where="body")
+        raise GatewayError("VALIDATION_ERROR", 'body: expected a job object, e.g. {"payload": {...}}')
+    ((job, created),) = await queues.enqueue(queue, [body], where="body")
     return _json({"id": job.id, "created": created, "state": job.state}, 201 if created else 200)
 
 
@@ -148,7 +150,7 @@ async def claim(request: Request, queue: QueueName) -> Response:
     await _allow(request, queue, True)
     body = await _json_body(request) or {}
     if not isinstance(body, dict):
-        raise GatewayError("VALIDATION_ERROR", "body: expected an object like {\"max\": 100, \"wait\": 5}")
+        raise GatewayError("VALIDATION_ERROR", 'body: expected an object like {"max": 100, "wait": 5}')
     unknown = body.keys() - {"max", "wait", "lease"}
     if unknown:
         raise GatewayError("VALIDATION_ERROR", f"{sorted(unknown)[0][:40]}: unknown field")
@@ -215,7 +217,9 @@ async def settle(request: Request, queue: QueueName) -> Response:
             lease_for = item.get("lease_for") or compiled.config.lease
             outcome = Outcome(job.id, item["lease"], "extend", at=now + lease_for)
         elif action == "bury":
-            outcome = Outcome(job.id, item["lease"], "bury", error=(item.get("error") or "buried by a worker")[:1000])
+            outcome = Outcome(
+                job.id, item["lease"], "bury", error=(item.get("error") or "buried by a worker")[:1000]
+            )
         else:
             ok = action == "ack"
             outcome = queues.outcome(compiled, job, ok, item.get("error"), item.get("delay"), now)
@@ -232,7 +236,10 @@ async def settle(request: Request, queue: QueueName) -> Response:
                 {
                     "id": item["id"],
                     "status": 409,
-                    "error": {"code": "CONFLICT", "message": "the lease was lost: expired, or settled already"},
+                    "error": {
+                        "code": "CONFLICT",
+                        "message": "the lease was lost: expired, or settled already",
+                    },
                 }
             )
         else:

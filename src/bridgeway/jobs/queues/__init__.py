@@ -16,7 +16,9 @@ def open_queue_backend(url: str, *, retention: float = 7 * 86400.0) -> QueueBack
         raise ValueError(f"jobs backend URL {url!r} has no scheme; expected one of {_SCHEMES}")
     if scheme == "sqlite":
         if not rest.startswith("/") or not rest[1:]:
-            raise ValueError(f"jobs backend URL {url!r}: expected sqlite:///relative/path.db or sqlite:///:memory:")
+            raise ValueError(
+                f"jobs backend URL {url!r}: expected sqlite:///relative/path.db or sqlite:///:memory:"
+            )
         from bridgeway.jobs.queues.sqlite import SqliteQueue
 
         return SqliteQueue(rest[1:], retention=retention)

@@ -70,7 +70,9 @@ class _Loop:
                 await self._room.wait()
                 continue
             try:
-                jobs = await backend.claim(self.name, min(free, CLAIM_AT_MOST), self.lease(), self.queues.clock())
+                jobs = await backend.claim(
+                    self.name, min(free, CLAIM_AT_MOST), self.lease(), self.queues.clock()
+                )
             except Exception:  # noqa: BLE001 - a busy or broken backend: try again shortly
                 self.log.warning("queue_claim_failed", queue=self.name, exc_info=True)
                 await asyncio.sleep(1.0)
@@ -194,7 +196,9 @@ class CallbackLoop(_Loop):
                 "X-Bridgeway-Callback-Attempt": str(job.attempts),
             }
             try:
-                async with self._session.post(url, data=job.payload, headers=headers, allow_redirects=False) as r:
+                async with self._session.post(
+                    url, data=job.payload, headers=headers, allow_redirects=False
+                ) as r:
                     await r.read()
                     ok = 200 <= r.status < 300
                     error = None if ok else f"callback answered {r.status}"
@@ -245,4 +249,3 @@ class Delivery:
     async def stop(self) -> None:
         await asyncio.gather(*(runner.stop() for runner in self.loops.values()))
         self.loops.clear()
-

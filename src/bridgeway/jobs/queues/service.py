@@ -95,7 +95,7 @@ def _invalid(where: str, why: str) -> GatewayError:
 def _number(value: Any, where: str) -> float:
     """Seconds, as a number or a duration string ("250ms", "1m")."""
     if isinstance(value, bool):
-        raise _invalid(where, "expected seconds or a duration like \"10s\"")
+        raise _invalid(where, 'expected seconds or a duration like "10s"')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
@@ -104,7 +104,7 @@ def _number(value: Any, where: str) -> float:
         except ValueError as exc:
             raise _invalid(where, str(exc)) from None
     else:
-        raise _invalid(where, "expected seconds or a duration like \"10s\"")
+        raise _invalid(where, 'expected seconds or a duration like "10s"')
     if not 0 <= seconds <= 365 * 86400:
         raise _invalid(where, "must be between 0 and one year")
     return seconds

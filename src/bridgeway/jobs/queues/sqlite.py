@@ -15,6 +15,7 @@ A lease token is random per claim call and stored on each job it leased; settlin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -135,12 +136,34 @@ class SqliteQueue:
             run_at = new.run_at or now
             headers = orjson.dumps(new.headers) if new.headers else None
             rows.append(
-                (new.id, new.queue, new.priority, run_at, new.max_attempts, now, new.payload, headers,
-                 key, new.callback_url)
+                (
+                    new.id,
+                    new.queue,
+                    new.priority,
+                    run_at,
+                    new.max_attempts,
+                    now,
+                    new.payload,
+                    headers,
+                    key,
+                    new.callback_url,
+                )
             )
             out[i] = (
-                Job(new.id, new.queue, new.payload, dict(new.headers), new.priority, "queued", 0,
-                    new.max_attempts, now, run_at, idempotency_key=key, callback_url=new.callback_url),
+                Job(
+                    new.id,
+                    new.queue,
+                    new.payload,
+                    dict(new.headers),
+                    new.priority,
+                    "queued",
+                    0,
+                    new.max_attempts,
+                    now,
+                    run_at,
+                    idempotency_key=key,
+                    callback_url=new.callback_url,
+                ),
                 True,
             )
         conn.executemany(
@@ -181,7 +204,9 @@ class SqliteQueue:
         ).fetchall()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_EVERY
-            self._conn.execute("DELETE FROM jobs WHERE state = 2 AND finished_at < ?", (now - self.retention,))
+            self._conn.execute(
+                "DELETE FROM jobs WHERE state = 2 AND finished_at < ?", (now - self.retention,)
+            )
         jobs = [_job(r) for r in rows]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))  # RETURNING keeps no order
         return jobs
@@ -332,10 +357,8 @@ class SqliteQueue:
         event = self._waiters.get(queue)
         if event is None:
             event = self._waiters[queue] = asyncio.Event()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), min(timeout, POLL))
-        except TimeoutError:
-            pass
 
     async def close(self) -> None:
         if self._executor is None:
@@ -343,4 +366,3 @@ class SqliteQueue:
         await self._run(self._conn.close)
         self._executor.shutdown(wait=False)
         self._executor = None  # type: ignore[assignment]
-

@@ -1,0 +1,246 @@
+"""Queues through a real gateway's API: enqueue (single, batch, idempotent, delayed), pull with
+claim and settle, retries to the dead-letter set and replay, errors, roles, metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.gateway import GatewayProc, start_gateway, wait_until
+
+QUEUES = {
+    "work": {"max_attempts": 2, "backoff": {"base": "0s", "max": "0s"}, "lease": "30s"},
+    "small": {"max_depth": 3, "max_payload": "64B"},
+    "reports-daily": {},
+    "metered": {},
+}
+ROLES = {
+    "producer": {"queues": [{"queue": "reports-*", "access": "produce"}]},
+    "consumer": {"queues": [{"queue": "reports-*", "access": "consume"}]},
+}
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[GatewayProc]:
+    proc = start_gateway({"services": {}, "roles": ROLES, "queues": QUEUES})
+    yield proc
+    proc.stop()
+
+
+def post(gw: GatewayProc, path: str, body, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return gw.request(
+        "POST",
+        "/api/v1" + path,
+        data,
+        {"Content-Type": "application/json", **(gw.admin_headers if headers is None else headers)},
+    )
+
+
+def code(r) -> str:
+    return r.json()["error"]["code"]
+
+
+def drain(gw: GatewayProc, queue: str) -> None:
+    while jobs := post(gw, f"/queues/{queue}/claim", {"max": 1000}).json()["jobs"]:
+        post(
+            gw,
+            f"/queues/{queue}/settle",
+            {"jobs": [{"id": j["id"], "lease": j["lease"], "action": "ack"} for j in jobs]},
+        )
+
+
+def test_enqueue_claim_ack(gw: GatewayProc):
+    r = post(
+        gw, "/queues/work/jobs", {"payload": {"report": 7}, "headers": {"X-Tenant": "acme"}, "priority": 5}
+    )
+    assert r.status == 201, r
+    job_id = r.json()["id"]
+    assert gw.api("GET", f"/jobs/{job_id}").json()["state"] == "queued"
+    (job,) = post(gw, "/queues/work/claim", {"max": 10}).json()["jobs"]
+    assert (job["id"], job["payload"], job["headers"], job["attempts"]) == (
+        job_id,
+        {"report": 7},
+        {"x-tenant": "acme"},
+        1,
+    )
+    r = post(gw, "/queues/work/settle", {"jobs": [{"id": job_id, "lease": job["lease"], "action": "ack"}]})
+    assert r.json()["results"] == [{"id": job_id, "status": 200, "state": "done", "attempts": 1}]
+    again = post(
+        gw, "/queues/work/settle", {"jobs": [{"id": job_id, "lease": job["lease"], "action": "ack"}]}
+    )
+    assert again.json()["results"][0]["status"] == 409  # settled already: the lease is gone
+    assert again.json()["results"][0]["error"]["code"] == "CONFLICT"
+    assert gw.api("GET", f"/jobs/{job_id}").json()["state"] == "done"
+
+
+def test_batches_are_all_or_nothing_and_ordered(gw: GatewayProc):
+    drain(gw, "work")
+    r = post(gw, "/queues/work/jobs", {"jobs": [{"payload": i} for i in range(300)]})
+    assert r.status == 201
+    ids = [j["id"] for j in r.json()["jobs"]]
+    assert ids == sorted(ids) and len(set(ids)) == 300  # time-ordered
+    bad = post(gw, "/queues/work/jobs", {"jobs": [{"payload": 1}, {"payload": 2, "delay": "soon"}]})
+    assert (bad.status, code(bad)) == (422, "VALIDATION_ERROR")
+    assert "jobs[1].delay" in bad.json()["error"]["message"]
+    claimed = post(gw, "/queues/work/claim", {"max": 1000}).json()["jobs"]
+    assert [j["payload"] for j in claimed] == list(range(300))  # none of the refused batch
+    post(
+        gw,
+        "/queues/work/settle",
+        {"jobs": [{"id": j["id"], "lease": j["lease"], "action": "ack"} for j in claimed]},
+    )
+
+
+def test_idempotency_keys(gw: GatewayProc):
+    first = post(gw, "/queues/work/jobs", {"payload": 1, "idempotency_key": "order-42"})
+    second = post(gw, "/queues/work/jobs", {"payload": 2, "idempotency_key": "order-42"})
+    assert (first.status, second.status) == (201, 200)
+    assert first.json()["id"] == second.json()["id"] and second.json()["created"] is False
+    drain(gw, "work")
+
+
+def test_delay_and_long_poll(gw: GatewayProc):
+    drain(gw, "work")
+    post(gw, "/queues/work/jobs", {"payload": "later", "delay": "600ms"})
+    assert post(gw, "/queues/work/claim", {"max": 1}).json()["jobs"] == []
+    started = time.monotonic()
+    (job,) = post(gw, "/queues/work/claim", {"max": 1, "wait": 5}).json()["jobs"]
+    assert job["payload"] == "later" and 0.3 < time.monotonic() - started < 3
+    # A long poll wakes as soon as a job is enqueued.
+    out = {}
+    waiter = threading.Thread(
+        target=lambda: out.update(r=post(gw, "/queues/work/claim", {"max": 1, "wait": 10}))
+    )
+    waiter.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    post(gw, "/queues/work/jobs", {"payload": "now"})
+    waiter.join(5)
+    assert out["r"].json()["jobs"][0]["payload"] == "now" and time.monotonic() - t0 < 1
+    drain(gw, "work")
+
+
+def test_poison_job_reaches_the_dead_letters_and_is_replayed(gw: GatewayProc):
+    drain(gw, "work")
+    job_id = post(gw, "/queues/work/jobs", {"payload": "poison"}).json()["id"]
+    for attempt in (1, 2):
+        (job,) = post(gw, "/queues/work/claim", {"max": 1, "wait": 2}).json()["jobs"]
+        assert job["attempts"] == attempt
+        r = post(
+            gw,
+            "/queues/work/settle",
+            {"jobs": [{"id": job_id, "lease": job["lease"], "action": "nack", "error": "boom"}]},
+        )
+        assert r.json()["results"][0]["state"] == ("queued" if attempt == 1 else "dead")
+    dead = gw.api("GET", "/queues/work/dead").json()["jobs"]
+    assert [(d["id"], d["state"]) for d in dead] == [(job_id, "dead")]
+    assert "boom" in dead[0]["last_error"]
+    assert post(gw, "/queues/work/dead/replay", {"ids": [job_id]}).json() == {"replayed": 1}
+    (job,) = post(gw, "/queues/work/claim", {"max": 1}).json()["jobs"]
+    assert (job["id"], job["attempts"]) == (job_id, 1)
+    post(gw, "/queues/work/settle", {"jobs": [{"id": job_id, "lease": job["lease"], "action": "bury"}]})
+    assert post(gw, "/queues/work/dead/purge", None).json() == {"purged": 1}
+    assert gw.api("GET", "/queues/work/dead").json()["jobs"] == []
+
+
+def test_extend_and_nack_with_delay(gw: GatewayProc):
+    drain(gw, "work")
+    job_id = post(gw, "/queues/work/jobs", {"payload": 1}).json()["id"]
+    (job,) = post(gw, "/queues/work/claim", {"max": 1, "lease": "1s"}).json()["jobs"]
+    r = post(
+        gw,
+        "/queues/work/settle",
+        {"jobs": [{"id": job_id, "lease": job["lease"], "action": "extend", "lease_for": 60}]},
+    )
+    assert r.json()["results"][0]["lease_until"] > time.time() + 50
+    r = post(
+        gw,
+        "/queues/work/settle",
+        {"jobs": [{"id": job_id, "lease": job["lease"], "action": "nack", "delay": "30s"}]},
+    )
+    assert r.json()["results"][0]["run_at"] > time.time() + 25
+    assert post(gw, "/queues/work/claim", {"max": 1}).json()["jobs"] == []
+
+
+def test_errors_name_the_problem(gw: GatewayProc):
+    r = post(gw, "/queues/nope/jobs", {"payload": 1})
+    assert (r.status, code(r)) == (404, "NOT_FOUND")
+    r = post(gw, "/queues/work/jobs", b"{not json")
+    assert (r.status, code(r)) == (400, "BAD_REQUEST")
+    r = post(gw, "/queues/work/jobs", {"payload": 1, "colour": "red"})
+    assert (r.status, code(r)) == (422, "VALIDATION_ERROR") and "colour" in r.json()["error"]["message"]
+    r = post(gw, "/queues/work/jobs", {"priority": 1})
+    assert "payload" in r.json()["error"]["message"]
+    r = post(gw, "/queues/work/jobs", {"payload": 1, "headers": {"Content-Length": "5"}})
+    assert r.status == 422 and "headers" in r.json()["error"]["message"]
+    r = post(gw, "/queues/work/jobs", {"payload": 1, "callback_url": "http://127.0.0.1:9/cb"})
+    assert r.status == 422 and "callback_secret" in r.json()["error"]["message"]
+    r = post(gw, "/queues/small/jobs", {"payload": "x" * 100})
+    assert (r.status, code(r)) == (413, "BODY_TOO_LARGE")
+    r = post(gw, "/queues/work/claim", {"max": 0})
+    assert r.status == 422 and "max" in r.json()["error"]["message"]
+    r = post(gw, "/queues/work/settle", {"jobs": [{"id": "x", "action": "ack"}]})
+    assert r.status == 422 and "jobs[0].lease" in r.json()["error"]["message"]
+    r = post(gw, "/queues/work/settle", {"jobs": [{"id": "x", "lease": "y", "action": "ack"}]})
+    assert r.json()["results"][0]["status"] == 409
+    r = post(gw, "/queues/work/jobs", {"jobs": [{"payload": 1}] * 1001})
+    assert r.status == 422 and "at most 1000" in r.json()["error"]["message"]
+    assert gw.api("GET", "/jobs/000000000000").status == 404
+
+
+def test_max_depth_refuses_with_429(gw: GatewayProc):
+    assert post(gw, "/queues/small/jobs", {"jobs": [{"payload": i} for i in range(3)]}).status == 201
+    r = post(gw, "/queues/small/jobs", {"payload": 4})
+    assert (r.status, code(r), r.headers["retry-after"]) == (429, "QUEUE_FULL", "1")
+    drain(gw, "small")
+    assert post(gw, "/queues/small/jobs", {"payload": 4}).status == 201
+    drain(gw, "small")
+
+
+def test_roles_granted_queues(gw: GatewayProc):
+    def as_key(role: str):
+        made = gw.api("POST", "/keys", {"name": role, "role": role})
+        return {"Authorization": f"Bearer {made.json()['key']}", "Content-Type": "application/json"}
+
+    producer, consumer = as_key("producer"), as_key("consumer")
+    r = post(gw, "/queues/reports-daily/jobs", {"payload": 1}, producer)
+    assert r.status == 201
+    job_id = r.json()["id"]
+    assert gw.request("GET", f"/api/v1/jobs/{job_id}", None, producer).status == 200
+    assert code(post(gw, "/queues/reports-daily/claim", {}, producer)) == "FORBIDDEN"
+    assert code(post(gw, "/queues/work/jobs", {"payload": 1}, producer)) == "FORBIDDEN"
+    (job,) = post(gw, "/queues/reports-daily/claim", {"max": 5}, consumer).json()["jobs"]
+    assert job["id"] == job_id
+    r = post(
+        gw,
+        "/queues/reports-daily/settle",
+        {"jobs": [{"id": job_id, "lease": job["lease"], "action": "ack"}]},
+        consumer,
+    )
+    assert r.json()["results"][0]["state"] == "done"
+    assert code(post(gw, "/queues/reports-daily/dead/purge", None, consumer)) == "FORBIDDEN"
+    listed = gw.request("GET", "/api/v1/queues", None, consumer).json()["queues"]
+    assert [q["name"] for q in listed] == ["reports-daily"]
+    assert post(gw, "/queues/work/jobs", {"payload": 1}, {}).status == 401
+
+
+def test_queue_list_and_metrics(gw: GatewayProc):
+    drain(gw, "metered")
+    post(gw, "/queues/metered/jobs", {"jobs": [{"payload": i} for i in range(4)]})
+    listed = {q["name"]: q for q in gw.api("GET", "/queues").json()["queues"]}
+    assert listed["metered"]["queued"] == 4 and listed["metered"]["delivery"] == "pull"
+
+    def scraped():
+        text = gw.request("GET", "/metrics").body.decode()
+        return 'bridgeway_queue_depth{queue="metered"} 4.0' in text and text
+
+    text = wait_until(scraped, timeout=5, what="queue depth in /metrics")
+    assert 'bridgeway_queue_enqueued_total{queue="metered"}' in text
+    assert 'bridgeway_queue_buried_total{queue="metered"}' in text
+    assert "bridgeway_queue_oldest_age_seconds" in text
+    drain(gw, "metered")
