@@ -387,10 +387,14 @@ class QueueConfig(Model):
     concurrency: int = Field(16, ge=1, le=10_000, description="push: jobs in flight per gateway worker")
     max_attempts: int = Field(5, ge=1, le=1000)
     backoff: BackoffConfig = BackoffConfig()
-    lease: Duration = Field(30.0, gt=0, description="how long a claimed job is held before it is handed out again")
+    lease: Duration = Field(
+        30.0, gt=0, description="how long a claimed job is held before it is handed out again"
+    )
     max_depth: int | None = Field(None, ge=1, description="enqueues are refused (429) while this many wait")
     max_payload: Size = Field(256 * 1024, gt=0, description="largest job payload")
-    callback_secret: SecretStr | None = Field(None, description='signs this queue\'s callbacks; "${env:NAME}"')
+    callback_secret: SecretStr | None = Field(
+        None, description='signs this queue\'s callbacks; "${env:NAME}"'
+    )
 
 
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]

@@ -125,6 +125,8 @@ def for_queue(name: str) -> QueueMetrics:
 def set_queue_stats(stats: dict) -> None:
     _QUEUE_STATS.clear()
     _QUEUE_STATS.update(stats)
+
+
 _RELOADS = {"ok": 0, "rejected": 0}
 _AUDIT = {"dropped": 0}
 

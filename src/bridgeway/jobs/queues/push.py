@@ -46,6 +46,11 @@ class _Loop:
         self.inflight: set[asyncio.Task] = set()
         self._room = asyncio.Event()
         self._task: asyncio.Task | None = None
+        # Outcomes wait here for the settler, which writes them a batch per transaction.
+        self._outcomes: list[Outcome] = []
+        self._callbacks: dict[str, tuple[str, object]] = {}
+        self._to_settle = asyncio.Event()
+        self._settler: asyncio.Task | None = None
         self._stopping = False
         self.log = logs.get_logger()
 
@@ -59,13 +64,39 @@ class _Loop:
         raise NotImplementedError
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._settler = loop.create_task(self._settle_forever())
+
+    def finish(self, outcome: Outcome, callback: tuple[str, object] | None = None) -> None:
+        self._outcomes.append(outcome)
+        if callback is not None:
+            self._callbacks[outcome.job_id] = callback
+        self._to_settle.set()
+
+    async def _settle_forever(self) -> None:
+        while True:
+            await self._to_settle.wait()
+            self._to_settle.clear()
+            await self._settle_pending()
+
+    async def _settle_pending(self) -> None:
+        while self._outcomes:
+            outcomes, callbacks = self._outcomes, self._callbacks
+            self._outcomes, self._callbacks = [], {}
+            try:
+                await self.queues.settle(self.name, outcomes, callbacks)
+            except Exception:  # noqa: BLE001 - unsettled jobs' leases expire; they are tried again
+                self.log.warning("queue_settle_failed", queue=self.name, jobs=len(outcomes), exc_info=True)
 
     async def _run(self) -> None:
         backend = self.queues.backend
         while not self._stopping:
-            free = self.concurrency() - len(self.inflight)
-            if free <= 0:
+            concurrency = self.concurrency()
+            free = concurrency - len(self.inflight)
+            # Busy: wait for a quarter of the room, so claims come in batches, not one per
+            # finished job (each claim is a write transaction).
+            if free <= 0 or (self.inflight and free < max(1, concurrency // 4)):
                 self._room.clear()
                 await self._room.wait()
                 continue
@@ -109,6 +140,11 @@ class _Loop:
             await asyncio.wait(self.inflight, timeout=STOP_GRACE)
             for task in list(self.inflight):
                 task.cancel()
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+        await self._settle_pending()
 
 
 class PushLoop(_Loop):
@@ -160,10 +196,8 @@ class PushLoop(_Loop):
                 error = None if ok else f"{route.service} answered {resp.status}"
             except GatewayError as exc:
                 error = f"{exc.code}: {exc.message}"
-        now = self.queues.clock()
-        outcome = self.queues.outcome(queue, job, ok, error, None, now)
-        callbacks = {job.id: (job.callback_url, result)} if job.callback_url else None
-        await self.queues.settle(self.name, [outcome], callbacks)
+        outcome = self.queues.outcome(queue, job, ok, error, None, self.queues.clock())
+        self.finish(outcome, (job.callback_url, result) if job.callback_url else None)
 
 
 class CallbackLoop(_Loop):
@@ -215,7 +249,7 @@ class CallbackLoop(_Loop):
                 else Outcome(job.id, job.lease or "", "retry", at=decision.at, error=error)
             )
             self.log.warning("callback_failed", queue=source, job_id=job.id, error=error)
-        await self.queues.settle(CALLBACKS, [outcome])
+        self.finish(outcome)
 
     async def stop(self) -> None:
         await super().stop()
