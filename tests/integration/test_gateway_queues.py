@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -344,3 +347,37 @@ async def test_stop_lets_running_jobs_finish(gw: GatewayProc):
         await asyncio.wait_for(task, 10)
         states = {(await bw.queues.get(i))["state"] for i in ids}
         assert states == {"done"}
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+def cli(gw: GatewayProc, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bridgeway", "jobs", *args, "--config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def test_cli_enqueue_status_dead_replay_purge(gw: GatewayProc):
+    made = cli(gw, "enqueue", "stopping", '{"cli": true}', "--key", "cli-1")
+    assert made.returncode == 0, made.stderr
+    job_id = made.stdout.strip()
+    status = cli(gw, "status", job_id)
+    assert json.loads(status.stdout)["payload"] == {"cli": True}
+    listed = cli(gw, "queues")
+    assert "stopping" in listed.stdout and "pull" in listed.stdout
+    (job,) = post(gw, "/queues/stopping/claim", {"max": 1}).json()["jobs"]
+    post(gw, "/queues/stopping/settle", {"jobs": [{"id": job_id, "lease": job["lease"], "action": "bury"}]})
+    assert job_id in cli(gw, "dead", "stopping").stdout
+    assert "replayed 1 job(s)" in cli(gw, "replay", "stopping", job_id).stdout
+    (job,) = post(gw, "/queues/stopping/claim", {"max": 1}).json()["jobs"]
+    post(gw, "/queues/stopping/settle", {"jobs": [{"id": job_id, "lease": job["lease"], "action": "bury"}]})
+    assert "purged 1 job(s)" in cli(gw, "purge", "stopping", "--yes").stdout
+    bad = cli(gw, "enqueue", "nope", "1")
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+    refused = cli(gw, "queues", env={"BRIDGEWAY_TOKEN": "wrong"})
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
