@@ -234,20 +234,39 @@ class SqliteQueue:
 
     # -- settle ----------------------------------------------------------------------------
 
+    def _ack_many(self, outcomes: list[Outcome], now: float) -> dict[str, Job]:
+        """Acks, the bulk of any batch: one UPDATE per lease token (a claim's batch shares one)."""
+        by_lease: dict[str, list[str]] = {}
+        for o in outcomes:
+            by_lease.setdefault(o.lease, []).append(o.job_id)
+        done: dict[str, Job] = {}
+        for lease, ids in by_lease.items():
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = self._conn.execute(
+                    "UPDATE jobs SET state = 2, lease = NULL, lease_until = NULL, finished_at = ? "
+                    f"WHERE state = 1 AND lease = ? AND id IN ({','.join('?' * len(chunk))}) "
+                    f"RETURNING {COLUMNS}",
+                    (now, lease, *chunk),
+                ).fetchall()
+                done.update((row[0], _job(row)) for row in rows)
+        return done
+
     def _settle(self, outcomes: list[Outcome], now: float) -> list[Job | None]:
         conn = self._conn
+        acked = self._ack_many([o for o in outcomes if o.action == "ack"], now)
         out: list[Job | None] = []
         for o in outcomes:
             where = "WHERE id = ? AND lease = ? AND state = 1"
             if o.action == "ack":
-                sql = f"UPDATE jobs SET state = 2, lease = NULL, lease_until = NULL, finished_at = ? {where}"
-                args: tuple = (now, o.job_id, o.lease)
-            elif o.action == "retry":
+                out.append(acked.pop(o.job_id, None))  # an id twice in one batch: settled once
+                continue
+            if o.action == "retry":
                 sql = (
                     "UPDATE jobs SET state = 0, lease = NULL, lease_until = NULL, run_at = ?, "
                     f"last_error = ? {where}"
                 )
-                args = (o.at if o.at is not None else now, o.error, o.job_id, o.lease)
+                args: tuple = (o.at if o.at is not None else now, o.error, o.job_id, o.lease)
             elif o.action == "bury":
                 sql = (
                     "UPDATE jobs SET state = 3, lease = NULL, lease_until = NULL, finished_at = ?, "
