@@ -173,7 +173,7 @@ class Gateway:
                 **context,
             )
             return exc.problems
-        for field in ("listen", "state"):
+        for field in ("listen", "state", "jobs_backend"):
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)

@@ -159,7 +159,8 @@ class PushLoop(_Loop):
         return queue.config.concurrency if queue is not None else 0
 
     def lease(self) -> float:
-        return self.queues.get_queue(self.name).config.lease
+        queue = self.queues.queues.get(self.name)
+        return queue.config.lease if queue is not None else 30.0  # removed: its loop is stopping
 
     async def deliver(self, job: Job) -> None:
         queue = self.queues.queues.get(self.name)
@@ -185,7 +186,9 @@ class PushLoop(_Loop):
             try:
                 resp, inst = await call_upstream(service, route.method, call, job.payload, time.monotonic())
                 try:
-                    body = await resp.read()
+                    # A small answer is already here (and its connection back in the pool); a
+                    # large or streamed one is not read: its connection is closed instead.
+                    body = await resp.read() if resp.complete else b""
                 finally:
                     inst.inflight -= 1
                     resp.release()

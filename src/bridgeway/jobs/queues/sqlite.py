@@ -344,21 +344,17 @@ class SqliteQueue:
 
     def _stats(self, queue: str, now: float) -> QueueStats:
         conn = self._conn
-        counts = dict(
+        # One count per state: each one walks only its partial index, never the done jobs.
+        queued, leased, dead = (
             conn.execute(
-                "SELECT state, count(*) FROM jobs WHERE queue = ? AND state IN (0, 1, 3) GROUP BY state",
-                (queue,),
-            ).fetchall()
+                f"SELECT count(*) FROM jobs WHERE queue = ? AND state = {state}", (queue,)
+            ).fetchone()[0]
+            for state in (QUEUED, LEASED, DEAD)
         )
         oldest = conn.execute(
             "SELECT min(run_at) FROM jobs WHERE queue = ? AND state = 0 AND run_at <= ?", (queue, now)
         ).fetchone()[0]
-        return QueueStats(
-            counts.get(QUEUED, 0),
-            counts.get(LEASED, 0),
-            counts.get(DEAD, 0),
-            max(0.0, now - oldest) if oldest is not None else 0.0,
-        )
+        return QueueStats(queued, leased, dead, max(0.0, now - oldest) if oldest is not None else 0.0)
 
     async def stats(self, queue: str, now: float) -> QueueStats:
         return await self._run(self._stats, queue, now)
