@@ -95,6 +95,10 @@ class SqliteQueue:
         self._conn = conn
         self._next_sweep = 0.0
         self._waiters: dict[str, asyncio.Event] = {}
+        # Wakes so far per queue, and how many the last claim had seen: a job enqueued between a
+        # claim that found nothing and the wait that follows it must not sleep a poll interval.
+        self._wakes: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -230,6 +234,7 @@ class SqliteQueue:
     async def claim(self, queue: str, limit: int, lease: float, now: float) -> list[Job]:
         if limit <= 0:
             return []
+        self._seen[queue] = self._wakes.get(queue, 0)
         return await self._run(self._claim_any, queue, limit, lease, now)
 
     # -- settle ----------------------------------------------------------------------------
@@ -362,6 +367,7 @@ class SqliteQueue:
     # -- waiting ---------------------------------------------------------------------------
 
     def _wake(self, queue: str) -> None:
+        self._wakes[queue] = self._wakes.get(queue, 0) + 1
         event = self._waiters.pop(queue, None)
         if event is not None:
             event.set()
@@ -369,6 +375,9 @@ class SqliteQueue:
     async def wait(self, queue: str, timeout: float) -> None:
         """Woken at once by this process's enqueues; jobs another process queued, and delayed
         jobs falling due, are seen by the next poll."""
+        if self._wakes.get(queue, 0) != self._seen.get(queue, 0):
+            self._seen[queue] = self._wakes[queue]
+            return  # something came since the last claim looked
         event = self._waiters.get(queue)
         if event is None:
             event = self._waiters[queue] = asyncio.Event()
