@@ -54,9 +54,14 @@ def upstream() -> Iterator[Upstream]:
     up.sink.close()
 
 
+def _callback_answer(req: Received) -> int:
+    """/flaky refuses a callback's first attempt."""
+    return 503 if req.path == "/flaky" and req.headers["x-bridgeway-callback-attempt"] == "1" else 200
+
+
 @pytest.fixture(scope="module")
 def callbacks() -> Iterator[Sink]:
-    sink = Sink()
+    sink = Sink(_callback_answer)
     yield sink
     sink.close()
 
@@ -173,6 +178,23 @@ def test_callbacks_are_signed_on_completion_and_final_failure(gw: GatewayProc, c
         assert (note["job_id"], note["queue"], note["state"]) == (job_id, "noted", state)
     assert json.loads(by_path["/done"].body)["result"] == {"ok": True}
     assert "answered 500" in json.loads(by_path["/failed"].body)["error"]
+
+
+def test_a_refused_callback_is_retried(gw: GatewayProc, callbacks: Sink):
+    job_id = enqueue(gw, "noted", {"payload": {}, "callback_url": callbacks.url + "/flaky"})["id"]
+    finished(gw, job_id)
+    tries = wait_until(
+        lambda: (
+            (found := [r for r in callbacks.requests if r.path == "/flaky"]) and len(found) >= 2 and found
+        ),
+        timeout=10,
+        what="the callback's second attempt",
+    )
+    assert [r.headers["x-bridgeway-callback-attempt"] for r in tries] == ["1", "2"]
+    assert tries[0].body == tries[1].body and json.loads(tries[1].body)["job_id"] == job_id
+    assert signing.verify(
+        SECRET.encode(), tries[1].body, tries[1].headers["x-bridgeway-signature"], time.time()
+    )
 
 
 def test_a_slow_service_gets_no_more_than_the_concurrency(gw: GatewayProc, upstream: Upstream):

@@ -175,7 +175,12 @@ class Queues:
         body: dict[str, Any] = {"max": max, "wait": wait}
         if lease is not None:
             body["lease"] = lease
-        answer = await self._post(f"/api/v1/queues/{quote(queue, safe='')}/claim", body)
+        # A long poll may outlast the client's default timeout: this call gets its own.
+        answer = await self._post(
+            f"/api/v1/queues/{quote(queue, safe='')}/claim",
+            body,
+            timeout=aiohttp.ClientTimeout(total=wait + 30),
+        )
         return [
             Job(
                 j["id"],
@@ -197,9 +202,9 @@ class Queues:
             "results"
         ]
 
-    async def _post(self, path: str, body: Any) -> Any:
+    async def _post(self, path: str, body: Any, **kwargs: Any) -> Any:
         async with self._client._request(
-            "POST", path, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+            "POST", path, data=orjson.dumps(body), headers={"Content-Type": "application/json"}, **kwargs
         ) as resp:
             return orjson.loads(await resp.read())
 

@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 
 from bridgeway.dataplane.proxy import Call, call_upstream
+from bridgeway.dataplane.upstream import UpstreamError
 from bridgeway.errors import GatewayError
 from bridgeway.jobs import signing
 from bridgeway.jobs.queues.backend import Job, Outcome
@@ -186,9 +187,7 @@ class PushLoop(_Loop):
             try:
                 resp, inst = await call_upstream(service, route.method, call, job.payload, time.monotonic())
                 try:
-                    # A small answer is already here (and its connection back in the pool); a
-                    # large or streamed one is not read: its connection is closed instead.
-                    body = await resp.read() if resp.complete else b""
+                    body = await _read_small(resp)
                 finally:
                     inst.inflight -= 1
                     resp.release()
@@ -199,8 +198,24 @@ class PushLoop(_Loop):
                 error = None if ok else f"{route.service} answered {resp.status}"
             except GatewayError as exc:
                 error = f"{exc.code}: {exc.message}"
+            except UpstreamError as exc:  # the answer broke off mid-body
+                error = f"{exc.code}: {route.service} broke off its answer"
         outcome = self.queues.outcome(queue, job, ok, error, None, self.queues.clock())
         self.finish(outcome, (job.callback_url, result) if job.callback_url else None)
+
+
+async def _read_small(resp) -> bytes:
+    """The answer when it is at most MAX_RESULT bytes (its connection then goes back to the
+    pool); a larger one is left unread, and `release` closes its connection."""
+    if resp.complete:
+        return await resp.read()
+    parts, size = [], 0
+    async for chunk in resp:
+        size += len(chunk)
+        if size > MAX_RESULT:
+            return b""
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class CallbackLoop(_Loop):
