@@ -71,7 +71,13 @@ def gw(upstream: Upstream) -> Iterator[GatewayProc]:
     quick = {"base": "10ms", "max": "50ms"}
     config = {
         "services": {
-            "worker": {"instances": [upstream.sink.url], "retries": {"attempts": 1}},
+            # Failing on purpose must not get the instance ejected (that is the next test's topic).
+            "worker": {
+                "instances": [upstream.sink.url],
+                "retries": {"attempts": 1},
+                "outlier": {"failures": 100},
+                "breaker": {"failures": 100},
+            },
             "fragile": {
                 "instances": [upstream.sink.url],
                 "retries": {"attempts": 1},
@@ -112,7 +118,10 @@ def state_of(gw: GatewayProc, job_id: str) -> dict:
 
 
 def finished(gw: GatewayProc, job_id: str, state: str = "done") -> dict:
-    return wait_until(lambda: (j := state_of(gw, job_id))["state"] == state and j, timeout=10, what=state)
+    try:
+        return wait_until(lambda: (j := state_of(gw, job_id))["state"] == state and j, timeout=10, what=state)
+    except AssertionError:
+        raise AssertionError(f"{state_of(gw, job_id)}\n{gw.logs_tail(15)}") from None
 
 
 def test_jobs_are_posted_with_their_headers(gw: GatewayProc, upstream: Upstream):
