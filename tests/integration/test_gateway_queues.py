@@ -316,12 +316,12 @@ async def test_long_jobs_keep_their_lease(gw: GatewayProc):
     async with client(gw) as bw:
         job_id = await bw.queues.enqueue("long", "slow")
         runs = []
-        worker = Worker(bw, lease=1.0, poll=0.2)
+        worker = Worker(bw, lease=2.0, poll=0.2)
 
         @worker.job("long")
         async def handle(job: Job):
             runs.append(job.attempts)
-            await asyncio.sleep(2.5)  # longer than the lease: extended while it runs
+            await asyncio.sleep(3.0)  # longer than the lease: extended while it runs
 
         async def done() -> bool:
             return (await bw.queues.get(job_id))["state"] == "done"

@@ -23,7 +23,7 @@ from bridgeway.api.auth import caller_of, refuse
 from bridgeway.api.context import audit
 from bridgeway.errors import GatewayError
 from bridgeway.jobs.queues.backend import Job, Outcome
-from bridgeway.jobs.queues.service import MAX_BATCH, MAX_CLAIM, MAX_WAIT, Queues, _number
+from bridgeway.jobs.queues.service import MAX_BATCH, MAX_CLAIM, MAX_WAIT, Queues, parse_seconds
 from bridgeway.security.access import ADMIN_ROLE
 
 router = APIRouter(tags=["queues"])
@@ -157,10 +157,10 @@ async def claim(request: Request, queue: QueueName) -> Response:
     limit = body.get("max", 1)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_CLAIM:
         raise GatewayError("VALIDATION_ERROR", f"max: expected an integer from 1 to {MAX_CLAIM}")
-    wait = _number(body.get("wait", 0), "wait")
+    wait = parse_seconds(body.get("wait", 0), "wait")
     if wait > MAX_WAIT:
         raise GatewayError("VALIDATION_ERROR", f"wait: at most {MAX_WAIT:g} seconds")
-    lease = _number(body["lease"], "lease") if body.get("lease") is not None else None
+    lease = parse_seconds(body["lease"], "lease") if body.get("lease") is not None else None
     if lease is not None and not 0 < lease <= 86400:
         raise GatewayError("VALIDATION_ERROR", "lease: between 0 and one day")
     jobs = await _queues(request).claim(queue, limit, wait, lease)
@@ -183,7 +183,7 @@ def _settle_item(item: Any, where: str) -> dict:
         raise GatewayError("VALIDATION_ERROR", f"{where}.action: expected one of {', '.join(_ACTIONS)}")
     for field in ("delay", "lease_for"):
         if item.get(field) is not None:
-            item[field] = _number(item[field], f"{where}.{field}")
+            item[field] = parse_seconds(item[field], f"{where}.{field}")
     if item.get("error") is not None and not isinstance(item["error"], str):
         raise GatewayError("VALIDATION_ERROR", f"{where}.error: expected a string")
     return item

@@ -95,7 +95,7 @@ def _invalid(where: str, why: str) -> GatewayError:
     return GatewayError("VALIDATION_ERROR", f"{where}: {why}")
 
 
-def _number(value: Any, where: str) -> float:
+def parse_seconds(value: Any, where: str) -> float:
     """Seconds, as a number or a duration string ("250ms", "1m")."""
     if isinstance(value, bool):
         raise _invalid(where, 'expected seconds or a duration like "10s"')
@@ -189,7 +189,7 @@ class Queues:
         if (headers := item.get("headers")) is not None:
             job.headers = _headers(headers, f"{where}.headers")
         if (delay := item.get("delay")) is not None:
-            job.run_at = now + _number(delay, f"{where}.delay")
+            job.run_at = now + parse_seconds(delay, f"{where}.delay")
         if (priority := item.get("priority")) is not None:
             if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
                 raise _invalid(f"{where}.priority", "expected an integer from -1000 to 1000")
