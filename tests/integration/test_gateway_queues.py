@@ -381,3 +381,29 @@ def test_cli_enqueue_status_dead_replay_purge(gw: GatewayProc):
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
     refused = cli(gw, "queues", env={"BRIDGEWAY_TOKEN": "wrong"})
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+async def test_a_slow_worker_holds_no_more_than_its_concurrency(gw: GatewayProc):
+    async with client(gw) as bw:
+        ids = await bw.queues.enqueue_many("stopping", [{"payload": i} for i in range(40)])
+        running, most = 0, 0
+        worker = Worker(bw, concurrency=4, batch=100, poll=0.2)
+
+        @worker.job("stopping")
+        async def handle(job: Job):
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+
+        leased = []
+
+        async def done() -> bool:
+            stats = next(q for q in gw.api("GET", "/queues").json()["queues"] if q["name"] == "stopping")
+            leased.append(stats["leased"])
+            return stats["queued"] == stats["leased"] == 0
+
+        await run_until(worker, done)
+        assert most == 4 and max(leased) <= 4  # the rest stayed in the queue, not in the worker
+        assert {(await bw.queues.get(i))["state"] for i in ids} == {"done"}

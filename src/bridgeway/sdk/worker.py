@@ -49,6 +49,7 @@ class _QueueRunner:
         self.handler = handler
         self.running: dict[str, tuple[asyncio.Task, Job]] = {}
         self.pending: list[dict] = []  # outcomes not yet sent
+        self.settling = 0  # outcomes sent, not yet answered
         self.room = asyncio.Event()
         self.flush_now = asyncio.Event()
         self.lost = 0  # outcomes refused: the lease had been lost
@@ -56,7 +57,8 @@ class _QueueRunner:
     async def claim_loop(self) -> None:
         w = self.worker
         while not w._stopping:
-            free = w.concurrency - len(self.running)
+            # Jobs done but not yet settled still hold leases: they count until they are settled.
+            free = w.concurrency - len(self.running) - len(self.pending) - self.settling
             if free <= 0:
                 self.room.clear()
                 await self.room.wait()
@@ -112,12 +114,16 @@ class _QueueRunner:
     async def flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[: self.worker.batch], self.pending[self.worker.batch :]
+            self.settling = len(batch)
             try:
                 results = await self.worker.client.queues.settle(self.queue, batch)
             except BridgewayError as exc:
                 log.warning("settle on %s failed (%s); the leases will expire", self.queue, exc)
                 continue
+            finally:
+                self.settling = 0
             self.lost += sum(1 for r in results if r["status"] == 409)
+        self.room.set()
 
     async def extend(self) -> None:
         """Extend the leases of jobs that have used half of theirs."""
