@@ -18,6 +18,7 @@ import orjson
 
 from bridgeway import __version__
 from bridgeway.api import build_api
+from bridgeway.api.app import queue_call, serve_queue_call
 from bridgeway.api.auth import credential_kind
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
@@ -247,6 +248,9 @@ class Gateway:
                 )
                 await send_error(send, error, new_trace_id(), [])
                 return
+        if (call := queue_call(scope)) is not None:
+            await serve_queue_call(self.api, call, scope, _limited(receive, API_MAX_BODY), send)
+            return
         await self.api(scope, _limited(receive, API_MAX_BODY), send)
 
     def _service_for(self, path: str):
