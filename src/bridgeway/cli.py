@@ -1,4 +1,4 @@
-"""`bridgeway serve | check | demo | keys | audit | events | spend`."""
+"""`bridgeway serve | check | demo | keys | audit | events | jobs | spend`."""
 
 from __future__ import annotations
 
@@ -396,6 +396,201 @@ def spend(
         cells += [str(row["requests"]), str(row["tokens_in"]), str(row["tokens_out"]), f"{row['usd']:.6f}"]
         table.add_row(*map(Text, cells))
     console.print(table, highlight=False)
+
+
+jobs_app = typer.Typer(
+    help="Job queues, through the gateway's HTTP API (the config's admin token, or --token).",
+    no_args_is_help=True,
+)
+app.add_typer(jobs_app, name="jobs")
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help="gateway URL; default: the config's listen address")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", envvar="BRIDGEWAY_TOKEN", help="admin token or API key; default: admin.token"),
+]
+
+
+def _jobs_call(config: Path, url: str | None, token: str | None, action):
+    """Run `action(client)` against the gateway; its errors are printed, not raised."""
+    import asyncio
+
+    from bridgeway.sdk import BridgewayError, Client
+
+    if url is None or token is None:
+        cfg = _load_or_exit(config)
+        url = url or f"http://{cfg.listen}"
+        if token is None and cfg.admin.token is not None:
+            token = cfg.admin.token.get_secret_value()
+
+    async def run():
+        async with Client(url, api_key=token) as client:
+            return await action(client)
+
+    try:
+        return asyncio.run(run())
+    except BridgewayError as exc:
+        err.print(f"[red]{exc.code}[/] {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _json_arg(text: str, what: str):
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        err.print(f"{what} is not valid JSON: {exc}", markup=False)
+        raise typer.Exit(1) from None
+
+
+@jobs_app.command("queues")
+def jobs_queues(
+    config: ConfigOption = Path("bridgeway.yaml"), url: UrlOption = None, token: TokenOption = None
+):
+    """Every queue with its depth, leases, dead letters and the age of its oldest job."""
+
+    async def action(client):
+        async with client._request("GET", "/api/v1/queues") as resp:
+            return (await resp.json())["queues"]
+
+    table = Table(title="queues")
+    for column in ("queue", "delivery", "queued", "leased", "dead", "oldest", "max attempts"):
+        table.add_column(column)
+    for q in _jobs_call(config, url, token, action):
+        table.add_row(
+            q["name"],
+            q["delivery"],
+            str(q["queued"]),
+            str(q["leased"]),
+            str(q["dead"]),
+            format_duration(q["oldest_age"]),
+            str(q["max_attempts"]),
+        )
+    console.print(table)
+
+
+@jobs_app.command("enqueue")
+def jobs_enqueue(
+    queue: str,
+    payload: Annotated[str, typer.Argument(help="the job's payload, as JSON")],
+    delay: Annotated[str | None, typer.Option(help='e.g. "30s"')] = None,
+    priority: Annotated[int | None, typer.Option(help="higher first")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="idempotency key")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """Enqueue one job; prints its id."""
+    body = _json_arg(payload, "the payload")
+
+    async def action(client):
+        return await client.queues.enqueue(queue, body, delay=delay, priority=priority, idempotency_key=key)
+
+    console.print(_jobs_call(config, url, token, action), highlight=False)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: str,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """A job's state, attempts, last error and payload, as JSON."""
+    import orjson
+
+    async def action(client):
+        return await client.queues.get(job_id)
+
+    job = _jobs_call(config, url, token, action)
+    if job is None:
+        err.print(f"no job {job_id!r}", markup=False)
+        raise typer.Exit(1)
+    console.print_json(orjson.dumps(job).decode())
+
+
+@jobs_app.command("dead")
+def jobs_dead(
+    queue: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    after: Annotated[str | None, typer.Option(help="go on after this job id")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """The dead letters of a queue."""
+
+    async def action(client):
+        params = {"limit": str(limit)} | ({"after": after} if after else {})
+        async with client._request("GET", f"/api/v1/queues/{queue}/dead", params=params) as resp:
+            return await resp.json()
+
+    page = _jobs_call(config, url, token, action)
+    table = Table(title=f"{len(page['jobs'])} dead jobs in {queue}")
+    for column in ("id", "attempts", "last error", "payload"):
+        table.add_column(column)
+    import orjson
+
+    for job in page["jobs"]:
+        table.add_row(
+            *map(
+                Text,
+                (
+                    job["id"],
+                    str(job["attempts"]),
+                    job["last_error"] or "-",
+                    orjson.dumps(job["payload"]).decode()[:80],
+                ),
+            )
+        )
+    console.print(table)
+    if page["next"]:
+        err.print(f"more: --after {page['next']}", markup=False)
+
+
+@jobs_app.command("replay")
+def jobs_replay(
+    queue: str,
+    ids: Annotated[list[str] | None, typer.Argument(help="job ids; every dead job when none")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """Dead jobs back to their queue, attempts reset."""
+    import orjson
+
+    async def action(client):
+        body = orjson.dumps({"ids": ids} if ids else {})
+        async with client._request(
+            "POST",
+            f"/api/v1/queues/{queue}/dead/replay",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            return (await resp.json())["replayed"]
+
+    console.print(f"replayed {_jobs_call(config, url, token, action)} job(s)")
+
+
+@jobs_app.command("purge")
+def jobs_purge(
+    queue: str,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """Delete the dead letters of a queue."""
+    if not yes:
+        typer.confirm(f"delete every dead job of {queue!r}?", abort=True)
+
+    async def action(client):
+        async with client._request("POST", f"/api/v1/queues/{queue}/dead/purge") as resp:
+            return (await resp.json())["purged"]
+
+    console.print(f"purged {_jobs_call(config, url, token, action)} job(s)")
 
 
 @app.command()

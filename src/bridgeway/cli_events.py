@@ -158,9 +158,10 @@ def publish(
         event["event_id"] = event_id
 
     async def run() -> None:
-        async with aiohttp.ClientSession() as session, session.post(
-            f"{url.rstrip('/')}/api/v1/events", json=event, headers=_headers(token)
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{url.rstrip('/')}/api/v1/events", json=event, headers=_headers(token)) as resp,
+        ):
             if resp.status != 200:
                 await _fail(resp)
             [stored] = (await resp.json())["events"]

@@ -18,6 +18,7 @@ import orjson
 
 from bridgeway import __version__
 from bridgeway.api import build_api
+from bridgeway.api.app import queue_call, serve_queue_call
 from bridgeway.api.auth import credential_kind
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
@@ -28,6 +29,9 @@ from bridgeway.errors import GatewayError, error_body
 from bridgeway.governance.audit import AuditLog
 from bridgeway.jobs.events.log import EventLog, Retention, open_event_log
 from bridgeway.jobs.events.webhooks import WebhookDelivery
+from bridgeway.jobs.queues import open_queue_backend
+from bridgeway.jobs.queues.push import Delivery
+from bridgeway.jobs.queues.service import Queues
 from bridgeway.llm.endpoint import LLMEndpoint
 from bridgeway.llm.ledger import open_ledger
 from bridgeway.llm.spend import Spending
@@ -65,6 +69,8 @@ class Gateway:
         self.llm = LLMEndpoint(config, cache=self.registry.cache)  # one cache memory, one backend
         self.event_log: EventLog | None = None  # opened at start-up, on the jobs backend
         self.webhooks: WebhookDelivery | None = None
+        self.queues: Queues | None = None  # opened at start-up when the config names queues
+        self.delivery: Delivery | None = None
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -86,6 +92,7 @@ class Gateway:
         self.registry.apply(self.config)
         self.llm.spending = Spending(open_ledger(self.config.state))  # LLM spend and budgets
         self.llm.spending.start()
+        self._apply_queues(self.config)
         self.health.start()
         await self._start_events()
         if shared_dir() is not None:
@@ -125,10 +132,27 @@ class Gateway:
             config, self.keys, self.registry.limiter, verifier=self.verifier, oauth=self.oauth
         )
 
+    def _apply_queues(self, config: Config) -> None:
+        """Open the queue backend the first time a config names queues; keep push loops in step."""
+        if self.queues is None:
+            if not config.queues:
+                return  # no queues: no backend file, no loops
+            backend = open_queue_backend(config.jobs_backend, retention=config.jobs.retention)
+            self.queues = Queues(config, backend)
+            self.queues.start()
+            self.delivery = Delivery(self.queues, self.registry)
+        else:
+            self.queues.configure(config)
+        self.delivery.apply()
+
     async def shutdown(self) -> None:
         self.ready = False
         if self._publisher:
             self._publisher.cancel()
+        if self.delivery is not None:
+            await self.delivery.stop()  # before the registry's pools close under the deliveries
+        if self.queues is not None:
+            await self.queues.stop()
         await self.health.stop()
         await self.registry.close()
         await self.llm.close()
@@ -173,11 +197,12 @@ class Gateway:
                 **context,
             )
             return exc.problems
-        for field in ("listen", "state", "jobs"):
+        for field in ("listen", "state", "jobs_backend"):
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
         self._build_auth(config)
+        self._apply_queues(config)
         self.llm = LLMEndpoint(config, self.llm)
         if self.webhooks is not None:
             self.webhooks.configure(config.events.webhooks, config.events.delivery)
@@ -251,6 +276,9 @@ class Gateway:
                 )
                 await send_error(send, error, new_trace_id(), [])
                 return
+        if (call := queue_call(scope)) is not None:
+            await serve_queue_call(self.api, call, scope, _limited(receive, API_MAX_BODY), send)
+            return
         await self.api(scope, _limited(receive, API_MAX_BODY), send)
 
     def _service_for(self, path: str):

@@ -226,6 +226,8 @@ class KvGrant(Model):
 class EventGrant(Model):
     types: str = Field(description='an event type or a glob of them, e.g. "job.*"')
     access: Literal["publish", "subscribe"] = Field(description="publish events, or subscribe to them")
+
+
 def _budget_text(value: object) -> object:
     """`"5usd/1d"` or `"2000000tokens/30d"` as the object form (keys API and CLI spell them so)."""
     if isinstance(value, str):
@@ -254,10 +256,19 @@ class _BudgetFields(Model):
 BudgetConfig = Annotated[_BudgetFields, BeforeValidator(_budget_text)]
 
 
+class QueueGrant(Model):
+    queue: str = Field(description='a queue name or a glob of them, e.g. "reports-*"')
+    access: Literal["produce", "consume"] = Field(
+        "produce", description="produce: enqueue and read its jobs; consume: also claim, settle, list dead"
+    )
+
+
 class RoleConfig(Model):
     allow: list[Grant] = []
     kv: list[KvGrant] = Field([], description="KV namespaces the role may read or write")
     events: list[EventGrant] = Field([], description="event types the role may publish or subscribe to")
+
+    queues: list[QueueGrant] = Field([], description="queues the role may produce to or consume from")
     models: list[str] = Field(
         [], description='public model names (globs) the role may use on /v1, e.g. "fast-*"'
     )
@@ -449,6 +460,41 @@ class JobsConfig(Model):
         description="where queues and events live: sqlite:///path.db, redis://host:port/db or "
         "nats://host:4222; default: the state backend's (an in-process SQLite for memory://)",
     )
+    retention: Duration = Field(7 * 86400.0, gt=0, description="how long done jobs stay readable")
+    callback_secret: SecretStr | None = Field(
+        None, description='signs job callbacks where a queue sets none; use "${env:NAME}"'
+    )
+
+
+class DeliverConfig(Model):
+    """Push delivery: each job is POSTed to a service route, as /bridge/{service}{path} would."""
+
+    service: str
+    path: str = Field("/", pattern=r"^/[^\s?#]*$")
+    method: Literal["POST", "PUT"] = "POST"
+
+
+class BackoffConfig(Model):
+    base: Duration = Field(1.0, ge=0, description="ceiling of the first retry's wait (full jitter)")
+    max: Duration = Field(300.0, ge=0, description="ceiling of any retry's wait")
+
+
+class QueueConfig(Model):
+    deliver: DeliverConfig | None = Field(None, description="push to a service route; pull when absent")
+    concurrency: int = Field(16, ge=1, le=10_000, description="push: jobs in flight per gateway worker")
+    max_attempts: int = Field(5, ge=1, le=1000)
+    backoff: BackoffConfig = BackoffConfig()
+    lease: Duration = Field(
+        30.0, gt=0, description="how long a claimed job is held before it is handed out again"
+    )
+    max_depth: int | None = Field(None, ge=1, description="enqueues are refused (429) while this many wait")
+    max_payload: Size = Field(256 * 1024, gt=0, description="largest job payload")
+    callback_secret: SecretStr | None = Field(
+        None, description='signs this queue\'s callbacks; "${env:NAME}"'
+    )
+
+
+QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
 
 EventTypePattern = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:*?\[\]!-]{1,200}$")]
@@ -541,8 +587,13 @@ class Config(Model):
     events: EventsConfig = EventsConfig()
     spend: SpendConfig = SpendConfig()
 
+    queues: dict[QueueName, QueueConfig] = Field({}, description="durable job queues")
+
     @model_validator(mode="after")
     def _known_roles(self) -> Config:
+        for name, queue in self.queues.items():
+            if queue.deliver is not None and queue.deliver.service not in self.services:
+                raise ValueError(f"queues.{name}.deliver.service: no service named {queue.deliver.service!r}")
         for name, client in self.clients.items():
             if client.role != "admin" and client.role not in self.roles:
                 raise ValueError(f"clients.{name}.role: no role named {client.role!r}")

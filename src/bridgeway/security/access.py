@@ -88,6 +88,10 @@ class Access:
             name: [(re.compile(fnmatch.translate(g.types)).match, g.access) for g in role.events]
             for name, role in config.roles.items()
         }
+        self.queue_grants = {
+            name: [(re.compile(fnmatch.translate(g.queue)).match, g.access) for g in role.queues]
+            for name, role in config.roles.items()
+        }
         self.model_grants = {
             name: re.compile("|".join(fnmatch.translate(m) for m in role.models)).match
             for name, role in config.roles.items()
@@ -173,6 +177,15 @@ class Access:
             return None
         matches = [m for m, granted in self.event_grants.get(caller.role, ()) if granted == "subscribe"]
         return lambda event_type: any(m(event_type) for m in matches)
+
+    def may_use_queue(self, caller: Principal, queue: str, consume: bool) -> bool:
+        """produce: enqueue and read jobs; consume (which includes produce): claim, settle, dead list."""
+        if caller.role == ADMIN_ROLE:
+            return True
+        return any(
+            match(queue) and (access == "consume" or not consume)
+            for match, access in self.queue_grants.get(caller.role, ())
+        )
 
     def principal_of_key(self, record: KeyRecord) -> Principal:
         """A key acts as its client when it was issued to one: the client's role, services and

@@ -104,6 +104,11 @@ class QueueBackend(Protocol):
 
     async def get(self, job_id: str) -> Job | None: ...
 
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """`get` for a batch, in order, in one round trip: a settle reads the jobs it settles
+        (their attempts for the policy, their callback URLs) before it writes."""
+        ...
+
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
         """Dead jobs of `queue` in id order, strictly after `after`."""
         ...
