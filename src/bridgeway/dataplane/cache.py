@@ -357,6 +357,26 @@ class ResponseCache:
         timeout to every miss."""
         return self.kv if time.monotonic() >= self._resume_at else None
 
+    async def fetch(self, key: str, metrics: ServiceMetrics) -> Stored | None:
+        """An unexpired entry from the shared tier, put into memory too; None on a miss or
+        when the tier fails (a failing tier is a miss, never an error)."""
+        kv = self.shared_tier()
+        if kv is None:
+            return None
+        try:
+            async with asyncio.timeout(KV_TIMEOUT):
+                found = await kv.get(NAMESPACE, key)
+            if found is None:
+                return None
+            entry = Stored.decode(found.value)
+        except Exception as exc:  # noqa: BLE001 - any failure of the shared tier is a miss
+            self.unavailable(metrics, exc)
+            return None
+        if entry.expires_at <= self.clock():
+            return None
+        self.memory.put(key, entry)
+        return entry
+
     def unavailable(self, metrics: ServiceMetrics, exc: BaseException) -> None:
         metrics.cache_errors += 1
         now = time.monotonic()
@@ -483,24 +503,10 @@ class RouteCache:
         return None
 
     async def _fetch(self, look: Lookup) -> Stored | None:
-        """The shared tier; what it has goes into memory too."""
-        kv = self.shared.shared_tier()
-        if kv is None:
+        entry = await self.shared.fetch(look.key, self.metrics)
+        if entry is None or not entry.serves(look.headers, look.max_age, self.shared.clock()):
             return None
-        try:
-            async with asyncio.timeout(KV_TIMEOUT):
-                found = await kv.get(NAMESPACE, look.key)
-            if found is None:
-                return None
-            entry = Stored.decode(found.value)
-        except Exception as exc:  # noqa: BLE001 - any failure of the shared tier is a miss
-            self.shared.unavailable(self.metrics, exc)
-            return None
-        now = self.shared.clock()
-        if entry.expires_at <= now:
-            return None
-        self.shared.memory.put(look.key, entry)
-        return entry if entry.serves(look.headers, look.max_age, now) else None
+        return entry
 
     # -- writes -----------------------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ class LLMCache:
                 flight = self.shared.flights.join(look.key)
                 if flight.leader:
                     try:
-                        entry = await self._fetch(look)
+                        entry = await self.shared.fetch(look.key, look.metrics)
                     except BaseException:  # cancelled: the followers must not wait forever
                         flight.settle(None)
                         raise
@@ -153,24 +153,6 @@ class LLMCache:
         else:
             look.metrics.cache_misses += 1
         return entry, flight
-
-    async def _fetch(self, look: Lookup) -> Stored | None:
-        kv = self.shared.shared_tier()
-        if kv is None:
-            return None
-        try:
-            async with asyncio.timeout(KV_TIMEOUT):
-                found = await kv.get(NAMESPACE, look.key)
-            if found is None:
-                return None
-            entry = Stored.decode(found.value)
-        except Exception as exc:  # noqa: BLE001 - any failure of the shared tier is a miss
-            self.shared.unavailable(look.metrics, exc)
-            return None
-        if entry.expires_at <= self.shared.clock():
-            return None
-        self.shared.memory.put(look.key, entry)
-        return entry
 
     # -- writes -----------------------------------------------------------------------------------
 
