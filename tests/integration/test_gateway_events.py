@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -301,6 +302,37 @@ def test_a_config_webhook_is_delivered_by_one_of_two_workers_in_order(tmp_path):
     finally:
         gateway.stop()
         receiver.close()
+
+
+def test_subscribers_that_do_not_read_hold_back_the_stream_not_grow_memory(tmp_path):
+    """Three SSE clients that never read, behind a 4 KB receive buffer, over 16 MB of events:
+    the stream reads the log at the client's pace, so the gateway holds a page or so per client
+    (socket buffers included), not what the log holds."""
+    gateway = start_gateway({"events": {"log": unique_name(), "max_payload": "64KB"}})
+    clients = []
+    try:
+        big = "x" * 4000
+        for batch in range(80):
+            events = [ev("job.big", batch * 50 + i, payload={"blob": big}) for i in range(50)]
+            assert publish(gateway, events).status == 200
+        before = gateway.rss_bytes()
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((HOST, gateway.port))
+            sock.sendall(
+                f"GET /api/v1/events/stream?after=0 HTTP/1.1\r\nHost: {HOST}\r\n"
+                f"Authorization: Bearer {gateway.token}\r\n\r\n".encode()
+            )
+            clients.append(sock)
+        time.sleep(3)  # time enough to buffer all 16 MB per client, were nothing holding it back
+        grown = gateway.rss_bytes() - before
+        assert grown < 24 * 2**20, f"the gateway grew {grown / 2**20:.1f} MB for 3 stalled clients"
+        assert clients[0].recv(65536).startswith(b"HTTP/1.1 200")  # the streams were live
+    finally:
+        for sock in clients:
+            sock.close()
+        gateway.stop()
 
 
 def test_cli_publishes_and_tails_from_an_id(gw):
