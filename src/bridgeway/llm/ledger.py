@@ -153,7 +153,16 @@ CREATE INDEX IF NOT EXISTS llm_holds_expiry ON llm_holds (expires_at);
 
 
 class SqliteLedgerStore:
-    """Tables next to the KV's in the state file; its own connection, used from one thread."""
+    """Tables next to the KV's in the state file; its own connection, used from one thread.
+
+    Group commit: the reservations and settlements that arrive while a transaction runs wait
+    for the next one, which takes them all: one thread hand-off and one BEGIN IMMEDIATE for a
+    burst of requests instead of two each. Inside it the settlements are applied first (they
+    arrived before, and their holds were made by earlier transactions), then each reservation
+    is judged in arrival order against the running sums (what the tables say plus the holds
+    this transaction has granted so far), exactly as if each had its own transaction. If the
+    transaction fails, every request in it gets `LedgerUnavailable`: none of it was written.
+    """
 
     def __init__(self, path: str, *, busy_timeout: float = 10.0, clock=time.time) -> None:
         from bridgeway.state.sqlite import _use_wal
@@ -170,6 +179,10 @@ class SqliteLedgerStore:
             conn.close()
             raise
         self._conn = conn
+        # What waits for the next transaction: (limits, hold, future) and (settlements, future).
+        self._reserves: list[tuple[list[Limit], Hold, asyncio.Future]] = []
+        self._settles: list[tuple[list[Settlement], asyncio.Future | None]] = []  # None: nobody waits
+        self._committer: asyncio.Task | None = None
 
     async def _run(self, fn, *args):
         try:
@@ -177,70 +190,167 @@ class SqliteLedgerStore:
         except sqlite3.OperationalError as exc:  # locked beyond busy_timeout, disk full...
             raise LedgerUnavailable(f"SQLite: {exc}") from exc
 
-    def _transaction(self, fn, *args):
+    def reserve(self, limits: list[Limit], hold: Hold) -> asyncio.Future:
+        """Awaitable: the limit that refused, or None when `hold` is held."""
+        fut = asyncio.get_running_loop().create_future()
+        self._reserves.append((limits, hold, fut))
+        self._kick()
+        return fut
+
+    async def settle(self, batch: list[Settlement]) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._settles.append((batch, fut))
+        self._kick()
+        await fut
+
+    def _kick(self) -> None:
+        # The committer starts on the next loop iteration, so whatever else this iteration
+        # queues joins the first transaction too.
+        if self._committer is None:
+            self._committer = asyncio.get_running_loop().create_task(self._commit())
+
+    async def _commit(self) -> None:
+        try:
+            while self._reserves or self._settles:
+                reserves, self._reserves = self._reserves, []
+                settles, self._settles = self._settles, []
+                waiters = [fut for *_, fut in reserves] + [fut for _, fut in settles if fut is not None]
+                try:
+                    refused = await self._run(
+                        self._transaction,
+                        [(limits, hold) for limits, hold, _ in reserves],
+                        [s for batch, _ in settles for s in batch],
+                        self.clock(),
+                    )
+                except asyncio.CancelledError:
+                    for fut in waiters:
+                        fut.cancel()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - handed to every waiter, never lost
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, hold, fut), limit in zip(reserves, refused, strict=True):
+                    if not fut.done():
+                        fut.set_result(limit)
+                    elif limit is None:  # its request went away while waiting: release the hold now
+                        self._settles.append(([Settlement(hold, False)], None))
+                for _, fut in settles:
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._committer = None
+
+    def _transaction(self, reserves: list[tuple[list[Limit], Hold]], settles: list[Settlement], now: float):
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")  # the write lock first: no other process reads stale sums
         try:
-            result = fn(conn, *args)
+            if settles:
+                self._settle(conn, settles, now)
+            refused = self._reserve(conn, reserves, now) if reserves else []
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return result
-
-    async def reserve(self, limits: list[Limit], hold: Hold) -> Limit | None:
-        return await self._run(self._transaction, self._reserve, limits, hold, self.clock())
+        return refused
 
     @staticmethod
-    def _reserve(conn: sqlite3.Connection, limits: list[Limit], hold: Hold, now: float) -> Limit | None:
+    def _reserve(conn: sqlite3.Connection, reserves: list[tuple[list[Limit], Hold]], now: float) -> list:
+        """Judge each reservation in order; returns, per reservation, the limit that refused or None."""
         conn.execute("DELETE FROM llm_holds WHERE expires_at <= ?", (now,))
         today = day_of(now)
-        estimate = (hold.nano, hold.tokens)
-        for limit in limits:
-            spent = conn.execute(
-                "SELECT COALESCE(SUM(nano), 0), COALESCE(SUM(tokens), 0) FROM llm_budget "
-                "WHERE scope = ? AND day >= ? AND day <= ?",
-                (limit.scope, first_day(limit.days, today), today),
-            ).fetchone()
-            held = conn.execute(
-                "SELECT COALESCE(SUM(nano), 0), COALESCE(SUM(tokens), 0) FROM llm_holds WHERE scope = ?",
-                (limit.scope,),
-            ).fetchone()
-            if limit.exceeded_by(spent, held, estimate):
-                return limit
-        conn.executemany(
-            "INSERT OR REPLACE INTO llm_holds (scope, id, nano, tokens, expires_at) VALUES (?, ?, ?, ?, ?)",
-            [(scope, hold.id, hold.nano, hold.tokens, hold.expires_at) for scope in hold.scopes],
-        )
-        return None
+        spent: dict[tuple[str, int], tuple[int, int]] = {}  # (scope, days) -> read once
+        held: dict[str, list[int]] = {}  # scope -> [nano, tokens]: the table's plus this transaction's
 
-    async def settle(self, batch: list[Settlement]) -> None:
-        await self._run(self._transaction, self._settle, batch, self.clock())
+        def held_in(scope: str) -> list[int]:
+            found = held.get(scope)
+            if found is None:
+                found = held[scope] = list(
+                    conn.execute(
+                        "SELECT COALESCE(SUM(nano), 0), COALESCE(SUM(tokens), 0) FROM llm_holds WHERE scope = ?",
+                        (scope,),
+                    ).fetchone()
+                )
+            return found
+
+        out: list[Limit | None] = []
+        granted = []
+        for limits, hold in reserves:
+            estimate = (hold.nano, hold.tokens)
+            refused = None
+            for limit in limits:
+                window = (limit.scope, limit.days)
+                sums = spent.get(window)
+                if sums is None:
+                    sums = spent[window] = conn.execute(
+                        "SELECT COALESCE(SUM(nano), 0), COALESCE(SUM(tokens), 0) FROM llm_budget "
+                        "WHERE scope = ? AND day >= ? AND day <= ?",
+                        (limit.scope, first_day(limit.days, today), today),
+                    ).fetchone()
+                if limit.exceeded_by(sums, held_in(limit.scope), estimate):
+                    refused = limit
+                    break
+            out.append(refused)
+            if refused is None:
+                for scope in hold.scopes:
+                    sums = held_in(scope)
+                    sums[0] += hold.nano
+                    sums[1] += hold.tokens
+                    granted.append((scope, hold.id, hold.nano, hold.tokens, hold.expires_at))
+        if granted:
+            conn.executemany(
+                "INSERT OR REPLACE INTO llm_holds (scope, id, nano, tokens, expires_at) VALUES (?, ?, ?, ?, ?)",
+                granted,
+            )
+        return out
 
     @staticmethod
     def _settle(conn: sqlite3.Connection, batch: list[Settlement], now: float) -> None:
+        """Sums first, so a batch writes one row per scope and one per spend row, however many
+        requests it settles."""
         today = day_of(now)
+        released = []
+        budget: dict[str, list[int]] = {}  # scope -> [nano, tokens]
+        spend: dict[tuple, list[int]] = {}  # (caller, team, model, deployment) -> [requests, in, out, nano]
         for s in batch:
             if s.hold is not None:
-                conn.executemany(
-                    "DELETE FROM llm_holds WHERE scope = ? AND id = ?",
-                    [(scope, s.hold.id) for scope in s.hold.scopes],
-                )
+                released += [(scope, s.hold.id) for scope in s.hold.scopes]
             if not s.answered:
                 continue
             tokens = s.tokens_in + s.tokens_out
+            for scope in s.scopes:
+                sums = budget.get(scope)
+                if sums is None:
+                    budget[scope] = [s.nano, tokens]
+                else:
+                    sums[0] += s.nano
+                    sums[1] += tokens
+            key = (s.caller, s.team, s.model, s.deployment)
+            row = spend.get(key)
+            if row is None:
+                spend[key] = [1, s.tokens_in, s.tokens_out, s.nano]
+            else:
+                row[0] += 1
+                row[1] += s.tokens_in
+                row[2] += s.tokens_out
+                row[3] += s.nano
+        if released:
+            conn.executemany("DELETE FROM llm_holds WHERE scope = ? AND id = ?", released)
+        if budget:
             conn.executemany(
                 "INSERT INTO llm_budget (scope, day, nano, tokens) VALUES (?, ?, ?, ?) ON CONFLICT (scope, day) "
                 "DO UPDATE SET nano = nano + excluded.nano, tokens = tokens + excluded.tokens",
-                [(scope, today, s.nano, tokens) for scope in s.scopes],
+                [(scope, today, n, t) for scope, (n, t) in budget.items()],
             )
-            conn.execute(
-                "INSERT INTO llm_spend VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?) "
+        if spend:
+            conn.executemany(
+                "INSERT INTO llm_spend VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (day, caller, team, model, deployment) DO UPDATE SET "
-                "requests = requests + 1, tokens_in = tokens_in + excluded.tokens_in, "
+                "requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in, "
                 "tokens_out = tokens_out + excluded.tokens_out, nano = nano + excluded.nano",
-                (today, s.caller, s.team, s.model, s.deployment, s.tokens_in, s.tokens_out, s.nano),
+                [(today, *key, *row) for key, row in spend.items()],
             )
 
     async def rows(self, first: int, last: int) -> list[SpendRow]:
@@ -255,6 +365,8 @@ class SqliteLedgerStore:
     async def close(self) -> None:
         if self._executor is None:
             return
+        if self._committer is not None:
+            await self._committer  # what is queued is written first
         await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=False)
         self._executor = None  # type: ignore[assignment]
