@@ -2,10 +2,19 @@
 `settle` one atomic step (the rules are `llm/budgets.py`'s).
 
     memory://   `MemoryLedgerStore`: the pure `Ledger` in this process
-    sqlite://   `SqliteLedgerStore`: tables in the state file, each step one BEGIN IMMEDIATE
-                transaction, so the worker processes sharing the file are serialised by SQLite
-    redis://    `RedisLedgerStore`: one Lua script per step (one round trip, Redis's own clock),
-                so every replica shares the budgets
+    sqlite://   `SqliteLedgerStore`: tables in the state file, in BEGIN IMMEDIATE transactions,
+                so the worker processes sharing the file are serialised by SQLite
+    redis://    `RedisLedgerStore`: Lua scripts (one round trip, Redis's own clock), so every
+                replica shares the budgets
+
+The SQLite and Redis stores group their work (group commit): the reservations that arrive while
+a transaction (or script) is running wait and go together in the next one, with the settlements
+queued by then, and each reservation is judged in arrival order against the running sums, just
+as if it had a transaction of its own. Under load that is one thread hand-off and one
+transaction (one EVALSHA) for a burst of requests instead of two per request; alone, a request
+waits for nothing more than before. A group succeeds or fails as a whole: on failure every
+request in it gets `LedgerUnavailable` and nothing of it is written. A request that goes away
+while its reservation waits has its hold released by the store, not left until it expires.
 
 Two records are kept: the spend rows the API reports (per UTC day, caller, team, public model
 and deployment: requests, tokens in and out, nano-USD) and, per scope and day, the sums budgets
@@ -24,6 +33,7 @@ Redis layout (prefix `bw:llm:`; one Redis, not Cluster: a step touches several s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +106,38 @@ def open_ledger(state_url: str) -> LedgerStore:
     if scheme == "redis":
         return RedisLedgerStore(state_url)
     raise ValueError(f"no LLM spend store for state URL scheme {scheme!r}")
+
+
+def _sums(batch: list[Settlement]) -> tuple[list, dict[str, list[int]], dict[tuple, list[int]]]:
+    """A batch of settlements as what it changes: the holds released (scope, hold), the spend per
+    budget scope [nano, tokens], and per spend row (caller, team, model, deployment)
+    [requests, tokens in, tokens out, nano]: one write per scope and row, however many requests."""
+    released = []
+    budget: dict[str, list[int]] = {}
+    spend: dict[tuple, list[int]] = {}
+    for s in batch:
+        if s.hold is not None:
+            released += [(scope, s.hold) for scope in s.hold.scopes]
+        if not s.answered:
+            continue
+        tokens = s.tokens_in + s.tokens_out
+        for scope in s.scopes:
+            sums = budget.get(scope)
+            if sums is None:
+                budget[scope] = [s.nano, tokens]
+            else:
+                sums[0] += s.nano
+                sums[1] += tokens
+        key = (s.caller, s.team, s.model, s.deployment)
+        row = spend.get(key)
+        if row is None:
+            spend[key] = [1, s.tokens_in, s.tokens_out, s.nano]
+        else:
+            row[0] += 1
+            row[1] += s.tokens_in
+            row[2] += s.tokens_out
+            row[3] += s.nano
+    return released, budget, spend
 
 
 # ----------------------------------------------------------------------------------- memory
@@ -308,36 +350,13 @@ class SqliteLedgerStore:
 
     @staticmethod
     def _settle(conn: sqlite3.Connection, batch: list[Settlement], now: float) -> None:
-        """Sums first, so a batch writes one row per scope and one per spend row, however many
-        requests it settles."""
         today = day_of(now)
-        released = []
-        budget: dict[str, list[int]] = {}  # scope -> [nano, tokens]
-        spend: dict[tuple, list[int]] = {}  # (caller, team, model, deployment) -> [requests, in, out, nano]
-        for s in batch:
-            if s.hold is not None:
-                released += [(scope, s.hold.id) for scope in s.hold.scopes]
-            if not s.answered:
-                continue
-            tokens = s.tokens_in + s.tokens_out
-            for scope in s.scopes:
-                sums = budget.get(scope)
-                if sums is None:
-                    budget[scope] = [s.nano, tokens]
-                else:
-                    sums[0] += s.nano
-                    sums[1] += tokens
-            key = (s.caller, s.team, s.model, s.deployment)
-            row = spend.get(key)
-            if row is None:
-                spend[key] = [1, s.tokens_in, s.tokens_out, s.nano]
-            else:
-                row[0] += 1
-                row[1] += s.tokens_in
-                row[2] += s.tokens_out
-                row[3] += s.nano
+        released, budget, spend = _sums(batch)
         if released:
-            conn.executemany("DELETE FROM llm_holds WHERE scope = ? AND id = ?", released)
+            conn.executemany(
+                "DELETE FROM llm_holds WHERE scope = ? AND id = ?",
+                [(scope, hold.id) for scope, hold in released],
+            )
         if budget:
             conn.executemany(
                 "INSERT INTO llm_budget (scope, day, nano, tokens) VALUES (?, ?, ?, ?) ON CONFLICT (scope, day) "
@@ -374,33 +393,36 @@ class SqliteLedgerStore:
 
 # ------------------------------------------------------------------------------------ redis
 
-# ARGV: prefix, hold ttl ms, hold member, estimate nano, estimate tokens, m, m hold scopes,
-# n, then n x (scope, days (0: all time), nano limit|-1, token limit|-1).
-# Returns {1, -1, now_s} held, or {0, index of the refusing limit, now_s}.
+# Every reservation waiting at one moment, judged in order in one script against running sums.
+# ARGV: prefix, r, then r x (hold ttl ms, hold member, estimate nano, estimate tokens, m,
+# m hold scopes, n, n x (scope, days (0: all time), nano limit|-1, token limit|-1)).
+# Returns r numbers: -1 held, or the index of the limit that refused.
 _RESERVE_LUA = """
 local P = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local today = math.floor(tonumber(t[1]) / 86400)
-local en, et = tonumber(ARGV[4]), tonumber(ARGV[5])
-local m = tonumber(ARGV[6])
-local held = {}
-for i = 7, 6 + m do
-  local z, h = P .. 'hz:' .. ARGV[i], P .. 'h:' .. ARGV[i]
+local held, spent = {}, {}
+local function held_in(scope)
+  local h = held[scope]
+  if h then return h end
+  local z, hk = P .. 'hz:' .. scope, P .. 'h:' .. scope
   local gone = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   for _, member in ipairs(gone) do
     local _, _, n, tk = string.find(member, '|(%d+)|(%d+)$')
-    redis.call('HINCRBY', h, 'n', '-' .. n)
-    redis.call('HINCRBY', h, 't', '-' .. tk)
+    redis.call('HINCRBY', hk, 'n', '-' .. n)
+    redis.call('HINCRBY', hk, 't', '-' .. tk)
   end
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
-  local v = redis.call('HMGET', h, 'n', 't')
-  held[ARGV[i]] = {tonumber(v[1]) or 0, tonumber(v[2]) or 0}
+  local v = redis.call('HMGET', hk, 'n', 't')
+  h = {tonumber(v[1]) or 0, tonumber(v[2]) or 0}
+  held[scope] = h
+  return h
 end
-local base = 7 + m
-for i = 0, tonumber(ARGV[base]) - 1 do
-  local j = base + 1 + i * 4
-  local scope, days, ln, lt = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+local function spent_in(scope, days)
+  local key = scope .. '|' .. days
+  local s = spent[key]
+  if s then return s end
   local sn, st = 0, 0
   if days == 0 then
     local v = redis.call('HMGET', P .. 'b:' .. scope .. ':all', 'n', 't')
@@ -411,54 +433,85 @@ for i = 0, tonumber(ARGV[base]) - 1 do
       sn, st = sn + (tonumber(v[1]) or 0), st + (tonumber(v[2]) or 0)
     end
   end
-  local h = held[scope] or {0, 0}
-  if (ln >= 0 and sn + h[1] + en > ln) or (lt >= 0 and st + h[2] + et > lt) then
-    return {0, i, t[1]}
+  s = {sn, st}
+  spent[key] = s
+  return s
+end
+local out = {}
+local i = 3
+for r = 1, tonumber(ARGV[2]) do
+  local ttl, member = ARGV[i], ARGV[i + 1]
+  local en, et, m = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local base = i + 5 + m
+  local n = tonumber(ARGV[base])
+  local refused = -1
+  for l = 0, n - 1 do
+    local j = base + 1 + l * 4
+    local scope, ln, lt = ARGV[j], tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+    local s, h = spent_in(scope, tonumber(ARGV[j + 1])), held_in(scope)
+    if (ln >= 0 and s[1] + h[1] + en > ln) or (lt >= 0 and s[2] + h[2] + et > lt) then
+      refused = l
+      break
+    end
   end
+  if refused < 0 then
+    for k = i + 5, base - 1 do
+      local h = held_in(ARGV[k])
+      h[1], h[2] = h[1] + en, h[2] + et
+      local z, hk = P .. 'hz:' .. ARGV[k], P .. 'h:' .. ARGV[k]
+      redis.call('ZADD', z, now + tonumber(ttl), member)
+      redis.call('HINCRBY', hk, 'n', ARGV[i + 2])
+      redis.call('HINCRBY', hk, 't', ARGV[i + 3])
+      -- both go when their last hold would have expired
+      redis.call('PEXPIRE', z, ttl)
+      redis.call('PEXPIRE', hk, ttl)
+    end
+  end
+  out[r] = refused
+  i = base + 1 + n * 4
 end
-for i = 7, 6 + m do
-  local z, h = P .. 'hz:' .. ARGV[i], P .. 'h:' .. ARGV[i]
-  redis.call('ZADD', z, now + tonumber(ARGV[2]), ARGV[3])
-  redis.call('HINCRBY', h, 'n', ARGV[4])
-  redis.call('HINCRBY', h, 't', ARGV[5])
-  -- both go when their last hold would have expired
-  redis.call('PEXPIRE', z, ARGV[2])
-  redis.call('PEXPIRE', h, ARGV[2])
-end
-return {1, -1, t[1]}
+return out
 """
 
-# ARGV: prefix, hold member|"", m, m hold scopes, answered 0|1, k, k scopes, nano, tokens,
-# spend field, tokens in, tokens out.
+# A batch of settlements, summed by the client first.
+# ARGV: prefix, a, a x (scope, hold member) to release, b, b x (scope, nano, tokens) spent,
+# c, c x (spend field, requests, tokens in, tokens out, nano).
 _SETTLE_LUA = """
 local P = ARGV[1]
 local t = redis.call('TIME')
 local today = math.floor(tonumber(t[1]) / 86400)
-local member, m = ARGV[2], tonumber(ARGV[3])
-for i = 4, 3 + m do
-  if redis.call('ZREM', P .. 'hz:' .. ARGV[i], member) == 1 then
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local z, member = P .. 'hz:' .. ARGV[i], ARGV[i + 1]
+  if redis.call('ZREM', z, member) == 1 then
     local _, _, n, tk = string.find(member, '|(%d+)|(%d+)$')
     redis.call('HINCRBY', P .. 'h:' .. ARGV[i], 'n', '-' .. n)
     redis.call('HINCRBY', P .. 'h:' .. ARGV[i], 't', '-' .. tk)
   end
+  i = i + 2
 end
-local j = 4 + m
-if ARGV[j] == '0' then return 0 end
-local k = tonumber(ARGV[j + 1])
-local n, tk = ARGV[j + 2 + k], ARGV[j + 3 + k]
-for i = j + 2, j + 1 + k do
-  local day = P .. 'b:' .. ARGV[i] .. ':' .. today
-  redis.call('HINCRBY', day, 'n', n)
-  redis.call('HINCRBY', day, 't', tk)
+local b = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, b do
+  local day, all = P .. 'b:' .. ARGV[i] .. ':' .. today, P .. 'b:' .. ARGV[i] .. ':all'
+  redis.call('HINCRBY', day, 'n', ARGV[i + 1])
+  redis.call('HINCRBY', day, 't', ARGV[i + 2])
   redis.call('EXPIRE', day, 2764800)
-  redis.call('HINCRBY', P .. 'b:' .. ARGV[i] .. ':all', 'n', n)
-  redis.call('HINCRBY', P .. 'b:' .. ARGV[i] .. ':all', 't', tk)
+  redis.call('HINCRBY', all, 'n', ARGV[i + 1])
+  redis.call('HINCRBY', all, 't', ARGV[i + 2])
+  i = i + 3
 end
-local s, f = P .. 's:' .. today, ARGV[j + 4 + k]
-redis.call('HINCRBY', s, f .. '\\31r', 1)
-redis.call('HINCRBY', s, f .. '\\31i', ARGV[j + 5 + k])
-redis.call('HINCRBY', s, f .. '\\31o', ARGV[j + 6 + k])
-redis.call('HINCRBY', s, f .. '\\31n', n)
+local c = tonumber(ARGV[i])
+i = i + 1
+local s = P .. 's:' .. today
+for _ = 1, c do
+  local f = ARGV[i]
+  redis.call('HINCRBY', s, f .. '\\31r', ARGV[i + 1])
+  redis.call('HINCRBY', s, f .. '\\31i', ARGV[i + 2])
+  redis.call('HINCRBY', s, f .. '\\31o', ARGV[i + 3])
+  redis.call('HINCRBY', s, f .. '\\31n', ARGV[i + 4])
+  i = i + 5
+end
 return 1
 """
 
@@ -466,6 +519,10 @@ _COLUMNS = {"r": "requests", "i": "tokens_in", "o": "tokens_out", "n": "nano"}
 
 
 class RedisLedgerStore:
+    """Reservations are grouped as in SQLite: those arriving while a script runs go together in
+    the next EVALSHA (one in flight at a time), each judged in order against the running sums.
+    A batch of settlements is one EVALSHA of its sums. Each script is atomic: all or nothing."""
+
     def __init__(self, url: str, *, prefix: str = "bw:llm:", timeout: float = 1.0) -> None:
         from bridgeway.state.resp import RespClient, RespError
 
@@ -474,39 +531,80 @@ class RedisLedgerStore:
         self.prefix = prefix
         self._reserve = self._redis.register_script(_RESERVE_LUA)
         self._settle = self._redis.register_script(_SETTLE_LUA)
+        self._reserves: list[tuple[list[Limit], Hold, asyncio.Future]] = []
+        self._committer: asyncio.Task | None = None
+        self._releases: set[asyncio.Task] = set()
 
     @staticmethod
     def _member(hold: Hold) -> str:
         return f"{hold.id}|{hold.nano}|{hold.tokens}"
 
-    async def reserve(self, limits: list[Limit], hold: Hold) -> Limit | None:
-        args: list = [self.prefix, max(1, round((hold.expires_at - time.time()) * 1000)), self._member(hold)]
-        args += [hold.nano, hold.tokens, len(hold.scopes), *hold.scopes, len(limits)]
-        for limit in limits:
-            args += [limit.scope, limit.days, -1 if limit.nano is None else limit.nano]
-            args.append(-1 if limit.tokens is None else limit.tokens)
+    def reserve(self, limits: list[Limit], hold: Hold) -> asyncio.Future:
+        """Awaitable: the limit that refused, or None when `hold` is held."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._reserves.append((limits, hold, fut))
+        if self._committer is None:
+            self._committer = loop.create_task(self._commit())
+        return fut
+
+    async def _commit(self) -> None:
         try:
-            ok, index, _ = await self._redis.evalsha(self._reserve, (), args)
-        except self._errors as exc:
-            raise LedgerUnavailable(f"Redis: {exc.__class__.__name__}") from exc
-        return None if ok == 1 else limits[index]
+            while self._reserves:
+                group, self._reserves = self._reserves, []
+                args: list = [self.prefix, len(group)]
+                now = time.time()
+                for limits, hold, _ in group:
+                    args += [max(1, round((hold.expires_at - now) * 1000)), self._member(hold)]
+                    args += [hold.nano, hold.tokens, len(hold.scopes), *hold.scopes, len(limits)]
+                    for limit in limits:
+                        args += [limit.scope, limit.days, -1 if limit.nano is None else limit.nano]
+                        args.append(-1 if limit.tokens is None else limit.tokens)
+                try:
+                    refused = await self._redis.evalsha(self._reserve, (), args)
+                except asyncio.CancelledError:
+                    for *_, fut in group:
+                        fut.cancel()
+                    raise
+                except self._errors as exc:
+                    error = LedgerUnavailable(f"Redis: {exc.__class__.__name__}")
+                    for *_, fut in group:
+                        if not fut.done():
+                            fut.set_exception(error)
+                    continue
+                abandoned = []
+                for (limits, hold, fut), index in zip(group, refused, strict=True):
+                    limit = None if index < 0 else limits[index]
+                    if not fut.done():
+                        fut.set_result(limit)
+                    elif limit is None:  # its request went away while waiting: release the hold
+                        abandoned.append(Settlement(hold, False))
+                if abandoned:
+                    task = asyncio.get_running_loop().create_task(self._release(abandoned))
+                    self._releases.add(task)
+                    task.add_done_callback(self._releases.discard)
+        finally:
+            self._committer = None
+
+    async def _release(self, batch: list[Settlement]) -> None:
+        with contextlib.suppress(LedgerUnavailable):  # the holds expire by themselves then
+            await self.settle(batch)
 
     async def settle(self, batch: list[Settlement]) -> None:
-        calls = []
-        for s in batch:
-            hold = s.hold
-            args: list = [self.prefix, self._member(hold) if hold else "", len(hold.scopes) if hold else 0]
-            args += hold.scopes if hold else ()
-            args += [1 if s.answered else 0, len(s.scopes), *s.scopes, s.nano, s.tokens_in + s.tokens_out]
-            args += [_SEP.join((s.caller, s.team, s.model, s.deployment)), s.tokens_in, s.tokens_out]
-            calls.append(self._redis.evalsha(self._settle, (), args))
-        # Issued together: the pipelined client sends them in one write.
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            raise LedgerUnavailable(
-                f"Redis: {len(failed)} of {len(batch)} settlements failed ({failed[0]!r})"
-            )
+        released, budget, spend = _sums(batch)
+        args: list = [self.prefix, len(released)]
+        for scope, hold in released:
+            args += [scope, self._member(hold)]
+        args.append(len(budget))
+        for scope, (nano, tokens) in budget.items():
+            args += [scope, nano, tokens]
+        args.append(len(spend))
+        for key, row in spend.items():
+            args += [_SEP.join(key), *row]
+        try:
+            await self._redis.evalsha(self._settle, (), args)
+        except self._errors as exc:
+            raise LedgerUnavailable(f"Redis: {len(batch)} settlements failed ({exc!r})") from exc
 
     async def rows(self, first: int, last: int) -> list[SpendRow]:
         out: list[SpendRow] = []
@@ -529,4 +627,6 @@ class RedisLedgerStore:
         return out
 
     async def close(self) -> None:
+        while self._committer is not None or self._releases:
+            await asyncio.gather(*filter(None, (self._committer, *self._releases)), return_exceptions=True)
         await self._redis.close()
