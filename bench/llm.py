@@ -11,6 +11,9 @@ Rows (every one a non-streaming POST /v1/chat/completions with the same small Op
   floor            wrk -> granian + one pooled upstream call (bench/llm_floor_app.py) -> fake
                         OpenAI: the server stack Bridgeway runs on, without Bridgeway's own work
   openai           wrk -> Bridgeway (1 worker, an API key) -> fake OpenAI: the pass-through
+  openai+budget    the same through a second Bridgeway whose key's role has a budget it never
+                   reaches (every request reserves and settles), state in SQLite or --state:
+                   its CPU/request over the pass-through's is what a budget costs
   openai>anthropic wrk -> Bridgeway -> fake Anthropic Messages: request and answer translated
   openai>gemini    wrk -> Bridgeway -> fake Gemini generateContent: translated too
 
@@ -60,7 +63,8 @@ from common import (  # noqa: E402
     wait_http,
 )
 
-ROWS = ("direct", "litellm", "floor", "openai", "openai>anthropic", "openai>gemini")
+ROWS = ("direct", "litellm", "floor", "openai", "openai+budget", "openai>anthropic", "openai>gemini")
+BUDGET_ROW = "openai+budget"  # a second Bridgeway, a budget on: the pass-through with a reserve and a settle
 BRIDGEWAY_ROWS = {
     "openai": "bench-openai",
     "openai>anthropic": "bench-anthropic",
@@ -385,7 +389,7 @@ def table_rows(results: dict[str, Measurement], used: dict[str, int], rounds: in
     direct, litellm, passthrough = results.get("direct"), results.get("litellm"), results.get("openai")
     rows = []
     for name, m in results.items():
-        bridgeway = name in BRIDGEWAY_ROWS
+        bridgeway = name in BRIDGEWAY_ROWS or name == BUDGET_ROW
         added = added_one = vs_litellm = translation = "-"
         if direct is not None and name != "direct" and m.lat.requests and m.one.requests:
             a50, a99 = m.lat.p50_ms - direct.lat.p50_ms, m.lat.p99_ms - direct.lat.p99_ms
@@ -401,6 +405,8 @@ def table_rows(results: dict[str, Measurement], used: dict[str, int], rounds: in
         if passthrough is not None and name in ("openai>anthropic", "openai>gemini") and passthrough.cpu_us:
             ratio = m.cpu_us / passthrough.cpu_us
             translation = f"{ratio:.2f}x ({verdict(ratio <= MAX_TRANSLATION)})"
+        elif passthrough is not None and name == BUDGET_ROW and passthrough.cpu_us:
+            translation = f"{m.cpu_us / passthrough.cpu_us:.2f}x"  # what the budget costs (no target)
         rows.append(
             [
                 name,
@@ -524,6 +530,21 @@ def main() -> int:
                     script = wrk_script(work / f"{model}.lua", model, key)
                     check_answer(url, model, key)
                     targets[row] = Target(url, script, proc.pid, WARMUP_S, "bridgeway.log")
+
+        if BUDGET_ROW in rows:
+            port = free_port()
+            state = args.state or f"sqlite:///{work / 'budget.db'}"
+            config = bridgeway_config(port, up_port, state, budget=True)
+            try:
+                proc = start_bridgeway(procs, work, port, up_port, args.bridgeway_cmd, config, name="budget")
+            except (RuntimeError, TimeoutError) as exc:
+                log(f"bridgeway with a budget did not start: {exc}\n{tail(work / 'budget.log')}")
+                return 1
+            key = new_key(port)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            script = wrk_script(work / "budget.lua", "bench-openai", key)
+            check_answer(url, "bench-openai", key)
+            targets[BUDGET_ROW] = Target(url, script, proc.pid, WARMUP_S, "budget.log")
 
         started = time.monotonic()
         runs: dict[str, list[Measurement]] = {name: [] for name in targets}

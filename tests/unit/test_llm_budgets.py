@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from bridgeway.config.models import Config
@@ -21,7 +24,15 @@ from bridgeway.llm.budgets import (
     parse_budget,
     refusal,
 )
-from bridgeway.llm.ledger import MemoryLedgerStore, RedisLedgerStore, Settlement, SqliteLedgerStore
+from bridgeway.llm.ledger import (
+    LedgerUnavailable,
+    MemoryLedgerStore,
+    RedisLedgerStore,
+    Settlement,
+    SqliteLedgerStore,
+)
+from bridgeway.llm.spend import Spending, SpendPolicy
+from bridgeway.security.access import Principal
 from tests.support.services import REDIS_URL, require_redis
 
 NOW = 20000 * DAY + 3600.0  # 01:00 UTC on day 20000
@@ -179,3 +190,99 @@ async def test_store_holds_expire(store):
     assert await store.reserve([limit], hold(tokens=1, expires=time.time() + 60)) is limit
     await asyncio.sleep(0.3)
     assert await store.reserve([limit], hold(tokens=9, expires=time.time() + 60)) is None
+
+
+# --- the memory ledger's running sums, and the SQLite store's group commit ----------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["reserve", "settle", "expire"]),
+            st.sampled_from([("key:a",), ("key:b",), ("key:a", "team:t")]),
+            st.integers(0, 50),
+            st.integers(0, 30),
+        ),
+        max_size=60,
+    )
+)
+def test_ledger_running_sums_match_its_holds(steps):
+    """The per-scope sums kept as holds come and go equal the sums recounted from the holds."""
+    ledger = Ledger()
+    limits = [Limit("key:a", "1d", None, 200), Limit("team:t", "1d", 1000, None)]
+    now = NOW
+    for i, (op, scopes, amount, age) in enumerate(steps):
+        now += 1
+        if op == "reserve":
+            ledger.reserve(
+                limits, hold(scopes, nano=amount, tokens=amount, expires=now + age, id_=f"h{i}"), now
+            )
+        elif op == "settle" and ledger.holds:
+            ledger.settle(next(iter(ledger.holds)), scopes, amount, amount, now)
+        else:
+            ledger.expire(now)
+        for scope in ("key:a", "key:b", "team:t"):
+            live = [h for h in ledger.holds.values() if scope in h.scopes]
+            assert ledger.held(scope) == (sum(h.nano for h in live), sum(h.tokens for h in live))
+        assert ledger.held("key:a")[1] <= 200  # never held past the limit
+
+
+async def test_sqlite_group_fails_as_a_whole_and_writes_nothing(tmp_path):
+    """While another process holds the write lock past the busy timeout, every request of the
+    waiting transaction gets LedgerUnavailable; nothing of it is written, and the next one works."""
+    path = str(tmp_path / "spend.db")
+    store = SqliteLedgerStore(path, busy_timeout=0.2)
+    other = sqlite3.connect(path, isolation_level=None)
+    limit = Limit("key:a", "1d", None, 100)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        outcome = await asyncio.gather(
+            store.reserve([limit], hold(tokens=10, expires=time.time() + 60)),
+            store.settle([_answered(None, ("key:a",), 1, 1, 5)]),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, LedgerUnavailable) for o in outcome), outcome
+        other.execute("ROLLBACK")
+        assert (
+            await store.reserve([limit], hold(tokens=100, expires=time.time() + 60)) is None
+        )  # nothing held
+        assert await store.rows(0, 10**6) == []  # nothing spent
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_sqlite_hold_of_a_request_that_went_away_is_released(tmp_path):
+    path = str(tmp_path / "spend.db")
+    store = SqliteLedgerStore(path, busy_timeout=5)
+    other = sqlite3.connect(path, isolation_level=None)
+    limit = Limit("key:a", "1d", None, 100)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the store's transaction waits for it
+        waiting = asyncio.ensure_future(store.reserve([limit], hold(tokens=100, expires=time.time() + 60)))
+        await asyncio.sleep(0.1)
+        waiting.cancel()  # the client left while its reservation waited
+        other.execute("ROLLBACK")
+        # the hold was granted, nobody took it: the store releases it in its next transaction
+        for _ in range(50):
+            if await store.reserve([limit], hold(tokens=100, expires=time.time() + 60)) is None:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the abandoned hold was never released")
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_spending_hold_ids_are_unique_across_workers_and_limits_follow_the_caller():
+    workers = [Spending(MemoryLedgerStore()), Spending(MemoryLedgerStore())]
+    limits = [Limit("key:a", "1d", None, 10**9)]
+    ids = {(await w.reserve(limits, 0, 1, 60)).id for w in workers for _ in range(100)}
+    assert len(ids) == 200
+    policy = SpendPolicy(Config.model_validate({"roles": {"r": {"budgets": ["5usd/1d"]}}}))
+    caller = Principal("key:k", "r", None)
+    assert [(x.scope, x.nano) for x in policy.limits(caller)] == [("key:k", 5 * NANO)]
+    edited = Principal("key:k", "r", None, budgets=({"period": "1d", "tokens": 7},))  # the key got its own
+    assert [(x.scope, x.nano, x.tokens) for x in policy.limits(edited)] == [("key:k", None, 7)]

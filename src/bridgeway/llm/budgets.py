@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bridgeway.errors import GatewayError
 
@@ -153,20 +153,25 @@ class Hold:
     expires_at: float
 
 
-@dataclass(slots=True)
 class Ledger:
     """Spend per scope and day plus the holds in force: the rules above on plain dicts.
 
     `reserve` and `settle` are each one atomic step (no await inside), so in one process this is
-    also a correct store."""
+    also a correct store. The sums of the holds are kept per scope as holds come and go, so a
+    reservation costs the same with 1 or 1,000 requests in flight; expired holds are looked for
+    only once the earliest expiry has passed."""
 
-    spent: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # (scope, day) -> [nano, tokens]
-    holds: dict[str, Hold] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.holds: dict[str, Hold] = {}
+        self._held: dict[str, list[int]] = {}  # scope -> [nano, tokens] of its holds
+        self._spent: dict[str, dict[int, list[int]]] = {}  # scope -> day -> [nano, tokens]
+        self._next_expiry = math.inf  # no hold expires before this (a lower bound)
 
     def reserve(self, limits: list[Limit], hold: Hold, now: float) -> Limit | None:
         """Hold `hold`'s estimate in its scopes unless a limit would pass; returns the first
         limit that refused (and holds nothing then)."""
-        self.expire(now)
+        if now >= self._next_expiry:
+            self.expire(now)
         today = day_of(now)
         estimate = (hold.nano, hold.tokens)
         for limit in limits:
@@ -175,6 +180,15 @@ class Ledger:
             ):
                 return limit
         self.holds[hold.id] = hold
+        for scope in hold.scopes:
+            sums = self._held.get(scope)
+            if sums is None:
+                self._held[scope] = [hold.nano, hold.tokens]
+            else:
+                sums[0] += hold.nano
+                sums[1] += hold.tokens
+        if hold.expires_at < self._next_expiry:
+            self._next_expiry = hold.expires_at
         return None
 
     def settle(
@@ -182,30 +196,39 @@ class Ledger:
     ) -> None:
         """Drop the hold (if still there) and add the real cost to today's spend of each scope."""
         if hold_id is not None:
-            self.holds.pop(hold_id, None)
+            self._release(self.holds.pop(hold_id, None))
         today = day_of(now)
         for scope in scopes:
-            row = self.spent.setdefault((scope, today), [0, 0])
+            row = self._spent.setdefault(scope, {}).setdefault(today, [0, 0])
             row[0] += nano
             row[1] += tokens
 
+    def _release(self, hold: Hold | None) -> None:
+        if hold is None:
+            return
+        for scope in hold.scopes:
+            sums = self._held.get(scope)
+            if sums is None:  # dropped at (0, 0): only holds of nothing were left
+                continue
+            sums[0] -= hold.nano
+            sums[1] -= hold.tokens
+            if not sums[0] and not sums[1]:
+                del self._held[scope]
+
     def expire(self, now: float) -> None:
         for hold_id in [h.id for h in self.holds.values() if h.expires_at <= now]:
-            del self.holds[hold_id]
+            self._release(self.holds.pop(hold_id))
+        self._next_expiry = min((h.expires_at for h in self.holds.values()), default=math.inf)
 
     def spent_in(self, scope: str, days: int, today: int) -> tuple[int, int]:
         start = first_day(days, today)
         nano = tokens = 0
-        for (s, day), (n, t) in self.spent.items():
-            if s == scope and start <= day <= today:
+        for day, (n, t) in self._spent.get(scope, {}).items():
+            if start <= day <= today:
                 nano += n
                 tokens += t
         return nano, tokens
 
     def held(self, scope: str) -> tuple[int, int]:
-        nano = tokens = 0
-        for h in self.holds.values():
-            if scope in h.scopes:
-                nano += h.nano
-                tokens += h.tokens
-        return nano, tokens
+        sums = self._held.get(scope)
+        return (sums[0], sums[1]) if sums is not None else (0, 0)

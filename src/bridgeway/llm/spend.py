@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import time
 
@@ -45,6 +46,7 @@ log = get_logger("bridgeway.spend")
 LLM_SERVICE = "/v1"  # the `service` client limits name to apply to LLM calls only
 BATCH = 200  # settlements written in one transaction / one pipelined burst
 RETRIES = 3
+LIMITS_CACHED = 10_000  # callers whose compiled budgets are kept
 
 
 def deployment_prices(dc: LLMDeploymentConfig) -> tuple[float, float]:
@@ -80,37 +82,54 @@ class SpendPolicy:
         self.team_limits = {
             name: limits_of(f"team:{name}", c.budgets) for name, c in config.clients.items() if c.budgets
         }
+        self._limits: dict[str, tuple[Principal, list[Limit]]] = {}
 
     def price(self, d: Deployment) -> tuple[float, float]:
         found = self.prices.get((d.provider, d.model, d.base_url))
         return found if found is not None else price_of(d.model)
 
     def limits(self, caller: Principal | None) -> list[Limit]:
+        """The caller's budgets compiled once per caller, until its principal changes (a key's
+        budgets edited: the principal compares unequal, so they compile afresh)."""
         if caller is None:
             return []
+        cached = self._limits.get(caller.id)
+        if cached is not None and (cached[0] is caller or cached[0] == caller):
+            return cached[1]
         own = caller.budgets or self.role_budgets.get(caller.role, ())
         out = limits_of(caller.id, own) if own else []
         if caller.client is not None:
             out += self.team_limits.get(caller.client, ())
+        if len(self._limits) >= LIMITS_CACHED:
+            self._limits.clear()  # callers seen once (JWT subjects) must not grow it forever
+        self._limits[caller.id] = (caller, out)
         return out
 
 
 class Spending:
-    """One worker's side of the ledger: reserves, and the queue of settlements to write."""
+    """One worker's side of the ledger: reserves, and the queue of settlements to write.
+
+    Hold ids need to be unique across every worker and replica sharing the ledger, not secret:
+    a random prefix per `Spending` (one per worker process) and a counter, no `os.urandom` per
+    request."""
 
     def __init__(self, store: LedgerStore, clock=time.time):
         self.store = store
         self.clock = clock
-        self._queue: asyncio.Queue[Settlement] = asyncio.Queue()
+        self._queue: list[Settlement] = []
+        self._wake: asyncio.Future | None = None  # the writer's, while it waits for work
         self._writer: asyncio.Task | None = None
         self._writing = False
+        self._id_prefix = secrets.token_hex(8) + "-"
+        self._ids = itertools.count()
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_forever())
 
     async def reserve(self, limits: list[Limit], nano: int, tokens_: int, hold_for: float) -> Hold:
-        scopes = tuple(dict.fromkeys(limit.scope for limit in limits))
-        hold = Hold(secrets.token_hex(8), scopes, nano, tokens_, self.clock() + hold_for)
+        one = len(limits) == 1
+        scopes = (limits[0].scope,) if one else tuple(dict.fromkeys(limit.scope for limit in limits))
+        hold = Hold(f"{self._id_prefix}{next(self._ids):x}", scopes, nano, tokens_, self.clock() + hold_for)
         try:
             refused = await self.store.reserve(limits, hold)
         except LedgerUnavailable as exc:
@@ -126,13 +145,18 @@ class Spending:
 
     def settle(self, settlement: Settlement) -> None:
         """Queue it; never waits."""
-        self._queue.put_nowait(settlement)
+        self._queue.append(settlement)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def _write_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            if not self._queue:
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+            batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
             self._writing = True
             try:
                 await self._write(batch)
@@ -159,16 +183,14 @@ class Spending:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        batch = []
-        while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        if batch:
+        while self._queue:
+            batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
             await self._write(batch)
         await self.store.close()
 
     async def flush(self) -> None:
         """Until the queue is written (tests, and the spend query: it reports what is settled)."""
-        while not self._queue.empty() or self._writing:
+        while self._queue or self._writing:
             await asyncio.sleep(0.005)
 
     async def report(self, first: int, last: int) -> list[SpendRow]:
