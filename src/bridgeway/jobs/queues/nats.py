@@ -1,0 +1,555 @@
+"""The NATS JetStream queue backend: a work-queue stream, pull consumers, and a KV bucket.
+
+Layout, with P the prefix and Q the queue (encoded to the characters subjects and keys allow):
+
+    stream P_jobs     work-queue retention, subjects P.jobs.Q.{priority}: one message per time a
+                      job is (re)queued, carrying the job record
+    consumer Q_{prio} a durable pull consumer per queue and priority level: explicit ack,
+                      ack_wait = the lease, unlimited deliveries (attempts are counted here)
+    KV P_jobs         j.{id}: the job record (`get` reads it); i.Q.{key}: idempotency key -> id
+                      (created atomically); d.Q.{id}: the dead-letter index
+
+Every job record in the KV has a revision; every message carries the revision it expects. A
+claim's first delivery of a message moves the record to `leased` with a compare-and-set on that
+revision, so the fast path needs no read. The lease token is `{revision}|{reply subject}`: any
+replica settles by a compare-and-set on the revision (a later claim or settle changed it, so a
+stale token fails and changes nothing), then publishes +ACK / +TERM to the reply subject.
+Redeliveries (an expired lease, a delayed job coming due) read the record and decide.
+
+What JetStream does not have, and what is done instead (the limits to know):
+- Priority: a subject and consumer per level; a claim asks for the levels that hold messages
+  (one stream-info request) and takes from the highest first.
+- Delay: a message claimed before its run_at is nak'd with the remaining delay (one extra
+  delivery per delayed job); `stats` counts such a job as leased until it comes due.
+- Leases are judged by the broker's clock, and per consumer: ack_wait is the lease of the latest
+  claim (a claim asking for another lease updates the consumer). `extend` resets the timer to
+  a full ack_wait (+WPI) whatever `at` asks, and the stored lease_until is not rewritten (that
+  would change the revision, i.e. the token).
+- Retention is the KV bucket's max age, counted from a record's last write: terminal jobs and
+  dead letters go after `retention`, idempotency keys `retention` after their job was created,
+  and a job waiting longer than that has no record until it is claimed (its message holds it).
+- A batch is not atomic across a crash: records, then messages, are written; a failure undoes
+  what it can and raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
+
+from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
+
+_PLAIN = re.compile(r"[A-Za-z0-9-]+")
+_STATUS = "Status"
+
+
+def _token(name: str) -> str:
+    """A queue name as one subject token / consumer name / key part: itself when plain, else
+    `_` + hex (plain names never start with `_`, so two names never share a token)."""
+    return name if _PLAIN.fullmatch(name) else "_" + name.encode().hex()
+
+
+def _key_part(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()  # KV keys allow A-Z a-z 0-9 - _ =
+
+
+def _record(meta: dict[str, Any], payload: bytes) -> bytes:
+    # JSON never holds a raw newline, so the payload (any bytes) follows the first one as is.
+    return orjson.dumps(meta) + b"\n" + payload
+
+
+def _parse(data: bytes) -> tuple[dict[str, Any], bytes]:
+    meta, _, payload = data.partition(b"\n")
+    return orjson.loads(meta), payload
+
+
+def _job(meta: dict[str, Any], payload: bytes, lease: str | None = None) -> Job:
+    return Job(
+        id=meta["id"],
+        queue=meta["queue"],
+        payload=payload,
+        headers=meta["headers"],
+        priority=meta["priority"],
+        state=meta["state"],
+        attempts=meta["attempts"],
+        max_attempts=meta["max_attempts"],
+        created_at=meta["created_at"],
+        run_at=meta["run_at"],
+        lease=lease if meta["state"] == "leased" else None,
+        lease_until=meta.get("lease_until"),
+        last_error=meta.get("last_error"),
+        finished_at=meta.get("finished_at"),
+        idempotency_key=meta.get("idem"),
+        callback_url=meta.get("callback"),
+    )
+
+
+class NatsQueueBackend:
+    """Queues in JetStream; see the module docstring for the layout and the limits."""
+
+    def __init__(self, nc: Client, *, prefix: str, retention: float) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=10.0)
+        self.prefix = prefix
+        self.retention = retention
+        self.stream = f"{prefix}_jobs"
+        self.bucket = f"{prefix}_jobs"
+        self._kv: Any = None
+        self._ack_wait: dict[str, float] = {}  # consumer -> the ack_wait it was created with
+
+    @classmethod
+    async def connect(cls, url: str, *, prefix: str, retention: float) -> NatsQueueBackend:
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3, allow_reconnect=True)
+        backend = cls(nc, prefix=prefix, retention=retention)
+        try:
+            await backend._setup()
+        except BaseException:
+            await nc.close()
+            raise
+        return backend
+
+    async def _setup(self) -> None:
+        js = self._js
+        jobs = api.StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.jobs.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+        )
+        kv = api.StreamConfig(
+            name=f"KV_{self.bucket}",
+            subjects=[f"$KV.{self.bucket}.>"],
+            max_msgs_per_subject=1,
+            max_age=self.retention,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            allow_direct=True,
+            discard=api.DiscardPolicy.NEW,
+            storage=api.StorageType.FILE,
+            duplicate_window=min(120.0, self.retention),
+        )
+        for config in (jobs, kv):
+            try:
+                info = await js.stream_info(config.name)  # type: ignore[arg-type]
+            except NotFoundError:
+                await js.add_stream(config)
+            else:
+                if config is kv and info.config.max_age != self.retention:
+                    # the last replica to open decides the retention: one bucket, one max age
+                    await js.update_stream(info.config.evolve(max_age=self.retention,
+                                                              duplicate_window=kv.duplicate_window))
+        self._kv = await js.key_value(self.bucket)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _subject(self, queue: str, priority: int) -> str:
+        return f"{self.prefix}.jobs.{_token(queue)}.{priority}"
+
+    async def _publish(self, meta: dict[str, Any], payload: bytes, expect: int) -> None:
+        """Queue the job's message: the record as it is at revision `expect`. The message id makes
+        a republish of the same generation (a retried call) a duplicate JetStream drops."""
+        body = _record({**meta, "expect": expect}, payload)
+        await self._js.publish(
+            self._subject(meta["queue"], meta["priority"]),
+            body,
+            stream=self.stream,
+            headers={"Nats-Msg-Id": f"{meta['id']}.{meta['gen']}"},
+        )
+
+    async def _read(self, job_id: str) -> tuple[dict[str, Any], bytes, int] | None | bool:
+        """(meta, payload, revision); None when absent, False when deleted (a tombstone)."""
+        try:
+            entry = await self._kv.get(f"j.{job_id}")
+        except KeyNotFoundError as exc:
+            return False if getattr(exc, "op", None) else None
+        if entry.value is None:
+            return False
+        meta, payload = _parse(entry.value)
+        return meta, payload, entry.revision
+
+    async def _cas(self, meta: dict[str, Any], payload: bytes, last: int) -> int | None:
+        """Write the record if its revision is still `last`; the new revision, or None."""
+        try:
+            return await self._kv.update(f"j.{meta['id']}", _record(meta, payload), last=last)
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def _consumer(self, queue: str, level: str, lease: float | None) -> str:
+        name = f"{_token(queue)}_{level.replace('-', 'm')}"  # a level may be negative
+        known = self._ack_wait.get(name)
+        if known is not None and (lease is None or known == lease):
+            return name
+        if lease is None:  # only looking (stats, wait): do not create
+            try:
+                info = await self._js.consumer_info(self.stream, name)
+            except NotFoundError:
+                return ""
+            self._ack_wait[name] = info.config.ack_wait or 0.0
+            return name
+        config = api.ConsumerConfig(
+            durable_name=name,
+            filter_subject=f"{self.prefix}.jobs.{_token(queue)}.{level}",
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=lease,
+            max_deliver=-1,
+            max_ack_pending=-1,
+        )
+        await self._js.add_consumer(self.stream, config)  # creates, or updates the ack_wait
+        self._ack_wait[name] = lease
+        return name
+
+    async def _levels(self, queue: str) -> dict[str, int]:
+        """Priority level -> messages in the stream (queued, leased or nak'd for a delay)."""
+        try:
+            info = await self._js.stream_info(self.stream, subjects_filter=f"{self.prefix}.jobs.{_token(queue)}.*")
+        except NotFoundError:
+            return {}
+        subjects = info.state.subjects or {}
+        return {s.rpartition(".")[2]: n for s, n in subjects.items() if n}
+
+    async def _fetch(self, consumer: str, batch: int) -> list[Msg]:
+        """Up to `batch` messages available now (no_wait: the server answers at once)."""
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        try:
+            await self._nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{consumer}",
+                orjson.dumps({"batch": batch, "no_wait": True}),
+                reply=inbox,
+            )
+            msgs: list[Msg] = []
+            while len(msgs) < batch:
+                msg = await sub.next_msg(timeout=10.0)
+                if msg.headers and _STATUS in msg.headers:  # 404 no messages / 408: all there is
+                    break
+                msgs.append(msg)
+            return msgs
+        finally:
+            await sub.unsubscribe()
+
+    # -- the contract ----------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: list[NewJob], now: float) -> list[tuple[Job, bool]]:
+        if not jobs:
+            return []
+        for j in jobs:  # everything checked before anything is written
+            if not isinstance(j.payload, bytes | bytearray):
+                raise TypeError(f"job {j.id}: payload must be bytes")
+        out: list[tuple[Job, bool] | None] = [None] * len(jobs)
+        first_of_key: dict[tuple[str, str], int] = {}
+        fresh: list[int] = []
+        claims: list[tuple[int, str]] = []
+        for i, j in enumerate(jobs):
+            if j.idempotency_key is None:
+                fresh.append(i)
+                continue
+            k = (j.queue, j.idempotency_key)
+            if k in first_of_key:
+                continue  # answered with the first job of the batch below
+            first_of_key[k] = i
+            claims.append((i, f"i.{_token(j.queue)}.{_key_part(j.idempotency_key)}"))
+
+        async def claim_key(i: int, key: str) -> None:
+            try:
+                await self._kv.create(key, jobs[i].id.encode())
+                fresh.append(i)
+            except KeyWrongLastSequenceError:
+                existing = (await self._kv.get(key)).value.decode()
+                found = await self._read(existing)
+                if found:
+                    meta, payload, rev = found
+                    out[i] = (_job(meta, payload, f"{rev}|{meta.get('reply')}"), False)
+                else:  # the job it named is gone (purged, expired): the key is free again
+                    await self._kv.put(key, jobs[i].id.encode())
+                    fresh.append(i)
+
+        await asyncio.gather(*(claim_key(i, key) for i, key in claims))
+        metas: dict[int, dict[str, Any]] = {}
+        for i in fresh:
+            j = jobs[i]
+            metas[i] = {
+                "id": j.id,
+                "queue": j.queue,
+                "headers": j.headers,
+                "priority": int(j.priority),
+                "state": "queued",
+                "attempts": 0,
+                "max_attempts": int(j.max_attempts),
+                "created_at": now,
+                "run_at": float(j.run_at),
+                "idem": j.idempotency_key,
+                "callback": j.callback_url,
+                "gen": 1,
+            }
+        written: list[int] = []
+        try:
+            revs = await asyncio.gather(
+                *(self._kv.put(f"j.{jobs[i].id}", _record(metas[i], bytes(jobs[i].payload))) for i in fresh)
+            )
+            written = list(fresh)
+            await asyncio.gather(
+                *(self._publish(metas[i], bytes(jobs[i].payload), rev) for i, rev in zip(fresh, revs, strict=True))
+            )
+        except BaseException:
+            # undo what can be undone: a message already published finds its record deleted
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*(self._kv.delete(f"j.{jobs[i].id}") for i in written))
+                await asyncio.gather(*(self._kv.delete(key) for i, key in claims if i in fresh))
+            raise
+        for i in fresh:
+            out[i] = (_job(metas[i], bytes(jobs[i].payload)), True)
+        for i, j in enumerate(jobs):
+            if out[i] is None:  # a repeated key within the batch
+                first = out[first_of_key[(j.queue, j.idempotency_key)]]  # type: ignore[index]
+                out[i] = (first[0], False)  # type: ignore[index]
+        return out  # type: ignore[return-value]
+
+    async def claim(self, queue: str, limit: int, lease: float, now: float) -> list[Job]:
+        if limit <= 0:
+            return []
+        out: list[Job] = []
+        levels = await self._levels(queue)
+        for level in sorted(levels, key=int, reverse=True):
+            consumer = await self._consumer(queue, level, lease)
+            while len(out) < limit:
+                need = limit - len(out)
+                msgs = await self._fetch(consumer, need)
+                out += await self._take(msgs, lease, now)
+                if len(msgs) < need:
+                    break
+            if len(out) >= limit:
+                break
+        return out
+
+    async def _take(self, msgs: list[Msg], lease: float, now: float) -> list[Job]:
+        """Lease the fetched messages' jobs; drop (term) messages that no longer stand for one."""
+        fast: list[tuple[Msg, dict[str, Any], bytes]] = []
+        slow: list[tuple[Msg, dict[str, Any], bytes]] = []
+        for msg in msgs:
+            meta, payload = _parse(msg.data)
+            if meta["run_at"] > now:
+                delay = max(1, int((meta["run_at"] - now) * 1e9))
+                await self._nc.publish(msg.reply, b'-NAK {"delay":%d}' % delay)
+                continue
+            (fast if msg.metadata.num_delivered == 1 else slow).append((msg, meta, payload))
+
+        def leased(msg: Msg, meta: dict[str, Any], attempts: int) -> dict[str, Any]:
+            meta = {**meta, "state": "leased", "attempts": attempts, "lease_until": now + lease}
+            meta["reply"] = msg.reply
+            meta["seq"] = msg.metadata.sequence.stream
+            meta.pop("expect", None)
+            return meta
+
+        async def first(msg: Msg, meta: dict[str, Any], payload: bytes) -> Job | None:
+            new = leased(msg, meta, meta["attempts"] + 1)
+            rev = await self._cas(new, payload, meta["expect"])
+            if rev is None:  # the record moved on since this message was queued: look
+                return await redelivered(msg, meta, payload)
+            return _job(new, payload, f"{rev}|{msg.reply}")
+
+        async def redelivered(msg: Msg, meta: dict[str, Any], payload: bytes) -> Job | None:
+            found = await self._read(meta["id"])
+            if found is False:  # deleted: purged or an enqueue undone
+                await self._nc.publish(msg.reply, b"+TERM")
+                return None
+            if found is None:  # the record outlived the bucket's max age: the message holds the job
+                cur, rev = {k: v for k, v in meta.items() if k != "expect"}, 0
+            else:
+                cur, _, rev = found
+            stale = (
+                cur["state"] in ("done", "dead")
+                or cur["gen"] != meta["gen"]
+                or (cur["state"] == "leased" and cur.get("seq") != msg.metadata.sequence.stream)
+            )
+            if stale:
+                await self._nc.publish(msg.reply, b"+TERM")
+                return None
+            if cur["state"] == "leased" and cur["attempts"] >= cur["max_attempts"]:
+                dead = {**cur, "state": "dead", "last_error": "lease expired", "finished_at": now}
+                for k in ("reply", "lease_until"):
+                    dead.pop(k, None)
+                await self._kv.put(f"d.{_token(cur['queue'])}.{cur['id']}", b"")
+                if await self._cas(dead, payload, rev) is not None:
+                    await self._nc.publish(msg.reply, b"+TERM")
+                return None
+            new = leased(msg, cur, cur["attempts"] + 1)
+            new_rev = await (self._cas(new, payload, rev) if rev else self._kv.put(f"j.{cur['id']}", _record(new, payload)))
+            if new_rev is None:
+                return None  # someone else moved it: they decide
+            return _job(new, payload, f"{new_rev}|{msg.reply}")
+
+        jobs = await asyncio.gather(*(first(*t) for t in fast), *(redelivered(*t) for t in slow))
+        return [j for j in jobs if j is not None]
+
+    async def settle(self, outcomes: list[Outcome], now: float) -> list[Job | None]:
+        if not outcomes:
+            return []
+        result = await asyncio.gather(*(self._settle_one(o, now) for o in outcomes))
+        await self._nc.flush()  # the acks have reached the server when settle returns
+        return list(result)
+
+    async def _settle_one(self, o: Outcome, now: float) -> Job | None:
+        rev_s, _, reply = o.lease.partition("|")
+        if not rev_s.isdigit() or not reply.startswith("$JS.ACK."):
+            return None
+        rev = int(rev_s)
+        found = await self._read(o.job_id)
+        if not found:
+            return None
+        meta, payload, current = found
+        if current != rev or meta["state"] != "leased" or meta.get("reply") != reply:
+            return None
+        if o.action == "extend":
+            await self._nc.publish(reply, b"+WPI")
+            ack_wait = self._ack_wait.get(reply.split(".")[3])  # $JS.ACK.<stream>.<consumer>...
+            shown = {**meta, "lease_until": now + ack_wait if ack_wait else o.at}
+            return _job(shown, payload, o.lease)
+        new = {k: v for k, v in meta.items() if k not in ("reply", "lease_until", "seq")}
+        if o.action == "ack":
+            new.update(state="done", finished_at=now)
+        elif o.action == "bury":
+            new.update(state="dead", finished_at=now, last_error=o.error)
+            dead_key = f"d.{_token(meta['queue'])}.{meta['id']}"
+            await self._kv.put(dead_key, b"")
+        else:  # retry: a new generation of the job, as a new message
+            at = o.at if o.at is not None else now
+            new.update(state="queued", run_at=at, gen=meta["gen"] + 1)
+            if o.error is not None:
+                new["last_error"] = o.error
+        new_rev = await self._cas(new, payload, rev)
+        if new_rev is None:
+            if o.action == "bury":
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(dead_key)
+            return None
+        if o.action == "retry":
+            await self._publish(new, payload, new_rev)
+            await self._nc.publish(reply, b"+ACK")
+        else:
+            await self._nc.publish(reply, b"+ACK" if o.action == "ack" else b"+TERM")
+        return _job(new, payload)
+
+    async def get(self, job_id: str) -> Job | None:
+        found = await self._read(job_id)
+        if not found:
+            return None
+        meta, payload, rev = found
+        return _job(meta, payload, f"{rev}|{meta.get('reply')}")
+
+    async def _dead_ids(self, queue: str) -> list[str]:
+        head = f"d.{_token(queue)}."
+        try:
+            keys = await self._kv.keys(filters=[head + ">"])
+        except NoKeysError:
+            return []
+        return sorted(k[len(head):] for k in keys)
+
+    async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
+        ids = [i for i in await self._dead_ids(queue) if after is None or i > after]
+        out: list[Job] = []
+        while ids and len(out) < limit:
+            page, ids = ids[: limit - len(out)], ids[limit - len(out):]
+            for found in await asyncio.gather(*(self._read(i) for i in page)):
+                if found and found[0]["state"] == "dead":
+                    out.append(_job(found[0], found[1]))
+        return out
+
+    async def replay(self, queue: str, ids: list[str] | None, now: float) -> int:
+        dead = set(await self._dead_ids(queue))
+        chosen = sorted(dead if ids is None else dead & set(ids))
+
+        async def one(job_id: str) -> int:
+            found = await self._read(job_id)
+            await self._kv.delete(f"d.{_token(queue)}.{job_id}")
+            if not found or found[0]["state"] != "dead":
+                return 0
+            meta, payload, rev = found
+            new = {**meta, "state": "queued", "attempts": 0, "run_at": now, "gen": meta["gen"] + 1}
+            new.pop("finished_at", None)
+            new_rev = await self._cas(new, payload, rev)
+            if new_rev is None:
+                return 0
+            await self._publish(new, payload, new_rev)
+            return 1
+
+        return sum(await asyncio.gather(*(one(i) for i in chosen)))
+
+    async def purge(self, queue: str) -> int:
+        ids = await self._dead_ids(queue)
+
+        async def one(job_id: str) -> None:
+            found = await self._read(job_id)
+            if found and found[0].get("idem") is not None:
+                await self._kv.delete(f"i.{_token(queue)}.{_key_part(found[0]['idem'])}")
+            await self._kv.delete(f"j.{job_id}")
+            await self._kv.delete(f"d.{_token(queue)}.{job_id}")
+
+        await asyncio.gather(*(one(i) for i in ids))
+        return len(ids)
+
+    async def stats(self, queue: str, now: float) -> QueueStats:
+        levels = await self._levels(queue)
+        total = sum(levels.values())
+        leased = 0
+        oldest: float | None = None
+        for level in levels:
+            consumer = await self._consumer(queue, level, None)
+            first_seq = 0
+            if consumer:
+                info = await self._js.consumer_info(self.stream, consumer)
+                leased += info.num_ack_pending or 0
+                if not info.num_pending:
+                    continue
+                first_seq = (info.delivered.stream_seq or 0) + 1 if info.delivered else 1
+            with contextlib.suppress(NotFoundError):
+                msg = await self._js.get_msg(
+                    self.stream, seq=max(first_seq, 1), next=True,
+                    subject=f"{self.prefix}.jobs.{_token(queue)}.{level}",
+                )
+                meta, _ = _parse(msg.data or b"")
+                t = meta["run_at"] if meta["run_at"] > meta["created_at"] else meta["created_at"]
+                oldest = t if oldest is None else min(oldest, t)
+        dead = len(await self._dead_ids(queue))
+        age = 0.0 if oldest is None else max(0.0, now - oldest)
+        return QueueStats(queued=max(0, total - leased), leased=leased, dead=dead, oldest_age=age)
+
+    async def wait(self, queue: str, timeout: float) -> None:
+        """Listen on the queue's subjects (a JetStream publish reaches core subscribers too), then
+        look whether something is claimable already. Delayed and leased jobs send no word when
+        they come due, so while there are any the wait is capped at half a second."""
+        sub = await self._nc.subscribe(f"{self.prefix}.jobs.{_token(queue)}.*", max_msgs=1)
+        try:
+            waiting = timeout
+            for level, count in (await self._levels(queue)).items():
+                consumer = await self._consumer(queue, level, None)
+                if not consumer:
+                    return  # messages no claim has looked at yet
+                info = await self._js.consumer_info(self.stream, consumer)
+                if info.num_pending:
+                    return
+                if count:
+                    waiting = min(waiting, 0.5)
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                await sub.next_msg(timeout=max(waiting, 0.001))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def close(self) -> None:
+        await self._nc.close()
