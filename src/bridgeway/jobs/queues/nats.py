@@ -48,7 +48,6 @@ from nats.js import api
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NotFoundError,
 )
 
@@ -151,8 +150,9 @@ class NatsQueueBackend:
             else:
                 if config is kv and info.config.max_age != self.retention:
                     # the last replica to open decides the retention: one bucket, one max age
-                    await js.update_stream(info.config.evolve(max_age=self.retention,
-                                                              duplicate_window=kv.duplicate_window))
+                    await js.update_stream(
+                        info.config.evolve(max_age=self.retention, duplicate_window=kv.duplicate_window)
+                    )
         self._kv = await js.key_value(self.bucket)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -217,7 +217,9 @@ class NatsQueueBackend:
     async def _levels(self, queue: str) -> dict[str, int]:
         """Priority level -> messages in the stream (queued, leased or nak'd for a delay)."""
         try:
-            info = await self._js.stream_info(self.stream, subjects_filter=f"{self.prefix}.jobs.{_token(queue)}.*")
+            info = await self._js.stream_info(
+                self.stream, subjects_filter=f"{self.prefix}.jobs.{_token(queue)}.*"
+            )
         except NotFoundError:
             return {}
         subjects = info.state.subjects or {}
@@ -304,7 +306,10 @@ class NatsQueueBackend:
             )
             written = list(fresh)
             await asyncio.gather(
-                *(self._publish(metas[i], bytes(jobs[i].payload), rev) for i, rev in zip(fresh, revs, strict=True))
+                *(
+                    self._publish(metas[i], bytes(jobs[i].payload), rev)
+                    for i, rev in zip(fresh, revs, strict=True)
+                )
             )
         except BaseException:
             # undo what can be undone: a message already published finds its record deleted
@@ -389,7 +394,9 @@ class NatsQueueBackend:
                     await self._nc.publish(msg.reply, b"+TERM")
                 return None
             new = leased(msg, cur, cur["attempts"] + 1)
-            new_rev = await (self._cas(new, payload, rev) if rev else self._kv.put(f"j.{cur['id']}", _record(new, payload)))
+            new_rev = await (
+                self._cas(new, payload, rev) if rev else self._kv.put(f"j.{cur['id']}", _record(new, payload))
+            )
             if new_rev is None:
                 return None  # someone else moved it: they decide
             return _job(new, payload, f"{new_rev}|{msg.reply}")
@@ -425,8 +432,7 @@ class NatsQueueBackend:
             new.update(state="done", finished_at=now)
         elif o.action == "bury":
             new.update(state="dead", finished_at=now, last_error=o.error)
-            dead_key = f"d.{_token(meta['queue'])}.{meta['id']}"
-            await self._kv.put(dead_key, b"")
+            await self._kv.put(f"d.{_token(meta['queue'])}.{meta['id']}", b"")
         else:  # retry: a new generation of the job, as a new message
             at = o.at if o.at is not None else now
             new.update(state="queued", run_at=at, gen=meta["gen"] + 1)
@@ -436,7 +442,7 @@ class NatsQueueBackend:
         if new_rev is None:
             if o.action == "bury":
                 with contextlib.suppress(Exception):
-                    await self._kv.delete(dead_key)
+                    await self._undead(meta["queue"], meta["id"])
             return None
         if o.action == "retry":
             await self._publish(new, payload, new_rev)
@@ -453,18 +459,22 @@ class NatsQueueBackend:
         return _job(meta, payload, f"{rev}|{meta.get('reply')}")
 
     async def _dead_ids(self, queue: str) -> list[str]:
-        head = f"d.{_token(queue)}."
-        try:
-            keys = await self._kv.keys(filters=[head + ">"])
-        except NoKeysError:
-            return []
-        return sorted(k[len(head):] for k in keys)
+        # The index's subjects, asked of the KV stream (KV key listing needs a 2.10 server to
+        # filter); index entries are removed by purging their subject, so no marker is left.
+        head = f"$KV.{self.bucket}.d.{_token(queue)}."
+        info = await self._js.stream_info(f"KV_{self.bucket}", subjects_filter=head + ">")
+        return sorted(s[len(head) :] for s, n in (info.state.subjects or {}).items() if n)
+
+    async def _undead(self, queue: str, job_id: str) -> None:
+        await self._js.purge_stream(
+            f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.d.{_token(queue)}.{job_id}"
+        )
 
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
         ids = [i for i in await self._dead_ids(queue) if after is None or i > after]
         out: list[Job] = []
         while ids and len(out) < limit:
-            page, ids = ids[: limit - len(out)], ids[limit - len(out):]
+            page, ids = ids[: limit - len(out)], ids[limit - len(out) :]
             for found in await asyncio.gather(*(self._read(i) for i in page)):
                 if found and found[0]["state"] == "dead":
                     out.append(_job(found[0], found[1]))
@@ -476,7 +486,7 @@ class NatsQueueBackend:
 
         async def one(job_id: str) -> int:
             found = await self._read(job_id)
-            await self._kv.delete(f"d.{_token(queue)}.{job_id}")
+            await self._undead(queue, job_id)
             if not found or found[0]["state"] != "dead":
                 return 0
             meta, payload, rev = found
@@ -498,7 +508,7 @@ class NatsQueueBackend:
             if found and found[0].get("idem") is not None:
                 await self._kv.delete(f"i.{_token(queue)}.{_key_part(found[0]['idem'])}")
             await self._kv.delete(f"j.{job_id}")
-            await self._kv.delete(f"d.{_token(queue)}.{job_id}")
+            await self._undead(queue, job_id)
 
         await asyncio.gather(*(one(i) for i in ids))
         return len(ids)
@@ -519,7 +529,9 @@ class NatsQueueBackend:
                 first_seq = (info.delivered.stream_seq or 0) + 1 if info.delivered else 1
             with contextlib.suppress(NotFoundError):
                 msg = await self._js.get_msg(
-                    self.stream, seq=max(first_seq, 1), next=True,
+                    self.stream,
+                    seq=max(first_seq, 1),
+                    next=True,
                     subject=f"{self.prefix}.jobs.{_token(queue)}.{level}",
                 )
                 meta, _ = _parse(msg.data or b"")

@@ -62,9 +62,12 @@ FIELDS = (
 )
 
 # Shared Lua: helpers every script starts with.
-_LIB = """
+_LIB = (
+    "local FIELDS = {"
+    + ", ".join(f"'{f}'" for f in FIELDS)
+    + "}\n"
+    + """
 local P = ARGV[1]
-local FIELDS = {%s}
 local function qkey(q) return P .. ':q:' .. q end
 local function jkey(id) return P .. ':job:' .. id end
 local function row(id) return redis.call('HMGET', jkey(id), unpack(FIELDS)) end
@@ -157,7 +160,8 @@ local function trim_dead(q, now, retention)
     redis.call('ZREM', qk .. ':dead', unpack(old))
   end
 end
-""" % ", ".join(f"'{f}'" for f in FIELDS)
+"""
+)
 
 # ARGV: P, now, then 9 per job: id queue payload headers run_at priority max_attempts idem callback.
 # Returns per job: 1 (created) or the existing job's row. Everything is checked before anything is
