@@ -145,16 +145,42 @@ def _bench_celery(python: str, n: int, pool: str, concurrency: int) -> dict[str,
         env = {**os.environ, "PYTHONPATH": tmp}
         sent = subprocess.run(
             [python, str(Path(tmp, "bwbench_celery.py")), queue, str(n)],
-            env=env, check=True, capture_output=True, text=True, timeout=600,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         enq = float(sent.stdout.strip().splitlines()[-1])
         log(f"celery: sent {n} in {enq:.2f}s; queue length {r.llen(queue)}")
-        cmd = [python, "-m", "celery", "-A", "bwbench_celery", "worker", "-Q", queue, "-P", pool,
-               "-c", str(concurrency), "--without-heartbeat", "--without-gossip", "--without-mingle",
-               "-l", "warning"]
+        cmd = [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "bwbench_celery",
+            "worker",
+            "-Q",
+            queue,
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "warning",
+        ]
         started = time.perf_counter()
-        worker = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        worker = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             while r.llen(queue) or r.hlen("unacked"):
                 if worker.poll() is not None:

@@ -110,6 +110,11 @@ class NatsQueueBackend:
         self.bucket = f"{prefix}_jobs"
         self._kv: Any = None
         self._ack_wait: dict[str, float] = {}  # consumer -> the ack_wait it was created with
+        # Publish acks of the hot paths come back on one wildcard inbox, matched by the last token:
+        # nats-py's js.publish costs a request object, a JSON parse and a task switch per call.
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ack_inbox = ""
+        self._ack_seq = 0
 
     @classmethod
     async def connect(cls, url: str, *, prefix: str, retention: float) -> NatsQueueBackend:
@@ -154,6 +159,32 @@ class NatsQueueBackend:
                         info.config.evolve(max_age=self.retention, duplicate_window=kv.duplicate_window)
                     )
         self._kv = await js.key_value(self.bucket)
+        self._ack_inbox = self._nc.new_inbox()
+        await self._nc.subscribe(self._ack_inbox + ".*", cb=self._on_ack)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._acks.pop(msg.subject.rpartition(".")[2], None)
+        if fut is not None and not fut.done():
+            fut.set_result(orjson.loads(msg.data) if msg.data else {"error": {"code": 503}})
+
+    async def _js_publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish to a stream and await its ack: the sequence; KeyWrongLastSequenceError when an
+        expected-last-sequence header did not hold."""
+        self._ack_seq += 1
+        token = str(self._ack_seq)
+        fut = asyncio.get_running_loop().create_future()
+        self._acks[token] = fut
+        try:
+            await self._nc.publish(subject, body, reply=f"{self._ack_inbox}.{token}", headers=headers)
+            ack = await asyncio.wait_for(fut, 10.0)
+        finally:
+            self._acks.pop(token, None)
+        error = ack.get("error")
+        if error:
+            if error.get("err_code") == 10071:
+                raise KeyWrongLastSequenceError(description=error.get("description"))
+            raise RuntimeError(f"JetStream refused a publish to {subject}: {error.get('description', error)}")
+        return int(ack["seq"])
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -164,11 +195,10 @@ class NatsQueueBackend:
         """Queue the job's message: the record as it is at revision `expect`. The message id makes
         a republish of the same generation (a retried call) a duplicate JetStream drops."""
         body = _record({**meta, "expect": expect}, payload)
-        await self._js.publish(
+        await self._js_publish(
             self._subject(meta["queue"], meta["priority"]),
             body,
-            stream=self.stream,
-            headers={"Nats-Msg-Id": f"{meta['id']}.{meta['gen']}"},
+            {"Nats-Msg-Id": f"{meta['id']}.{meta['gen']}"},
         )
 
     async def _read(self, job_id: str) -> tuple[dict[str, Any], bytes, int] | None | bool:
@@ -185,7 +215,11 @@ class NatsQueueBackend:
     async def _cas(self, meta: dict[str, Any], payload: bytes, last: int) -> int | None:
         """Write the record if its revision is still `last`; the new revision, or None."""
         try:
-            return await self._kv.update(f"j.{meta['id']}", _record(meta, payload), last=last)
+            return await self._js_publish(
+                f"$KV.{self.bucket}.j.{meta['id']}",
+                _record(meta, payload),
+                {"Nats-Expected-Last-Subject-Sequence": str(last)},
+            )
         except KeyWrongLastSequenceError:
             return None
 
@@ -302,7 +336,12 @@ class NatsQueueBackend:
         written: list[int] = []
         try:
             revs = await asyncio.gather(
-                *(self._kv.put(f"j.{jobs[i].id}", _record(metas[i], bytes(jobs[i].payload))) for i in fresh)
+                *(
+                    self._js_publish(
+                        f"$KV.{self.bucket}.j.{jobs[i].id}", _record(metas[i], bytes(jobs[i].payload))
+                    )
+                    for i in fresh
+                )
             )
             written = list(fresh)
             await asyncio.gather(
