@@ -45,11 +45,7 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import (
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-    NotFoundError,
-)
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
 
@@ -112,7 +108,7 @@ class NatsQueueBackend:
         self._ack_wait: dict[str, float] = {}  # consumer -> the ack_wait it was created with
         # Publish acks of the hot paths come back on one wildcard inbox, matched by the last token:
         # nats-py's js.publish costs a request object, a JSON parse and a task switch per call.
-        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._acks: dict[str, asyncio.Future[Msg]] = {}
         self._ack_inbox = ""
         self._ack_seq = 0
 
@@ -165,20 +161,24 @@ class NatsQueueBackend:
     async def _on_ack(self, msg: Msg) -> None:
         fut = self._acks.pop(msg.subject.rpartition(".")[2], None)
         if fut is not None and not fut.done():
-            fut.set_result(orjson.loads(msg.data) if msg.data else {"error": {"code": 503}})
+            fut.set_result(msg)
 
-    async def _js_publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
-        """Publish to a stream and await its ack: the sequence; KeyWrongLastSequenceError when an
-        expected-last-sequence header did not hold."""
+    async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> Msg:
         self._ack_seq += 1
         token = str(self._ack_seq)
         fut = asyncio.get_running_loop().create_future()
         self._acks[token] = fut
         try:
             await self._nc.publish(subject, body, reply=f"{self._ack_inbox}.{token}", headers=headers)
-            ack = await asyncio.wait_for(fut, 10.0)
+            return await asyncio.wait_for(fut, 10.0)
         finally:
             self._acks.pop(token, None)
+
+    async def _js_publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish to a stream and await its ack: the sequence; KeyWrongLastSequenceError when an
+        expected-last-sequence header did not hold."""
+        reply = await self._request(subject, body, headers)
+        ack = orjson.loads(reply.data) if reply.data else {"error": {"description": "no responders"}}
         error = ack.get("error")
         if error:
             if error.get("err_code") == 10071:
@@ -202,15 +202,17 @@ class NatsQueueBackend:
         )
 
     async def _read(self, job_id: str) -> tuple[dict[str, Any], bytes, int] | None | bool:
-        """(meta, payload, revision); None when absent, False when deleted (a tombstone)."""
-        try:
-            entry = await self._kv.get(f"j.{job_id}")
-        except KeyNotFoundError as exc:
-            return False if getattr(exc, "op", None) else None
-        if entry.value is None:
+        """(meta, payload, revision); None when absent, False when deleted (a tombstone). A
+        direct get of the key's last message (the bucket allows direct gets)."""
+        subject = f"$KV.{self.bucket}.j.{job_id}"
+        msg = await self._request(f"$JS.API.DIRECT.GET.KV_{self.bucket}.{subject}", b"")
+        headers = msg.headers or {}
+        if _STATUS in headers:  # 404: no such key
+            return None
+        if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
             return False
-        meta, payload = _parse(entry.value)
-        return meta, payload, entry.revision
+        meta, payload = _parse(msg.data)
+        return meta, payload, int(headers["Nats-Sequence"])
 
     async def _cas(self, meta: dict[str, Any], payload: bytes, last: int) -> int | None:
         """Write the record if its revision is still `last`; the new revision, or None."""
