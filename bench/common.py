@@ -344,10 +344,13 @@ def run_wrk(
     duration: float,
     cpu: int | None = CPU_LOAD,
     headers: Sequence[str] = (),
+    script: Path | None = None,
 ) -> WrkResult:
-    """One wrk thread (it shares core 0 with the upstream); bounded by a hard timeout."""
+    """One wrk thread (it shares core 0 with the upstream); bounded by a hard timeout.
+    `script` is a wrk Lua script (e.g. one setting wrk.method/body for POSTs)."""
     argv = [*(["taskset", "-c", str(cpu)] if cpu is not None else [])]
     argv += ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "--latency"]
+    argv += ["-s", str(script)] if script is not None else []
     argv += [arg for header in headers for arg in ("-H", header)] + [url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=True)
     return parse_wrk(done.stdout)

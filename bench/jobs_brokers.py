@@ -78,7 +78,8 @@ async def _work(backend: QueueBackend, queue: str, target: int, done: list[int],
 
 async def _bench_backend(name: str, n: int, workers: int, inflight: int) -> dict[str, float]:
     prefix = f"bwbench-{uuid.uuid4().hex[:8]}"
-    backend = await open_queue_backend(f"{URLS[name]}?prefix={prefix}")
+    backend = open_queue_backend(f"{URLS[name]}?prefix={prefix}")
+    await backend.open()
     queue = "bench"
     lease = 60.0
     try:

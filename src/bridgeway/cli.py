@@ -1,4 +1,4 @@
-"""`bridgeway serve | check | demo | keys | audit`."""
+"""`bridgeway serve | check | demo | keys | audit | events | jobs | spend`."""
 
 from __future__ import annotations
 
@@ -173,9 +173,19 @@ def keys_create(
     ] = None,
     services: Annotated[str | None, typer.Option(help="comma-separated services it may call")] = None,
     expires: Annotated[str | None, typer.Option(help="lifetime, e.g. 90d")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="comma-separated LLM model names (globs) it may use, within its role's")
+    ] = None,
+    budget: Annotated[
+        list[str] | None,
+        typer.Option(help="its own LLM budget, e.g. 5usd/1d or 2000000tokens/30d; repeatable"),
+    ] = None,
     config: ConfigOption = Path("bridgeway.yaml"),
 ) -> None:
     """Create a key and print it, once."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from bridgeway.config.models import BudgetConfig
     from bridgeway.config.units import parse_duration
 
     try:
@@ -183,6 +193,13 @@ def keys_create(
     except ValueError as exc:
         err.print(f"--expires: {exc}")
         raise typer.Exit(1) from None
+    try:
+        checked = TypeAdapter(list[BudgetConfig]).validate_python(budget or [])
+        budgets = [b.model_dump(exclude_none=True) for b in checked]
+    except ValidationError as exc:
+        err.print(f"--budget: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", markup=False)
+        raise typer.Exit(1) from None
+    allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     wanted = [s.strip() for s in services.split(",") if s.strip()] if services else None
     if client is not None:
         clients = _load_or_exit(config).clients
@@ -197,7 +214,15 @@ def keys_create(
         config,
         _audited(
             "key.created",
-            lambda keys: keys.create(name, role, services=wanted, expires_in=lifetime, client=client),
+            lambda keys: keys.create(
+                name,
+                role,
+                services=wanted,
+                expires_in=lifetime,
+                client=client,
+                models=allowed,
+                budgets=budgets,
+            ),
         ),
     )
     _print_secret(token)
@@ -213,13 +238,16 @@ def keys_list(config: ConfigOption = Path("bridgeway.yaml")) -> None:
 
     records = _with_state(config, lambda keys, audit: keys.list())
     table = Table(title=f"{len(records)} keys")
-    for column in ("id", "name", "role", "services", "created", "expires", "revoked"):
+    from bridgeway.llm.budgets import format_budget
+
+    for column in ("id", "name", "role", "services", "models", "budgets", "created", "expires", "revoked"):
         table.add_column(column)
     for r in sorted(records, key=lambda r: r.created_at):
         services = ",".join(r.services) if r.services is not None else "(role's)"
-        table.add_row(
-            r.id, r.name, r.role, services, when(r.created_at), when(r.expires_at), when(r.revoked_at)
-        )
+        models = ",".join(r.models) if r.models is not None else "(role's)"
+        budgets = " ".join(format_budget(b) for b in r.budgets) or "(role's)"
+        cells = (r.id, r.name, r.role, services, models, budgets)
+        table.add_row(*map(Text, cells), when(r.created_at), when(r.expires_at), when(r.revoked_at))
     console.print(table)
 
 
@@ -304,6 +332,265 @@ def audit(
     console.print(table, highlight=False)
     if after is not None:
         err.print(f"more: --cursor {after}", markup=False)
+
+
+from bridgeway.cli_events import events_app  # noqa: E402 - after `app`, to add to it
+
+app.add_typer(events_app, name="events")
+
+
+@app.command()
+def spend(
+    key: Annotated[str | None, typer.Option(help="a key id, or a caller id")] = None,
+    team: Annotated[str | None, typer.Option(help="a client of the clients table")] = None,
+    model: Annotated[str | None, typer.Option(help="a public model name")] = None,
+    since: Annotated[
+        str | None, typer.Option("--from", help="first UTC day, YYYY-MM-DD (default: 29 days ago)")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--to", help="last UTC day, YYYY-MM-DD (default: today)")
+    ] = None,
+    group_by: Annotated[
+        str, typer.Option(help="columns to sum by: day,key,team,model,deployment")
+    ] = "key,model",
+    config: ConfigOption = Path("bridgeway.yaml"),
+) -> None:
+    """LLM spend from the state backend: totals and rows per key, team, model and day."""
+    from bridgeway.api.spend import parse_day, spend_report
+    from bridgeway.errors import GatewayError
+    from bridgeway.llm.ledger import open_ledger
+    from bridgeway.llm.spend import Spending, today
+
+    cfg = _load_or_exit(config)
+    if cfg.state.startswith("memory:"):
+        err.print("spend is kept in the gateway's memory with state memory://: use the API")
+        raise typer.Exit(1)
+
+    async def run():
+        spending = Spending(open_ledger(cfg.state))
+        try:
+            last = parse_day(until, today(), "--to")
+            return await spend_report(
+                spending, key, team, model, parse_day(since, last - 29, "--from"), last, group_by
+            )
+        finally:
+            await spending.close()
+
+    import asyncio
+
+    try:
+        report = asyncio.run(run())
+    except GatewayError as exc:
+        err.print(exc.message, markup=False)
+        raise typer.Exit(1) from None
+    totals = report["totals"]
+    columns = [c.strip() for c in group_by.split(",") if c.strip()]
+    table = Table(
+        title=f"LLM spend {report['from']} .. {report['to']}: {totals['requests']} requests, "
+        f"{totals['tokens_in']} tokens in, {totals['tokens_out']} out, {totals['usd']:.6f} USD"
+    )
+    for column in (*columns, "requests", "tokens in", "tokens out", "USD"):
+        table.add_column(column)
+    for row in report["rows"]:
+        cells = [str(row[c]) for c in columns]
+        cells += [str(row["requests"]), str(row["tokens_in"]), str(row["tokens_out"]), f"{row['usd']:.6f}"]
+        table.add_row(*map(Text, cells))
+    console.print(table, highlight=False)
+
+
+jobs_app = typer.Typer(
+    help="Job queues, through the gateway's HTTP API (the config's admin token, or --token).",
+    no_args_is_help=True,
+)
+app.add_typer(jobs_app, name="jobs")
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help="gateway URL; default: the config's listen address")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", envvar="BRIDGEWAY_TOKEN", help="admin token or API key; default: admin.token"),
+]
+
+
+def _jobs_call(config: Path, url: str | None, token: str | None, action):
+    """Run `action(client)` against the gateway; its errors are printed, not raised."""
+    import asyncio
+
+    from bridgeway.sdk import BridgewayError, Client
+
+    if url is None or token is None:
+        cfg = _load_or_exit(config)
+        url = url or f"http://{cfg.listen}"
+        if token is None and cfg.admin.token is not None:
+            token = cfg.admin.token.get_secret_value()
+
+    async def run():
+        async with Client(url, api_key=token) as client:
+            return await action(client)
+
+    try:
+        return asyncio.run(run())
+    except BridgewayError as exc:
+        err.print(f"[red]{exc.code}[/] {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _json_arg(text: str, what: str):
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        err.print(f"{what} is not valid JSON: {exc}", markup=False)
+        raise typer.Exit(1) from None
+
+
+@jobs_app.command("queues")
+def jobs_queues(
+    config: ConfigOption = Path("bridgeway.yaml"), url: UrlOption = None, token: TokenOption = None
+):
+    """Every queue with its depth, leases, dead letters and the age of its oldest job."""
+
+    async def action(client):
+        async with client._request("GET", "/api/v1/queues") as resp:
+            return (await resp.json())["queues"]
+
+    table = Table(title="queues")
+    for column in ("queue", "delivery", "queued", "leased", "dead", "oldest", "max attempts"):
+        table.add_column(column)
+    for q in _jobs_call(config, url, token, action):
+        table.add_row(
+            q["name"],
+            q["delivery"],
+            str(q["queued"]),
+            str(q["leased"]),
+            str(q["dead"]),
+            format_duration(q["oldest_age"]),
+            str(q["max_attempts"]),
+        )
+    console.print(table)
+
+
+@jobs_app.command("enqueue")
+def jobs_enqueue(
+    queue: str,
+    payload: Annotated[str, typer.Argument(help="the job's payload, as JSON")],
+    delay: Annotated[str | None, typer.Option(help='e.g. "30s"')] = None,
+    priority: Annotated[int | None, typer.Option(help="higher first")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="idempotency key")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """Enqueue one job; prints its id."""
+    body = _json_arg(payload, "the payload")
+
+    async def action(client):
+        return await client.queues.enqueue(queue, body, delay=delay, priority=priority, idempotency_key=key)
+
+    console.print(_jobs_call(config, url, token, action), highlight=False)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: str,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """A job's state, attempts, last error and payload, as JSON."""
+    import orjson
+
+    async def action(client):
+        return await client.queues.get(job_id)
+
+    job = _jobs_call(config, url, token, action)
+    if job is None:
+        err.print(f"no job {job_id!r}", markup=False)
+        raise typer.Exit(1)
+    console.print_json(orjson.dumps(job).decode())
+
+
+@jobs_app.command("dead")
+def jobs_dead(
+    queue: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    after: Annotated[str | None, typer.Option(help="go on after this job id")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """The dead letters of a queue."""
+
+    async def action(client):
+        params = {"limit": str(limit)} | ({"after": after} if after else {})
+        async with client._request("GET", f"/api/v1/queues/{queue}/dead", params=params) as resp:
+            return await resp.json()
+
+    page = _jobs_call(config, url, token, action)
+    table = Table(title=f"{len(page['jobs'])} dead jobs in {queue}")
+    for column in ("id", "attempts", "last error", "payload"):
+        table.add_column(column)
+    import orjson
+
+    for job in page["jobs"]:
+        table.add_row(
+            *map(
+                Text,
+                (
+                    job["id"],
+                    str(job["attempts"]),
+                    job["last_error"] or "-",
+                    orjson.dumps(job["payload"]).decode()[:80],
+                ),
+            )
+        )
+    console.print(table)
+    if page["next"]:
+        err.print(f"more: --after {page['next']}", markup=False)
+
+
+@jobs_app.command("replay")
+def jobs_replay(
+    queue: str,
+    ids: Annotated[list[str] | None, typer.Argument(help="job ids; every dead job when none")] = None,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """Dead jobs back to their queue, attempts reset."""
+    import orjson
+
+    async def action(client):
+        body = orjson.dumps({"ids": ids} if ids else {})
+        async with client._request(
+            "POST",
+            f"/api/v1/queues/{queue}/dead/replay",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            return (await resp.json())["replayed"]
+
+    console.print(f"replayed {_jobs_call(config, url, token, action)} job(s)")
+
+
+@jobs_app.command("purge")
+def jobs_purge(
+    queue: str,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+    config: ConfigOption = Path("bridgeway.yaml"),
+    url: UrlOption = None,
+    token: TokenOption = None,
+):
+    """Delete the dead letters of a queue."""
+    if not yes:
+        typer.confirm(f"delete every dead job of {queue!r}?", abort=True)
+
+    async def action(client):
+        async with client._request("POST", f"/api/v1/queues/{queue}/dead/purge") as resp:
+            return (await resp.json())["purged"]
+
+    console.print(f"purged {_jobs_call(config, url, token, action)} job(s)")
 
 
 @app.command()

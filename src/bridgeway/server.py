@@ -18,6 +18,7 @@ import orjson
 
 from bridgeway import __version__
 from bridgeway.api import build_api
+from bridgeway.api.app import queue_call, serve_queue_call
 from bridgeway.api.auth import credential_kind
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
@@ -26,7 +27,14 @@ from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
 from bridgeway.governance.audit import AuditLog
+from bridgeway.jobs.events.log import EventLog, Retention, open_event_log
+from bridgeway.jobs.events.webhooks import WebhookDelivery
+from bridgeway.jobs.queues import open_queue_backend
+from bridgeway.jobs.queues.push import Delivery
+from bridgeway.jobs.queues.service import Queues
 from bridgeway.llm.endpoint import LLMEndpoint
+from bridgeway.llm.ledger import open_ledger
+from bridgeway.llm.spend import Spending
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
 from bridgeway.security.access import Access
@@ -58,7 +66,11 @@ class Gateway:
         self.oauth: TokenIssuer | None = None
         self.verifier: JwtVerifier | None = None
         self.access = Access(config, None)  # rebuilt with the key store at start-up
-        self.llm = LLMEndpoint(config)
+        self.llm = LLMEndpoint(config, cache=self.registry.cache)  # one cache memory, one backend
+        self.event_log: EventLog | None = None  # opened at start-up, on the jobs backend
+        self.webhooks: WebhookDelivery | None = None
+        self.queues: Queues | None = None  # opened at start-up when the config names queues
+        self.delivery: Delivery | None = None
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin_token_sha256 = _token_hash(config)
@@ -78,7 +90,20 @@ class Gateway:
             self.registry.limiter = RedisLimiter(self.config.state)  # limits hold across replicas
         self._build_auth(self.config)
         self.registry.apply(self.config)
+        self.llm.spending = Spending(open_ledger(self.config.state))  # LLM spend and budgets
+        self.llm.spending.start()
+        if self.config.queues:
+            # Connected before the loops start: a broker that is down fails the start, loudly.
+            backend = open_queue_backend(self.config.jobs_backend, retention=self.config.jobs.retention)
+            try:
+                await backend.open()
+            except BaseException:
+                await backend.close()
+                raise
+            self.queues = Queues(self.config, backend)
+        self._apply_queues(self.config)
         self.health.start()
+        await self._start_events()
         if shared_dir() is not None:
             self._publisher = asyncio.create_task(self._publish_metrics())
         loop = asyncio.get_running_loop()
@@ -94,6 +119,14 @@ class Gateway:
         self.ready = True
         self.log.info("gateway_started", listen=self.config.listen, services=list(self.config.services))
 
+    async def _start_events(self) -> None:
+        events = self.config.events
+        retention = Retention(events.retention.max_age, events.retention.max_count, events.dedupe_window)
+        self.event_log = open_event_log(self.config.jobs_backend, events.log, retention)
+        self.webhooks = WebhookDelivery(self.event_log, self.state, events.delivery)
+        self.webhooks.configure(events.webhooks, events.delivery)
+        await self.webhooks.start()
+
     def _build_auth(self, config: Config) -> None:
         """Keys, tokens (the gateway's own and configured issuers') and the clients table."""
         oauth = config.auth.oauth
@@ -108,13 +141,38 @@ class Gateway:
             config, self.keys, self.registry.limiter, verifier=self.verifier, oauth=self.oauth
         )
 
+    def _apply_queues(self, config: Config) -> None:
+        """Start the queues' loops once a config names queues (a backend first named by a reload
+        connects on its first call); keep the push loops in step with the config."""
+        if self.queues is None:
+            if not config.queues:
+                return  # no queues: no backend file, no loops
+            backend = open_queue_backend(config.jobs_backend, retention=config.jobs.retention)
+            self.queues = Queues(config, backend)
+        else:
+            self.queues.configure(config)
+        if self.delivery is None:
+            self.queues.start()
+            self.delivery = Delivery(self.queues, self.registry)
+        self.delivery.apply()
+
     async def shutdown(self) -> None:
         self.ready = False
         if self._publisher:
             self._publisher.cancel()
+        if self.delivery is not None:
+            await self.delivery.stop()  # before the registry's pools close under the deliveries
+        if self.queues is not None:
+            await self.queues.stop()
         await self.health.stop()
         await self.registry.close()
         await self.llm.close()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        if self.event_log is not None:
+            await self.event_log.close()
+        if self.llm.spending is not None:
+            await self.llm.spending.close()  # writes the spend still queued
         await self.audit.stop()  # writes what is still queued, while the state is open
         if self.state is not None:
             await self.state.close()
@@ -150,12 +208,15 @@ class Gateway:
                 **context,
             )
             return exc.problems
-        for field in ("listen", "state"):
+        for field in ("listen", "state", "jobs_backend"):
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
         self._build_auth(config)
+        self._apply_queues(config)
         self.llm = LLMEndpoint(config, self.llm)
+        if self.webhooks is not None:
+            self.webhooks.configure(config.events.webhooks, config.events.delivery)
         self.config = config
         self._loaded_mtime = mtime
         logs.configure(config.logging.level)
@@ -210,6 +271,9 @@ class Gateway:
                         service, scope, receive, send, len(BRIDGE) + len(service.name), self.access
                     )
                     return
+            elif scope["path"].startswith("/api/"):
+                await self.api(scope, receive, send)  # the event stream's WebSocket
+                return
             await send({"type": "websocket.close", "code": 4404})
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -223,6 +287,9 @@ class Gateway:
                 )
                 await send_error(send, error, new_trace_id(), [])
                 return
+        if (call := queue_call(scope)) is not None:
+            await serve_queue_call(self.api, call, scope, _limited(receive, API_MAX_BODY), send)
+            return
         await self.api(scope, _limited(receive, API_MAX_BODY), send)
 
     def _service_for(self, path: str):

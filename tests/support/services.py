@@ -80,6 +80,20 @@ async def drop_redis_prefix(prefix: str) -> None:
         await client.close()
 
 
+async def drop_redis_keys(keys: list[str], prefix: str | None = None) -> None:
+    """Delete these Redis keys, and every key under `prefix:` when given."""
+    from bridgeway.state.resp import RespClient
+
+    client = RespClient(REDIS_URL, timeout=5.0)
+    try:
+        if keys:
+            await client.execute("UNLINK", *keys)
+    finally:
+        await client.close()
+    if prefix:
+        await drop_redis_prefix(prefix)
+
+
 NATS_URL = "nats://127.0.0.1:4222"
 
 

@@ -28,7 +28,7 @@ def request_fields(request: Request) -> dict:
     return {
         "trace_id": trace(request)[0],
         "route": route,
-        "method": request.method,
+        "method": request.scope.get("method", "WEBSOCKET"),
         "path": request.url.path,
         "address": request.client.host if request.client else None,
     }

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, field_validator
 
 from bridgeway.api.context import audit
+from bridgeway.config.models import BudgetConfig
 from bridgeway.config.units import parse_duration
 from bridgeway.errors import GatewayError
 from bridgeway.governance.audit import key_fields
@@ -20,6 +21,14 @@ class NewKey(BaseModel):
     client: str | None = Field(None, description="a client of the config's clients table: the key acts as it")
     services: list[str] | None = None
     expires: str | None = Field(None, description="lifetime, e.g. 90d; none by default")
+    models: list[str] | None = Field(
+        None,
+        description="public LLM model names (globs) it may use, within its role's; all of them when absent",
+    )
+    budgets: list[BudgetConfig] | None = Field(
+        None,
+        description='its own LLM budgets, replacing its role\'s: [{"period": "1d", "usd": 5}] or ["5usd/1d"]',
+    )
 
     @field_validator("expires")
     @classmethod
@@ -53,7 +62,13 @@ async def create_key(request: Request, body: NewKey) -> dict:
     if role is None:
         raise GatewayError("VALIDATION_ERROR", "role: required unless client is set")
     token, record = await _keys(request).create(
-        body.name, role, services=body.services, expires_in=expires_in, client=body.client
+        body.name,
+        role,
+        services=body.services,
+        expires_in=expires_in,
+        client=body.client,
+        models=body.models,
+        budgets=[b.model_dump(exclude_none=True) for b in body.budgets or ()],
     )
     audit(request, "key.created", **key_fields(record))
     return {"key": token, **record.public()}

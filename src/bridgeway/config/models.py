@@ -223,11 +223,57 @@ class KvGrant(Model):
     access: Literal["read", "write"] = Field("read", description="write includes read")
 
 
+class EventGrant(Model):
+    types: str = Field(description='an event type or a glob of them, e.g. "job.*"')
+    access: Literal["publish", "subscribe"] = Field(description="publish events, or subscribe to them")
+
+
+def _budget_text(value: object) -> object:
+    """`"5usd/1d"` or `"2000000tokens/30d"` as the object form (keys API and CLI spell them so)."""
+    if isinstance(value, str):
+        from bridgeway.llm.budgets import parse_budget  # the budget rules live with the ledger
+
+        return parse_budget(value)
+    return value
+
+
+class _BudgetFields(Model):
+    """A spending budget on /v1 calls: money and/or tokens (input + output) per period."""
+
+    period: Literal["1d", "7d", "30d", "total"] = Field(
+        description="the current UTC day, the last 7 or 30 UTC days (today included), or all time"
+    )
+    usd: float | None = Field(None, gt=0, description="USD per period, from the price table")
+    tokens: int | None = Field(None, gt=0, description="input + output tokens per period")
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.usd is None and self.tokens is None:
+            raise ValueError("a budget sets usd, tokens or both")
+        return self
+
+
+BudgetConfig = Annotated[_BudgetFields, BeforeValidator(_budget_text)]
+
+
+class QueueGrant(Model):
+    queue: str = Field(description='a queue name or a glob of them, e.g. "reports-*"')
+    access: Literal["produce", "consume"] = Field(
+        "produce", description="produce: enqueue and read its jobs; consume: also claim, settle, list dead"
+    )
+
+
 class RoleConfig(Model):
     allow: list[Grant] = []
     kv: list[KvGrant] = Field([], description="KV namespaces the role may read or write")
+    events: list[EventGrant] = Field([], description="event types the role may publish or subscribe to")
+
+    queues: list[QueueGrant] = Field([], description="queues the role may produce to or consume from")
     models: list[str] = Field(
         [], description='public model names (globs) the role may use on /v1, e.g. "fast-*"'
+    )
+    budgets: list[BudgetConfig] = Field(
+        [], description="LLM budgets of each key (or token subject) of the role, unless the key sets its own"
     )
 
 
@@ -238,6 +284,7 @@ class ClientConfig(Model):
     role: str
     services: list[str] | None = Field(None, description="narrows the role to these services")
     limits: list[ClientLimitConfig] = Field([], description="budgets the client's calls draw from, together")
+    budgets: list[BudgetConfig] = Field([], description="LLM spending budgets the client's keys share")
     secret: SecretStr | None = Field(
         None, description="OAuth2 client secret for POST /oauth/token; kept only as a hash"
     )
@@ -330,6 +377,12 @@ class LLMDeploymentConfig(Model):
     api_key: SecretStr | None = Field(None, description='use "${env:NAME}"; never logged')
     weight: float = Field(1.0, gt=0, description="share of traffic under the weighted strategy")
     timeout: Duration = Field(120.0, description="until the response head, and between stream events")
+    input_per_1m: float | None = Field(
+        None, ge=0, description="USD per 1M input tokens; default: price table"
+    )
+    output_per_1m: float | None = Field(
+        None, ge=0, description="USD per 1M output tokens; default: price table"
+    )
 
 
 class CooldownConfig(Model):
@@ -337,11 +390,63 @@ class CooldownConfig(Model):
     open_for: Duration = Field(30.0, description="how long it rests before a probe may try it again")
 
 
+class LLMCacheConfig(Model):
+    """The answer cache of one model group (opt-in): see docs/configuration.md."""
+
+    ttl: Duration = Field(600.0, gt=0, description="how long an answer is kept")
+    scope: Literal["caller", "role", "public"] = Field(
+        "caller", description="who shares an entry: the same caller, callers of one role, or everyone"
+    )
+    max_entry: Size = Field(1024 * 1024, gt=0, description="larger answers are passed on, not stored")
+
+
 class ModelGroupConfig(Model):
     strategy: Literal["weighted", "least_busy", "lowest_latency", "lowest_cost"] = "weighted"
     deployments: list[LLMDeploymentConfig] = Field(min_length=1)
     fallbacks: list[str] = Field([], description="model groups tried, in order, after this one's")
     cooldown: CooldownConfig = CooldownConfig()
+    cache: LLMCacheConfig | None = Field(None, description="cache of answers; none when absent")
+
+
+Complexity = Literal["low", "medium", "high"]
+
+
+def _one_or_many(value: object) -> object:
+    """`task: code` reads as well as `task: [code, review]`."""
+    return [value] if isinstance(value, str) else value
+
+
+class RuleWhen(Model):
+    """What a request's metadata must show for a rule to apply; every field given must hold."""
+
+    task: Annotated[list[str], BeforeValidator(_one_or_many)] | None = Field(
+        None, min_length=1, description="one of these task types"
+    )
+    complexity: Annotated[list[Complexity], BeforeValidator(_one_or_many)] | None = Field(
+        None, min_length=1, description="one of these levels (given, or estimated from the prompt)"
+    )
+    tags: Annotated[list[str], BeforeValidator(_one_or_many)] | None = Field(
+        None, min_length=1, description="all of these tags"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> RuleWhen:
+        if self.task is None and self.complexity is None and self.tags is None:
+            raise ValueError("a rule's `when` needs at least one of task, complexity or tags")
+        return self
+
+
+class RuleConfig(Model):
+    when: RuleWhen
+    model: str = Field(min_length=1, description="the model group chosen when the rule applies")
+
+
+class RouterConfig(Model):
+    """A router name callers may put in `model`: the first rule that applies picks the group."""
+
+    rules: list[RuleConfig] = []
+    default: str = Field(min_length=1, description="the group chosen when no rule applies")
+    prefer: bool = Field(True, description="honour a caller's preferred model (metadata `prefer`)")
 
 
 class AuditConfig(Model):
@@ -354,6 +459,108 @@ class JobsConfig(Model):
         "",
         description="where queues and events live: sqlite:///path.db, redis://host:port/db or "
         "nats://host:4222; default: the state backend's (an in-process SQLite for memory://)",
+    )
+    retention: Duration = Field(7 * 86400.0, gt=0, description="how long done jobs stay readable")
+    callback_secret: SecretStr | None = Field(
+        None, description='signs job callbacks where a queue sets none; use "${env:NAME}"'
+    )
+
+
+class DeliverConfig(Model):
+    """Push delivery: each job is POSTed to a service route, as /bridge/{service}{path} would."""
+
+    service: str
+    path: str = Field("/", pattern=r"^/[^\s?#]*$")
+    method: Literal["POST", "PUT"] = "POST"
+
+
+class BackoffConfig(Model):
+    base: Duration = Field(1.0, ge=0, description="ceiling of the first retry's wait (full jitter)")
+    max: Duration = Field(300.0, ge=0, description="ceiling of any retry's wait")
+
+
+class QueueConfig(Model):
+    deliver: DeliverConfig | None = Field(None, description="push to a service route; pull when absent")
+    concurrency: int = Field(16, ge=1, le=10_000, description="push: jobs in flight per gateway worker")
+    max_attempts: int = Field(5, ge=1, le=1000)
+    backoff: BackoffConfig = BackoffConfig()
+    lease: Duration = Field(
+        30.0, gt=0, description="how long a claimed job is held before it is handed out again"
+    )
+    max_depth: int | None = Field(None, ge=1, description="enqueues are refused (429) while this many wait")
+    max_payload: Size = Field(256 * 1024, gt=0, description="largest job payload")
+    callback_secret: SecretStr | None = Field(
+        None, description='signs this queue\'s callbacks; "${env:NAME}"'
+    )
+
+
+QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+
+
+EventTypePattern = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:*?\[\]!-]{1,200}$")]
+
+
+class WebhookConfig(Model):
+    """One webhook subscription: events whose type matches `types` are posted to `url`, in order."""
+
+    types: list[EventTypePattern] = Field(min_length=1, description='globs on event_type, e.g. "job.*"')
+    url: str = Field(description="where events are posted (http or https)")
+    secret: SecretStr = Field(description='HMAC key for X-Bridgeway-Signature; use "${env:NAME}"')
+    service: str | None = Field(
+        None, description="only events whose target_services is empty or names this service"
+    )
+    start: Literal["latest", "earliest"] = Field(
+        "latest", description="where a new subscription starts: events published from now, or all retained"
+    )
+    timeout: Duration = Field(10.0, gt=0, description="for one post")
+
+    @model_validator(mode="after")
+    def _http_url(self) -> WebhookConfig:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f'"{self.url}" is not a webhook URL (expected http(s)://host/path)')
+        if not self.secret.get_secret_value():
+            raise ValueError("secret must not be empty")
+        return self
+
+
+class EventRetentionConfig(Model):
+    max_age: Duration = Field(7 * 86400.0, gt=0, description="events older than this are dropped")
+    max_count: int = Field(1_000_000, ge=1, description="only the newest this many events are kept")
+
+
+class EventDeliveryConfig(Model):
+    backoff: Duration = Field(0.5, gt=0, description="wait after a failed webhook post, doubled each time")
+    max_backoff: Duration = Field(60.0, gt=0, description="the longest wait between two tries")
+    lease: Duration = Field(
+        15.0, gt=0, description="how long a worker owns a subscription without renewing it"
+    )
+
+
+class EventsConfig(Model):
+    log: str = Field(
+        "events",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="name of the log: the SQLite table's suffix, the Redis key, the NATS stream",
+    )
+    retention: EventRetentionConfig = EventRetentionConfig()
+    dedupe_window: Duration = Field(
+        120.0, gt=0, description="an event_id published again within this window is not stored twice"
+    )
+    max_payload: Size = Field(256 * 1024, gt=0, description="largest event (as JSON) accepted")
+    heartbeat: Duration = Field(15.0, gt=0, description="idle live streams get a heartbeat this often")
+    delivery: EventDeliveryConfig = EventDeliveryConfig()
+    webhooks: dict[ServiceName, WebhookConfig] = Field({}, description="subscriptions declared in config")
+
+
+class SpendConfig(Model):
+    """How LLM spend is estimated before a call and held against budgets."""
+
+    default_output_tokens: int = Field(
+        1024, ge=0, description="output estimate of a chat request without max_tokens / max_completion_tokens"
+    )
+    hold_for: Duration = Field(
+        900.0, gt=0, description="a reservation not settled by then (a gateway died) is released"
     )
 
 
@@ -373,10 +580,20 @@ class Config(Model):
     cache: CacheMemoryConfig = CacheMemoryConfig()
     services: dict[ServiceName, ServiceConfig] = {}
     models: dict[str, ModelGroupConfig] = Field({}, description="the LLM router's public model names")
+    routing: dict[str, RouterConfig] = Field(
+        {}, description="router names (e.g. auto) that choose a model group from request metadata"
+    )
     jobs: JobsConfig = JobsConfig()
+    events: EventsConfig = EventsConfig()
+    spend: SpendConfig = SpendConfig()
+
+    queues: dict[QueueName, QueueConfig] = Field({}, description="durable job queues")
 
     @model_validator(mode="after")
     def _known_roles(self) -> Config:
+        for name, queue in self.queues.items():
+            if queue.deliver is not None and queue.deliver.service not in self.services:
+                raise ValueError(f"queues.{name}.deliver.service: no service named {queue.deliver.service!r}")
         for name, client in self.clients.items():
             if client.role != "admin" and client.role not in self.roles:
                 raise ValueError(f"clients.{name}.role: no role named {client.role!r}")
@@ -384,6 +601,14 @@ class Config(Model):
             for other in group.fallbacks:
                 if other not in self.models or other == name:
                     raise ValueError(f"models.{name}.fallbacks: no other model group named {other!r}")
+        for name, router in self.routing.items():
+            if name in self.models:
+                raise ValueError(f"routing.{name}: the name is already a model group's")
+            for i, rule in enumerate(router.rules):
+                if rule.model not in self.models:
+                    raise ValueError(f"routing.{name}.rules.{i}.model: no model group named {rule.model!r}")
+            if router.default not in self.models:
+                raise ValueError(f"routing.{name}.default: no model group named {router.default!r}")
         return self
 
     @property

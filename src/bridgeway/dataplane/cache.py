@@ -441,16 +441,7 @@ class RouteCache:
         return f"{self.service}/{digest(target)}"
 
     def _scope(self, caller: Principal | None) -> str:
-        # Principal ids are "key:…", "client:…" or "jwt:…": none can be mistaken for these names.
-        scope = self.config.scope
-        if scope == "public":
-            return "public"
-        if caller is None:
-            return "anonymous"
-        if scope == "caller":
-            return caller.id
-        services = ",".join(sorted(caller.services)) if caller.services is not None else "*"
-        return f"role {caller.role} {services} {caller.client or ''}"
+        return scope_key(self.config.scope, caller)
 
     # -- reads ------------------------------------------------------------------------------------
 
@@ -585,6 +576,19 @@ class RouteCache:
     def reply_headers(self, entry: Stored, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         age = max(0, int(self.shared.clock() - entry.stored_at))
         return [*entry.headers, *extra, (b"age", str(age).encode()), HIT]
+
+
+def scope_key(scope: str, caller: Principal | None) -> str:
+    """Who shares an entry made for `caller` under `scope` (caller, role or public)."""
+    # Principal ids are "key:…", "client:…" or "jwt:…": none can be mistaken for these names.
+    if scope == "public":
+        return "public"
+    if caller is None:
+        return "anonymous"
+    if scope == "caller":
+        return caller.id
+    services = ",".join(sorted(caller.services)) if caller.services is not None else "*"
+    return f"role {caller.role} {services} {caller.client or ''}"
 
 
 def digest(*parts: bytes | None) -> str:

@@ -69,6 +69,8 @@ class ModelGroup:
     def ordered(self, rng: random.Random) -> list[Deployed]:
         """This group's deployments, best first by the strategy."""
         items = self.deployed
+        if len(items) == 1:  # the common group: nothing to order, no random draw
+            return items
         if self.strategy == "least_busy":
             return sorted(items, key=lambda x: x.inflight)
         if self.strategy == "lowest_latency":

@@ -28,15 +28,25 @@ NO_SERVICE = "-"  # label for requests that matched no service: never echo a cli
 
 
 class Histogram:
-    __slots__ = ("counts", "sum")
+    __slots__ = ("buckets", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.buckets, seconds)] += 1
         self.sum += seconds
+
+
+def histogram_buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts as prometheus-client wants them: cumulative, the last one +Inf."""
+    cumulative, buckets = 0, []
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+        cumulative += n
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+    return buckets
 
 
 class ServiceMetrics:
@@ -94,8 +104,20 @@ class ServiceMetrics:
 
 
 _ALL: dict[str, ServiceMetrics] = {}
+# Other parts' metrics (the LLM router's, the event bus's): name -> (this worker's counters as
+# JSON-able data, every worker's (data, still running) -> metric families; a gauge counts only
+# running workers). Registered by the part itself, so this module does not import it.
+Families = Callable[[list[tuple[dict, bool]]], Iterable]
+_SECTIONS: dict[str, tuple[Callable[[], dict], Families]] = {}
+
+
+def register_section(name: str, dump: Callable[[], dict], families: Families) -> None:
+    _SECTIONS[name] = (dump, families)
+
+
 _RELOADS = {"ok": 0, "rejected": 0}
 _AUDIT = {"dropped": 0}
+# The event bus: counters, and the lag of the webhook subscriptions this worker delivers.
 
 
 def for_service(name: str) -> ServiceMetrics:
@@ -115,7 +137,14 @@ def audit_dropped(count: int) -> None:
 
 
 def _snapshot() -> dict:
-    return {"services": {name: m.dump() for name, m in _ALL.items()}, "reloads": _RELOADS, "audit": _AUDIT}
+    snap = {
+        "services": {name: m.dump() for name, m in _ALL.items()},
+        "reloads": _RELOADS,
+        "audit": _AUDIT,
+    }
+    for name, (dump, _) in _SECTIONS.items():
+        snap[name] = dump()
+    return snap
 
 
 def write_snapshot() -> None:
@@ -195,7 +224,8 @@ class _Collector(Collector):
         )
         dropped = 0
         totals: dict = {}
-        for snap, alive in _all_workers():
+        workers = _all_workers()
+        for snap, alive in workers:
             for name, m in snap["services"].items():
                 t = totals.setdefault(
                     name,
@@ -227,6 +257,8 @@ class _Collector(Collector):
             for result, n in snap["reloads"].items():
                 totals.setdefault("_reloads", {}).setdefault(result, 0)
                 totals["_reloads"][result] += n
+        for section, (_, families) in _SECTIONS.items():
+            yield from families([(snap[section], alive) for snap, alive in workers if section in snap])
         for result, n in totals.pop("_reloads", {}).items():
             reloads.add_metric([result], n)
         yield reloads
@@ -256,11 +288,7 @@ class _Collector(Collector):
                 errors.add_metric([name, code], n)
             for key, family in histograms.items():
                 counts, total = t[key]
-                cumulative, buckets = 0, []
-                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
-                    cumulative += n
-                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-                family.add_metric([name], buckets, total)
+                family.add_metric([name], histogram_buckets(LATENCY_BUCKETS, counts), total)
         yield from (requests, inflight, retries, unavailable, errors, *cache, *histograms.values())
 
         breaker = GaugeMetricFamily(

@@ -115,14 +115,114 @@ class KV:
                 return
 
 
+@dataclass(slots=True)
+class Job:
+    """A claimed job, as a handler sees it."""
+
+    id: str
+    queue: str
+    payload: Any
+    headers: dict[str, str]
+    attempts: int
+    max_attempts: int
+    lease: str
+    lease_until: float
+
+
+class Queues:
+    """Producing and consuming jobs under /api/v1/queues; the Worker (sdk/worker.py) is the
+    easy way to consume."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    async def enqueue(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        delay: float | str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+    ) -> str:
+        """Enqueue one job; returns its id (the existing job's, for a known idempotency key)."""
+        job = {"payload": payload}
+        for name, value in (
+            ("headers", headers),
+            ("delay", delay),
+            ("priority", priority),
+            ("idempotency_key", idempotency_key),
+            ("callback_url", callback_url),
+        ):
+            if value is not None:
+                job[name] = value
+        return (await self._post(f"/api/v1/queues/{quote(queue, safe='')}/jobs", job))["id"]
+
+    async def enqueue_many(self, queue: str, jobs: list[dict]) -> list[str]:
+        """A batch, all or nothing: each item as `enqueue`'s keywords, with `payload`."""
+        answer = await self._post(f"/api/v1/queues/{quote(queue, safe='')}/jobs", {"jobs": jobs})
+        return [j["id"] for j in answer["jobs"]]
+
+    async def get(self, job_id: str) -> dict | None:
+        async with self._client._request("GET", f"/api/v1/jobs/{quote(job_id, safe='')}", ok=(404,)) as resp:
+            return None if resp.status == 404 else orjson.loads(await resp.read())
+
+    async def claim(
+        self, queue: str, max: int = 1, *, wait: float = 0.0, lease: float | None = None
+    ) -> list[Job]:
+        body: dict[str, Any] = {"max": max, "wait": wait}
+        if lease is not None:
+            body["lease"] = lease
+        # A long poll may outlast the client's default timeout: this call gets its own.
+        answer = await self._post(
+            f"/api/v1/queues/{quote(queue, safe='')}/claim",
+            body,
+            timeout=aiohttp.ClientTimeout(total=wait + 30),
+        )
+        return [
+            Job(
+                j["id"],
+                j["queue"],
+                j["payload"],
+                j["headers"],
+                j["attempts"],
+                j["max_attempts"],
+                j["lease"],
+                j["lease_until"],
+            )
+            for j in answer["jobs"]
+        ]
+
+    async def settle(self, queue: str, outcomes: list[dict]) -> list[dict]:
+        """Outcomes as {"id", "lease", "action": ack|nack|bury|extend, ...}; a result per item
+        (status 409 where the lease was lost)."""
+        return (await self._post(f"/api/v1/queues/{quote(queue, safe='')}/settle", {"jobs": outcomes}))[
+            "results"
+        ]
+
+    async def _post(self, path: str, body: Any, **kwargs: Any) -> Any:
+        async with self._client._request(
+            "POST", path, data=orjson.dumps(body), headers={"Content-Type": "application/json"}, **kwargs
+        ) as resp:
+            return orjson.loads(await resp.read())
+
+
 class Client:
     def __init__(
         self, url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0
     ):
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=timeout))
+        # Long-polled claims hold a connection each: no small per-host cap.
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            connector=aiohttp.TCPConnector(limit=0),
+        )
         self.kv = KV(self)
+        self.queues = Queues(self)
 
     async def __aenter__(self) -> Client:
         return self

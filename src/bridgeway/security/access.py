@@ -12,6 +12,7 @@ client's budgets.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class Principal:
     role: str
     services: frozenset[str] | None  # None: every service the role allows
     client: str | None = None  # the row of the clients table whose budgets apply
+    models: tuple[str, ...] | None = None  # a key's own model globs, narrowing its role's
+    budgets: tuple[dict, ...] = ()  # a key's own LLM budgets (else its role's apply)
 
 
 # What a bearer token from an unknown issuer proves: nothing to the gateway (it may be the
@@ -79,6 +82,14 @@ class Access:
         self.roles = {name: [_Grant(g) for g in role.allow] for name, role in config.roles.items()}
         self.kv_grants = {
             name: [(re.compile(fnmatch.translate(g.namespace)).match, g.access) for g in role.kv]
+            for name, role in config.roles.items()
+        }
+        self.event_grants = {
+            name: [(re.compile(fnmatch.translate(g.types)).match, g.access) for g in role.events]
+            for name, role in config.roles.items()
+        }
+        self.queue_grants = {
+            name: [(re.compile(fnmatch.translate(g.queue)).match, g.access) for g in role.queues]
             for name, role in config.roles.items()
         }
         self.model_grants = {
@@ -132,7 +143,11 @@ class Access:
 
     def may_use_model(self, caller: Principal | None, model: str) -> bool:
         """Anonymous callers only get this far where authentication is not required."""
-        if caller is None or caller.role == ADMIN_ROLE:
+        if caller is None:
+            return True
+        if caller.models is not None and _globs(caller.models)(model) is None:
+            return False
+        if caller.role == ADMIN_ROLE:
             return True
         grant = self.model_grants.get(caller.role)
         return grant is not None and grant(model) is not None
@@ -145,15 +160,43 @@ class Access:
             for match, access in self.kv_grants.get(caller.role, ())
         )
 
+    def may_use_events(self, caller: Principal, types: str, access: str) -> bool:
+        """Whether `caller` may publish (`access="publish"`) events of type `types`, or subscribe
+        to the pattern `types`. A pattern is granted when it matches a grant's glob as a string
+        ("job.*" is covered by "job.*" and "job.created" by "job.*"); streams additionally filter
+        every event through `event_filter`, so a pattern that slips past this is still narrowed."""
+        if caller.role == ADMIN_ROLE:
+            return True
+        return any(
+            match(types) and granted == access for match, granted in self.event_grants.get(caller.role, ())
+        )
+
+    def event_filter(self, caller: Principal):
+        """A predicate on event types the caller may receive; None when it may receive all."""
+        if caller.role == ADMIN_ROLE:
+            return None
+        matches = [m for m, granted in self.event_grants.get(caller.role, ()) if granted == "subscribe"]
+        return lambda event_type: any(m(event_type) for m in matches)
+
+    def may_use_queue(self, caller: Principal, queue: str, consume: bool) -> bool:
+        """produce: enqueue and read jobs; consume (which includes produce): claim, settle, dead list."""
+        if caller.role == ADMIN_ROLE:
+            return True
+        return any(
+            match(queue) and (access == "consume" or not consume)
+            for match, access in self.queue_grants.get(caller.role, ())
+        )
+
     def principal_of_key(self, record: KeyRecord) -> Principal:
         """A key acts as its client when it was issued to one: the client's role, services and
         budgets (narrowed further by the key's own service list)."""
         client = self.clients.get(record.client) if record.client else None
+        own = {"models": record.models, "budgets": record.budgets}
         if client is None:
             services = frozenset(record.services) if record.services is not None else None
-            return Principal(f"key:{record.id}", record.role, services)
+            return Principal(f"key:{record.id}", record.role, services, **own)
         services = _narrow(client.services, record.services)
-        return Principal(f"key:{record.id}", client.role, services, record.client)
+        return Principal(f"key:{record.id}", client.role, services, record.client, **own)
 
     def principal_of_client(self, name: str) -> Principal | None:
         client = self.clients.get(name)
@@ -193,6 +236,12 @@ class Access:
             self._cache.clear()
         self._cache[token] = (now, caller)
         return caller
+
+
+@functools.lru_cache(maxsize=1024)
+def _globs(patterns: tuple[str, ...]):
+    """One compiled matcher per distinct list of globs (keys share few lists)."""
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or "(?!)").match
 
 
 def _narrow(a: list[str] | None, b) -> frozenset[str] | None:

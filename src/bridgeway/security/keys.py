@@ -39,6 +39,8 @@ class KeyRecord:
     previous_sha256: str | None = None  # the key before the last rotation...
     previous_until: float | None = None  # ...accepted until then
     client: str | None = None  # issued to this client of the clients table: acts as it
+    models: tuple[str, ...] | None = None  # public model globs it may use (narrowing its role's)
+    budgets: tuple[dict, ...] = ()  # its own LLM budgets ({period, usd, tokens}); else its role's
 
     def public(self) -> dict:
         """What the API and CLI show: never a hash."""
@@ -46,6 +48,8 @@ class KeyRecord:
         for field in ("secret_sha256", "previous_sha256"):
             out.pop(field)
         out["services"] = list(self.services) if self.services is not None else None
+        out["models"] = list(self.models) if self.models is not None else None
+        out["budgets"] = list(self.budgets)
         return out
 
     def active(self, now: float) -> bool:
@@ -85,6 +89,8 @@ class KeyStore:
         services: list[str] | None = None,
         expires_in: float | None = None,
         client: str | None = None,
+        models: list[str] | None = None,
+        budgets: list[dict] | None = None,
     ) -> tuple[str, KeyRecord]:
         """A new key; the returned token is the only time its secret exists outside the caller."""
         now = self.clock()
@@ -99,6 +105,8 @@ class KeyStore:
                 expires_at=now + expires_in if expires_in else None,
                 secret_sha256=_digest(secret),
                 client=client,
+                models=tuple(models) if models is not None else None,
+                budgets=tuple(budgets or ()),
             )
             if await self._store(record, create=True):
                 return f"{PREFIX}{key_id}_{secret}", record
@@ -128,6 +136,9 @@ class KeyStore:
             return None
         data = orjson.loads(entry.value)
         data["services"] = tuple(data["services"]) if data["services"] is not None else None
+        if data.get("models") is not None:
+            data["models"] = tuple(data["models"])
+        data["budgets"] = tuple(data.get("budgets") or ())
         return KeyRecord(**data)
 
     async def list(self) -> list[KeyRecord]:
@@ -164,6 +175,8 @@ class KeyStore:
     async def _store(self, record: KeyRecord, *, create: bool = False) -> bool:
         data = dataclasses.asdict(record)
         data["services"] = list(record.services) if record.services is not None else None
+        data["models"] = list(record.models) if record.models is not None else None
+        data["budgets"] = list(record.budgets)
         try:
             await self.kv.put(NAMESPACE, record.id, orjson.dumps(data), if_version=0 if create else None)
         except VersionMismatch:

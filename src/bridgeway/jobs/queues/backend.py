@@ -90,6 +90,11 @@ class QueueStats:
 
 
 class QueueBackend(Protocol):
+    async def open(self) -> None:
+        """Connect and check (idempotent): the gateway awaits it at start-up so a broker that is
+        down fails the start; every other call also opens the backend on first use."""
+        ...
+
     async def enqueue(self, jobs: list[NewJob], now: float) -> list[tuple[Job, bool]]:
         """Store a batch atomically; (job, created) per input, in order."""
         ...
@@ -103,6 +108,11 @@ class QueueBackend(Protocol):
         ...
 
     async def get(self, job_id: str) -> Job | None: ...
+
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """`get` for a batch, in order, in one round trip: a settle reads the jobs it settles
+        (their attempts for the policy, their callback URLs) before it writes."""
+        ...
 
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
         """Dead jobs of `queue` in id order, strictly after `after`."""

@@ -97,14 +97,16 @@ def _job(meta: dict[str, Any], payload: bytes, lease: str | None = None) -> Job:
 class NatsQueueBackend:
     """Queues in JetStream; see the module docstring for the layout and the limits."""
 
-    def __init__(self, nc: Client, *, prefix: str, retention: float) -> None:
-        self._nc = nc
-        self._js = nc.jetstream(timeout=10.0)
+    def __init__(self, url: str, *, prefix: str, retention: float) -> None:
+        self.url = url
         self.prefix = prefix
         self.retention = retention
         self.stream = f"{prefix}_jobs"
         self.bucket = f"{prefix}_jobs"
+        self._nc: Client = None  # type: ignore[assignment]  # connected by open()
+        self._js: Any = None
         self._kv: Any = None
+        self._opening: asyncio.Lock | None = None
         self._ack_wait: dict[str, float] = {}  # consumer -> the ack_wait it was created with
         # Publish acks of the hot paths come back on one wildcard inbox, matched by the last token:
         # nats-py's js.publish costs a request object, a JSON parse and a task switch per call.
@@ -112,16 +114,23 @@ class NatsQueueBackend:
         self._ack_inbox = ""
         self._ack_seq = 0
 
-    @classmethod
-    async def connect(cls, url: str, *, prefix: str, retention: float) -> NatsQueueBackend:
-        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3, allow_reconnect=True)
-        backend = cls(nc, prefix=prefix, retention=retention)
-        try:
-            await backend._setup()
-        except BaseException:
-            await nc.close()
-            raise
-        return backend
+    async def open(self) -> None:
+        """Connect, and create the stream and the KV bucket if they are missing (once)."""
+        if self._kv is not None:
+            return
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._kv is not None:
+                return
+            nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=3, allow_reconnect=True)
+            try:
+                self._nc, self._js = nc, nc.jetstream(timeout=10.0)
+                await self._setup()
+            except BaseException:
+                self._kv = None
+                await nc.close()
+                raise
 
     async def _setup(self) -> None:
         js = self._js
@@ -154,9 +163,10 @@ class NatsQueueBackend:
                     await js.update_stream(
                         info.config.evolve(max_age=self.retention, duplicate_window=kv.duplicate_window)
                     )
-        self._kv = await js.key_value(self.bucket)
+        kv_handle = await js.key_value(self.bucket)
         self._ack_inbox = self._nc.new_inbox()
         await self._nc.subscribe(self._ack_inbox + ".*", cb=self._on_ack)
+        self._kv = kv_handle  # last: a set _kv means open
 
     async def _on_ack(self, msg: Msg) -> None:
         fut = self._acks.pop(msg.subject.rpartition(".")[2], None)
@@ -284,6 +294,8 @@ class NatsQueueBackend:
     # -- the contract ----------------------------------------------------------------------------
 
     async def enqueue(self, jobs: list[NewJob], now: float) -> list[tuple[Job, bool]]:
+        if self._kv is None:
+            await self.open()
         if not jobs:
             return []
         for j in jobs:  # everything checked before anything is written
@@ -367,6 +379,8 @@ class NatsQueueBackend:
         return out  # type: ignore[return-value]
 
     async def claim(self, queue: str, limit: int, lease: float, now: float) -> list[Job]:
+        if self._kv is None:
+            await self.open()
         if limit <= 0:
             return []
         out: list[Job] = []
@@ -446,6 +460,8 @@ class NatsQueueBackend:
         return [j for j in jobs if j is not None]
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[Job | None]:
+        if self._kv is None:
+            await self.open()
         if not outcomes:
             return []
         result = await asyncio.gather(*(self._settle_one(o, now) for o in outcomes))
@@ -493,11 +509,17 @@ class NatsQueueBackend:
         return _job(new, payload)
 
     async def get(self, job_id: str) -> Job | None:
+        if self._kv is None:
+            await self.open()
         found = await self._read(job_id)
         if not found:
             return None
         meta, payload, rev = found
         return _job(meta, payload, f"{rev}|{meta.get('reply')}")
+
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """Direct gets sent together over the one connection: one round trip for the batch."""
+        return list(await asyncio.gather(*(self.get(i) for i in job_ids)))
 
     async def _dead_ids(self, queue: str) -> list[str]:
         # The index's subjects, asked of the KV stream (KV key listing needs a 2.10 server to
@@ -512,6 +534,8 @@ class NatsQueueBackend:
         )
 
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
+        if self._kv is None:
+            await self.open()
         ids = [i for i in await self._dead_ids(queue) if after is None or i > after]
         out: list[Job] = []
         while ids and len(out) < limit:
@@ -522,6 +546,8 @@ class NatsQueueBackend:
         return out
 
     async def replay(self, queue: str, ids: list[str] | None, now: float) -> int:
+        if self._kv is None:
+            await self.open()
         dead = set(await self._dead_ids(queue))
         chosen = sorted(dead if ids is None else dead & set(ids))
 
@@ -542,6 +568,8 @@ class NatsQueueBackend:
         return sum(await asyncio.gather(*(one(i) for i in chosen)))
 
     async def purge(self, queue: str) -> int:
+        if self._kv is None:
+            await self.open()
         ids = await self._dead_ids(queue)
 
         async def one(job_id: str) -> None:
@@ -555,6 +583,8 @@ class NatsQueueBackend:
         return len(ids)
 
     async def stats(self, queue: str, now: float) -> QueueStats:
+        if self._kv is None:
+            await self.open()
         levels = await self._levels(queue)
         total = sum(levels.values())
         leased = 0
@@ -583,6 +613,8 @@ class NatsQueueBackend:
         return QueueStats(queued=max(0, total - leased), leased=leased, dead=dead, oldest_age=age)
 
     async def wait(self, queue: str, timeout: float) -> None:
+        if self._kv is None:
+            await self.open()
         """Listen on the queue's subjects (a JetStream publish reaches core subscribers too), then
         look whether something is claimable already. Delayed and leased jobs send no word when
         they come due, so while there are any the wait is capped at half a second."""
@@ -605,4 +637,5 @@ class NatsQueueBackend:
                 await sub.unsubscribe()
 
     async def close(self) -> None:
-        await self._nc.close()
+        if self._nc is not None:
+            await self._nc.close()

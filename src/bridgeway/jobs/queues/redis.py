@@ -498,7 +498,8 @@ class RedisQueueBackend:
         self._blocking: list[RespClient] = []
         self._closed = False
 
-    async def ping(self) -> None:
+    async def open(self) -> None:
+        """The client connects on first use; a PING makes an unreachable Redis fail now."""
         await self._redis.execute("PING")
 
     async def enqueue(self, jobs: list[NewJob], now: float) -> list[tuple[Job, bool]]:
@@ -559,6 +560,14 @@ class RedisQueueBackend:
     async def get(self, job_id: str) -> Job | None:
         row = await self._redis.execute("HMGET", f"{self.prefix}:job:{job_id}", *FIELDS)
         return None if row[0] is None else _job(row)
+
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+        # Sent together before any reply is awaited: one write, one round trip (pipelined).
+        execute, prefix = self._redis.execute, self.prefix
+        rows = await asyncio.gather(*(execute("HMGET", f"{prefix}:job:{i}", *FIELDS) for i in job_ids))
+        return [None if row[0] is None else _job(row) for row in rows]
 
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
         args = (self.prefix, queue, int(limit), after or "", repr(time.time()), self._retention_arg)
