@@ -266,7 +266,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--backend", default="sqlite", help="sqlite, redis, nats or a jobs.backend URL; several comma-separated")
+    parser.add_argument(
+        "--backend",
+        default="sqlite",
+        help="sqlite, redis, nats or a jobs.backend URL; several comma-separated",
+    )
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--producers", type=int, default=4)
@@ -301,6 +305,7 @@ def main() -> None:
         rows,
         args.markdown,
     )
+
 
 if __name__ == "__main__":
     main()

@@ -86,7 +86,11 @@ def test_backend_urls():
     assert isinstance(open_queue_backend("sqlite:///:memory:"), SqliteQueue)
     # The brokers' handles are built without connecting (open() connects); ?prefix= is checked.
     redis = open_queue_backend("redis://127.0.0.1:1/0?prefix=app-1")
-    assert (type(redis).__name__, redis.prefix, redis.url) == ("RedisQueueBackend", "app-1", "redis://127.0.0.1:1/0")
+    assert (type(redis).__name__, redis.prefix, redis.url) == (
+        "RedisQueueBackend",
+        "app-1",
+        "redis://127.0.0.1:1/0",
+    )
     nats = open_queue_backend("nats://127.0.0.1:1")
     assert (type(nats).__name__, nats.prefix) == ("NatsQueueBackend", "bw")
     with pytest.raises(ValueError, match="prefix must be"):

@@ -123,7 +123,9 @@ class NatsQueueBackend:
         async with self._opening:
             if self._kv is not None:
                 return
-            nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=3, allow_reconnect=True)
+            nc = await nats.connect(
+                self.url, connect_timeout=5, max_reconnect_attempts=3, allow_reconnect=True
+            )
             try:
                 self._nc, self._js = nc, nc.jetstream(timeout=10.0)
                 await self._setup()

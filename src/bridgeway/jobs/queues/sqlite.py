@@ -295,7 +295,8 @@ class SqliteQueue:
 
     def _get(self, job_id: str) -> Job | None:
         row = self._conn.execute(
-            f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND {self._KEPT}", (job_id, time.time() - self.retention)
+            f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND {self._KEPT}",
+            (job_id, time.time() - self.retention),
         ).fetchone()
         return _job(row) if row else None
 
