@@ -3,7 +3,16 @@
 Every operation is one Lua script (one round trip, atomic across replicas) over these keys,
 with P the prefix and Q the queue:
 
-    P:job:{id}        hash: the job (`get` reads it); gets a TTL of `retention` once terminal
+    P:job:{id}        hash of five fields, one HMGET to read a job and one HSET to move it on;
+                      a TTL of `retention` once terminal:
+                        m  what never changes, as the start of a JSON array: [id, queue,
+                           headers, priority, max_attempts, created_at, idempotency_key,
+                           callback_url,   (written by the gateway that enqueued it)
+                        d  what changes, the rest of that array: state, attempts, run_at,
+                           lease, lease_until, finished_at, last_error (JSON values; the
+                           scripts read and rewrite it with one string.match)
+                        x  the job's stream entry ('' when in none), z  what the scripts route
+                           by: priority|max_attempts|queue|idempotency key, p  the payload
     P:q:Q:s:{prio}    a stream per priority level; entries carry only the job id. Consumer group
                       `g` hands each entry out once (XREADGROUP `>`); its pending list is the
                       set of leased jobs; settle XACKs and XDELs the entry
@@ -15,6 +24,13 @@ with P the prefix and Q the queue:
                       same ids by burial time (retention)
     P:q:Q:idem:{key}  the id of the job an idempotency key created (SET NX semantics)
     P:q:Q:bell        a stream of length 1 that every enqueue rings: `wait` blocks on it
+
+What a job costs inside the scripts (the speed is there: Redis runs one script at a time, and
+each field a script reads costs about as much as a call): an enqueue is an XADD and one HSET; a
+claim one HMGET and one HSET per job, the leases' ZADD once for the batch; an ack one HMGET, one
+HSET and a PEXPIRE per job, the XACK, XDEL and the leases' ZREM once per stream for the batch.
+Scripts answer with the rows they built, never re-read: a job is two strings, `m .. d .. ']'`
+and its payload, so the gateway decodes one JSON array per job rather than sixteen fields.
 
 Leases follow the clock the caller passes in, not Redis's: a job's deadline lives in the
 leases zset, and a claim first reclaims expired ones (back to the end of their level, or to the
@@ -41,39 +57,29 @@ import orjson
 from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
 from bridgeway.state.resp import RespClient
 
-# The fields of a job hash, in the order every script returns them (HMGET).
-FIELDS = (
-    "id",
-    "queue",
-    "payload",
-    "headers",
-    "priority",
-    "state",
-    "attempts",
-    "max_attempts",
-    "created_at",
-    "run_at",
-    "lease",
-    "lease_until",
-    "last_error",
-    "finished_at",
-    "idem",
-    "callback",
-)
-
 # Shared Lua: helpers every script starts with.
-_LIB = (
-    "local FIELDS = {"
-    + ", ".join(f"'{f}'" for f in FIELDS)
-    + "}\n"
-    + """
+_LIB = """
 local P = ARGV[1]
 local function qkey(q) return P .. ':q:' .. q end
 local function jkey(id) return P .. ':job:' .. id end
-local function row(id) return redis.call('HMGET', jkey(id), unpack(FIELDS)) end
+-- A job: {m, d, x, z, p}; m is false when there is none.
+local function read(id) return redis.call('HMGET', jkey(id), 'm', 'd', 'x', 'z', 'p') end
+-- d: state, attempts, run_at, lease, lease_until, finished_at, last_error (lease and last_error
+-- as JSON: null or a string; the error last, as it may hold any character).
+local function state(row)
+  return string.match(row[2], '^"(%a+)",(%d+),([^,]+),([^,]+),([^,]+),([^,]+),(.*)$')
+end
+local function tail(s, a, r, l, u, f, e)
+  return '"' .. s .. '",' .. a .. ',' .. r .. ',' .. l .. ',' .. u .. ',' .. f .. ',' .. e
+end
+-- z: priority, max_attempts, queue, idempotency key ('' = none)
+local function static(row) return string.match(row[4], '^([^|]*)|([^|]*)|([^|]*)|(.*)$') end
+-- What the gateway reads: {the job as one JSON array, its payload}.
+local function view(m, d, p) return {m .. d .. ']', p} end
 
 local known_levels = {}
--- Append a job to the stream of its priority level (creating stream and group on first use).
+-- Append a job to the stream of its priority level (creating stream and group on first use);
+-- the entry id, for the caller's HSET.
 local function push(q, id, prio)
   local qk = qkey(q)
   local s = qk .. ':s:' .. prio
@@ -83,45 +89,57 @@ local function push(q, id, prio)
     end
     known_levels[s] = true
   end
-  local eid = redis.call('XADD', s, '*', 'id', id)
-  redis.call('HSET', jkey(id), 'state', 'queued', 'entry', eid)
-  return eid
+  return redis.call('XADD', s, '*', 'id', id)
 end
 
 local function ring(q)
   redis.call('XADD', qkey(q) .. ':bell', 'MAXLEN', '1', '*', 'r', '1')
 end
 
--- Take the job's entry off its stream (acked: out of the pending list; deleted: out of XLEN).
-local function unstream(q, id)
-  local jk = jkey(id)
-  local eid = redis.call('HGET', jk, 'entry')
-  if eid then
-    local s = qkey(q) .. ':s:' .. redis.call('HGET', jk, 'priority')
-    redis.call('XACK', s, 'g', eid)
-    redis.call('XDEL', s, eid)
-    redis.call('HDEL', jk, 'entry')
+-- Entries to take off their streams and ids off the leases zsets, once per batch.
+local unstreamed, unleased = {}, {}
+local function unstream(q, prio, eid)
+  if eid ~= '' then
+    local s = qkey(q) .. ':s:' .. prio
+    local list = unstreamed[s]
+    if not list then list = {}; unstreamed[s] = list end
+    list[#list + 1] = eid
   end
 end
-
-local function retire(q, id, retention_ms)
-  local jk = jkey(id)
-  redis.call('PEXPIRE', jk, retention_ms)
-  local idem = redis.call('HGET', jk, 'idem')
-  if idem then redis.call('PEXPIRE', qkey(q) .. ':idem:' .. idem, retention_ms) end
+local function unlease(q, id)
+  local lk = qkey(q) .. ':leases'
+  local list = unleased[lk]
+  if not list then list = {}; unleased[lk] = list end
+  list[#list + 1] = id
+end
+local function flush()
+  for s, eids in pairs(unstreamed) do
+    redis.call('XACK', s, 'g', unpack(eids))
+    redis.call('XDEL', s, unpack(eids))
+  end
+  for lk, ids in pairs(unleased) do redis.call('ZREM', lk, unpack(ids)) end
+  unstreamed, unleased = {}, {}
 end
 
-local function bury(q, id, now, err, retention_ms)
+local function retire(id, q, key, retention_ms)
+  redis.call('PEXPIRE', jkey(id), retention_ms)
+  if key ~= '' then redis.call('PEXPIRE', qkey(q) .. ':idem:' .. key, retention_ms) end
+end
+
+-- A job (its row, leased or queued) to the dead letters: its new d. The caller flush()es.
+local function bury(id, row, now, err, retention_ms)
+  local _, a, r, _, _, _, _ = state(row)
+  local prio, _, q, key = static(row)
   local qk = qkey(q)
-  local jk = jkey(id)
-  unstream(q, id)
-  redis.call('ZREM', qk .. ':leases', id)
+  unstream(q, prio, row[3])
+  unlease(q, id)
   redis.call('ZREM', qk .. ':delayed', id)
-  redis.call('HSET', jk, 'state', 'dead', 'finished_at', now, 'last_error', err)
-  redis.call('HDEL', jk, 'lease', 'lease_until')
+  local d = tail('dead', a, r, 'null', 'null', now, err)
+  redis.call('HSET', jkey(id), 'd', d, 'x', '')
   redis.call('ZADD', qk .. ':dead', 0, id)
   redis.call('ZADD', qk .. ':deadt', now, id)
-  retire(q, id, retention_ms)
+  retire(id, q, key, retention_ms)
+  return d
 end
 
 -- Due delayed jobs into their streams, in run_at order.
@@ -129,7 +147,9 @@ local function promote(q, now)
   local dk = qkey(q) .. ':delayed'
   local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, 1000)
   for _, id in ipairs(due) do
-    push(q, id, redis.call('HGET', jkey(id), 'priority'))
+    local jk = jkey(id)
+    local z = redis.call('HGET', jk, 'z')
+    if z then redis.call('HSET', jk, 'x', push(q, id, string.match(z, '^([^|]*)|'))) end
   end
   if #due > 0 then redis.call('ZREM', dk, unpack(due)) end
 end
@@ -139,16 +159,19 @@ local function reap(q, now, retention_ms)
   local lk = qkey(q) .. ':leases'
   local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now, 'LIMIT', 0, 1000)
   for _, id in ipairs(expired) do
-    local jk = jkey(id)
-    local v = redis.call('HMGET', jk, 'attempts', 'max_attempts', 'priority')
-    if tonumber(v[1]) >= tonumber(v[2]) then
-      bury(q, id, now, 'lease expired', retention_ms)
-    else
-      unstream(q, id)
-      redis.call('HDEL', jk, 'lease', 'lease_until')
-      push(q, id, v[3])
+    local row = read(id)
+    if row[1] then  -- else gone (expired or purged): nothing to put back
+      local _, a, r, _, _, f, e = state(row)
+      local prio, max_attempts = static(row)
+      if tonumber(a) >= tonumber(max_attempts) then
+        bury(id, row, now, '"lease expired"', retention_ms)
+      else
+        unstream(q, prio, row[3])
+        redis.call('HSET', jkey(id), 'd', tail('queued', a, r, 'null', 'null', f, e), 'x', push(q, id, prio))
+      end
     end
   end
+  flush()
   if #expired > 0 then redis.call('ZREM', lk, unpack(expired)) end
 end
 
@@ -161,20 +184,19 @@ local function trim_dead(q, now, retention)
   end
 end
 """
-)
 
-# ARGV: P, now, then 9 per job: id queue payload headers run_at priority max_attempts idem callback.
+# ARGV: P, now, then 8 per job: id queue payload m z run_at priority idem.
 # Returns per job: 1 (created) or the existing job's row. Everything is checked before anything is
 # written, so a batch is stored whole or not at all.
 _ENQUEUE = (
     _LIB
     + """
 local now = tonumber(ARGV[2])
-local n = (#ARGV - 2) / 9
+local n = (#ARGV - 2) / 8
 local out = {}
 local claimed_keys = {}
 for i = 0, n - 1 do
-  local b = 2 + i * 9
+  local b = 2 + i * 8
   local idem = ARGV[b + 8]
   if idem ~= '' then
     local ik = qkey(ARGV[b + 2]) .. ':idem:' .. idem
@@ -190,26 +212,28 @@ for i = 0, n - 1 do
 end
 local rung = {}
 for i = 0, n - 1 do
-  local b = 2 + i * 9
+  local b = 2 + i * 8
   if not out[i + 1] then
-    local id, q, run_at, prio, idem = ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 5]), ARGV[b + 6], ARGV[b + 8]
-    local jk = jkey(id)
-    redis.call('HSET', jk, 'id', id, 'queue', q, 'payload', ARGV[b + 3], 'headers', ARGV[b + 4],
-      'priority', prio, 'state', 'queued', 'attempts', 0, 'max_attempts', ARGV[b + 7],
-      'created_at', ARGV[2], 'run_at', ARGV[b + 5])
-    if idem ~= '' then
-      redis.call('HSET', jk, 'idem', idem)
-      redis.call('SET', qkey(q) .. ':idem:' .. idem, id)
-    end
-    if ARGV[b + 9] ~= '' then redis.call('HSET', jk, 'callback', ARGV[b + 9]) end
+    local id, q, run_at, idem = ARGV[b + 1], ARGV[b + 2], ARGV[b + 6], ARGV[b + 8]
     if not rung[q] then promote(q, now); rung[q] = true end
-    if run_at <= now then push(q, id, prio) else redis.call('ZADD', qkey(q) .. ':delayed', run_at, id) end
+    local eid = ''
+    if tonumber(run_at) <= now then
+      eid = push(q, id, ARGV[b + 7])
+    else
+      redis.call('ZADD', qkey(q) .. ':delayed', run_at, id)
+    end
+    redis.call('HSET', jkey(id), 'm', ARGV[b + 4], 'd', tail('queued', 0, run_at, 'null', 'null', 'null', 'null'),
+      'x', eid, 'z', ARGV[b + 5], 'p', ARGV[b + 3])
+    if idem ~= '' then redis.call('SET', qkey(q) .. ':idem:' .. idem, id) end
     out[i + 1] = 1
   end
 end
 for q, _ in pairs(rung) do ring(q) end
 for i = 1, n do
-  if out[i] ~= 1 then out[i] = row(out[i]) end
+  if out[i] ~= 1 then
+    local row = read(out[i])
+    out[i] = view(row[1], row[2], row[5])
+  end
 end
 return out
 """
@@ -219,34 +243,43 @@ return out
 _CLAIM = (
     _LIB
     + """
-local q, limit, lease, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local q, limit, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5])
 local retention_ms = math.floor(tonumber(ARGV[6]) * 1000)
 promote(q, now)
 reap(q, now, retention_ms)
 local qk = qkey(q)
-local until_ = now + lease
-local out = {}
+local until_ = tostring(now + tonumber(ARGV[4]))
+local out, deadlines = {}, {}
 for _, lvl in ipairs(redis.call('ZREVRANGE', qk .. ':levels', 0, -1)) do
   local need = limit - #out
   if need <= 0 then break end
   local s = qk .. ':s:' .. lvl
   local r = redis.call('XREADGROUP', 'GROUP', 'g', 'c', 'COUNT', need, 'STREAMS', s, '>')
   if r then
-    for _, e in ipairs(r[1][2]) do
-      local eid, id = e[1], e[2][2]
-      local jk = jkey(id)
-      if redis.call('HGET', jk, 'state') == 'queued' then
-        local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
-        redis.call('HSET', jk, 'state', 'leased', 'lease', eid .. '/' .. attempts, 'lease_until', until_)
-        redis.call('ZADD', qk .. ':leases', until_, id)
-        out[#out + 1] = row(id)
-      else  -- purged or replayed under it: a stray entry
-        redis.call('XACK', s, 'g', eid)
-        redis.call('XDEL', s, eid)
+    local stray = {}
+    for _, entry in ipairs(r[1][2]) do
+      local eid, id = entry[1], entry[2][2]
+      local row = read(id)
+      local st, a, run_at, _, _, f, e
+      if row[1] then st, a, run_at, _, _, f, e = state(row) end
+      if st == 'queued' and row[3] == eid then
+        a = tonumber(a) + 1
+        local d = tail('leased', a, run_at, '"' .. eid .. '/' .. a .. '"', until_, f, e)
+        redis.call('HSET', jkey(id), 'd', d)
+        out[#out + 1] = view(row[1], d, row[5])
+        deadlines[#deadlines + 1] = until_
+        deadlines[#deadlines + 1] = id
+      else  -- purged, expired or re-queued under it: a stray entry
+        stray[#stray + 1] = eid
       end
+    end
+    if #stray > 0 then
+      redis.call('XACK', s, 'g', unpack(stray))
+      redis.call('XDEL', s, unpack(stray))
     end
   end
 end
+if #deadlines > 0 then redis.call('ZADD', qk .. ':leases', unpack(deadlines)) end
 return out
 """
 )
@@ -256,45 +289,66 @@ return out
 _SETTLE = (
     _LIB
     + """
-local now = tonumber(ARGV[2])
+local now, now_s = tonumber(ARGV[2]), ARGV[2]
 local retention_ms = math.floor(tonumber(ARGV[3]) * 1000)
 local out = {}
 local n = (#ARGV - 3) / 5
+local rung = {}
 for i = 0, n - 1 do
   local b = 3 + i * 5
   local id, token, action, at, err = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
-  local jk = jkey(id)
-  local v = redis.call('HMGET', jk, 'state', 'lease', 'queue')
-  if v[1] ~= 'leased' or v[2] ~= token then
+  local row = read(id)
+  local st, a, r, l, u, f, e
+  if row[1] then st, a, r, l, u, f, e = state(row) end
+  if st ~= 'leased' or l ~= '"' .. token .. '"' then
     out[i + 1] = false
   else
-    local q = v[3]
-    local qk = qkey(q)
+    local jk = jkey(id)
+    local prio, _, q, key = static(row)
+    local d
     if action == 'extend' then
-      redis.call('HSET', jk, 'lease_until', at)
-      redis.call('ZADD', qk .. ':leases', at, id)
+      d = tail(st, a, r, l, at, f, e)
+      redis.call('HSET', jk, 'd', d)
+      redis.call('ZADD', qkey(q) .. ':leases', at, id)
     elseif action == 'bury' then
-      bury(q, id, now, err, retention_ms)
+      d = bury(id, row, now_s, cjson.encode(err), retention_ms)
     else
-      unstream(q, id)
-      redis.call('ZREM', qk .. ':leases', id)
-      redis.call('HDEL', jk, 'lease', 'lease_until')
+      unstream(q, prio, row[3])
+      unlease(q, id)
       if action == 'ack' then
-        redis.call('HSET', jk, 'state', 'done', 'finished_at', now)
-        retire(q, id, retention_ms)
+        d = tail('done', a, r, 'null', 'null', now_s, e)
+        redis.call('HSET', jk, 'd', d, 'x', '')
+        retire(id, q, key, retention_ms)
       else  -- retry
-        redis.call('HSET', jk, 'state', 'queued', 'run_at', at)
-        if err ~= '' then redis.call('HSET', jk, 'last_error', err) end
+        local eid = ''
         if tonumber(at) <= now then
-          push(q, id, redis.call('HGET', jk, 'priority'))
-          ring(q)
+          eid = push(q, id, prio)
+          rung[q] = true
         else
-          redis.call('ZADD', qk .. ':delayed', at, id)
+          redis.call('ZADD', qkey(q) .. ':delayed', at, id)
         end
+        if err ~= '' then e = cjson.encode(err) end
+        d = tail('queued', a, at, 'null', 'null', f, e)
+        redis.call('HSET', jk, 'd', d, 'x', eid)
       end
     end
-    out[i + 1] = row(id)
+    out[i + 1] = view(row[1], d, row[5])
   end
+end
+flush()
+for q, _ in pairs(rung) do ring(q) end
+return out
+"""
+)
+
+# ARGV: P, then ids. Rows (false where the job does not exist).
+_GET_MANY = (
+    _LIB
+    + """
+local out = {}
+for i = 2, #ARGV do
+  local row = read(ARGV[i])
+  out[i - 1] = row[1] and view(row[1], row[2], row[5]) or false
 end
 return out
 """
@@ -309,7 +363,8 @@ trim_dead(q, tonumber(ARGV[5]), tonumber(ARGV[6]))
 local start = ARGV[4] == '' and '-' or '(' .. ARGV[4]
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYLEX', qkey(q) .. ':dead', start, '+', 'LIMIT', 0, limit)) do
-  out[#out + 1] = row(id)
+  local row = read(id)
+  if row[1] then out[#out + 1] = view(row[1], row[2], row[5]) end
 end
 return out
 """
@@ -333,11 +388,11 @@ for _, id in ipairs(ids) do
   if redis.call('ZREM', qk .. ':dead', id) == 1 and redis.call('EXISTS', jk) == 1 then
     redis.call('ZREM', qk .. ':deadt', id)
     redis.call('PERSIST', jk)
-    local idem = redis.call('HGET', jk, 'idem')
-    if idem then redis.call('PERSIST', qk .. ':idem:' .. idem) end
-    redis.call('HSET', jk, 'attempts', 0, 'run_at', now)
-    redis.call('HDEL', jk, 'finished_at')
-    push(q, id, redis.call('HGET', jk, 'priority'))
+    local row = read(id)
+    local _, _, _, _, _, _, e = state(row)
+    local prio, _, _, key = static(row)
+    if key ~= '' then redis.call('PERSIST', qk .. ':idem:' .. key) end
+    redis.call('HSET', jk, 'd', tail('queued', 0, now, 'null', 'null', 'null', e), 'x', push(q, id, prio))
     n = n + 1
   end
 end
@@ -355,8 +410,9 @@ local qk = qkey(q)
 local ids = redis.call('ZRANGE', qk .. ':dead', 0, -1)
 for _, id in ipairs(ids) do
   local jk = jkey(id)
-  local idem = redis.call('HGET', jk, 'idem')
-  if idem then redis.call('DEL', qk .. ':idem:' .. idem) end
+  local z = redis.call('HGET', jk, 'z')
+  local key = z and string.match(z, '^[^|]*|[^|]*|[^|]*|(.*)$') or ''
+  if key ~= '' then redis.call('DEL', qk .. ':idem:' .. key) end
   redis.call('DEL', jk)
 end
 redis.call('DEL', qk .. ':dead', qk .. ':deadt')
@@ -381,9 +437,9 @@ for _, lvl in ipairs(redis.call('ZRANGE', qk .. ':levels', 0, -1)) do
   end
   local first = redis.call('XRANGE', s, '(' .. last, '+', 'COUNT', 1)
   if #first > 0 then
-    local v = redis.call('HMGET', jkey(first[1][2][2]), 'run_at', 'created_at')
-    if v[1] then  -- queued since it came due, or since it was created when it was due at once
-      local t = math.max(tonumber(v[1]), tonumber(v[2]))
+    local d = redis.call('HGET', jkey(first[1][2][2]), 'd')
+    if d then  -- queued since it came due (run_at is the creation time of a job due at once)
+      local t = tonumber(string.match(d, '^"%a+",%d+,([^,]+),'))
       if oldest == nil or t < oldest then oldest = t end
     end
   end
@@ -426,51 +482,10 @@ return {tostring(math.max(0, next_at - now)), bell_id}
 )
 
 
-def _f(value: bytes | None) -> float | None:
-    return None if value is None else float(value)
-
-
-def _s(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
-def _job(row: Sequence[Any]) -> Job:
-    (
-        id_,
-        queue,
-        payload,
-        headers,
-        priority,
-        state,
-        attempts,
-        max_attempts,
-        created_at,
-        run_at,
-        lease,
-        lease_until,
-        last_error,
-        finished_at,
-        idem,
-        callback,
-    ) = row
-    return Job(
-        id=id_.decode(),
-        queue=queue.decode(),
-        payload=payload,
-        headers=orjson.loads(headers) if headers != b"{}" else {},
-        priority=int(priority),
-        state=state.decode(),
-        attempts=int(attempts),
-        max_attempts=int(max_attempts),
-        created_at=float(created_at),
-        run_at=float(run_at),
-        lease=_s(lease),
-        lease_until=_f(lease_until),
-        last_error=_s(last_error),
-        finished_at=_f(finished_at),
-        idempotency_key=_s(idem),
-        callback_url=_s(callback),
-    )
+def _job(row: Sequence[bytes]) -> Job:
+    meta, payload = row
+    i, q, h, pr, ma, c, k, cb, s, a, r, lease, until, fin, err = orjson.loads(meta)
+    return Job(i, q, payload, h, pr, s, a, ma, c, r, lease, until, err, fin, k, cb)
 
 
 class RedisQueueBackend:
@@ -490,8 +505,8 @@ class RedisQueueBackend:
         self._redis = RespClient(url, timeout=timeout)
         r = self._redis.register_script
         self._enqueue, self._claim, self._settle = r(_ENQUEUE), r(_CLAIM), r(_SETTLE)
-        self._dead, self._replay, self._purge = r(_DEAD), r(_REPLAY), r(_PURGE)
-        self._stats, self._ready_in = r(_STATS), r(_READY_IN)
+        self._get_many, self._dead, self._replay = r(_GET_MANY), r(_DEAD), r(_REPLAY)
+        self._purge, self._stats, self._ready_in = r(_PURGE), r(_STATS), r(_READY_IN)
         self._retention_arg = repr(retention)
         # Connections for `wait`'s blocking XREAD: a blocked command would hold up every call
         # pipelined behind it on the shared client, so each waiter borrows its own.
@@ -506,39 +521,50 @@ class RedisQueueBackend:
         if not jobs:
             return []
         args: list[Any] = [self.prefix, repr(now)]
+        out: list[tuple[Job, bool]] = []
+        dumps = orjson.dumps
         for j in jobs:
+            run_at = float(j.run_at or now)
+            job = Job(
+                j.id,
+                j.queue,
+                j.payload,
+                dict(j.headers),
+                j.priority,
+                "queued",
+                0,
+                j.max_attempts,
+                now,
+                run_at,
+                idempotency_key=j.idempotency_key,
+                callback_url=j.callback_url,
+            )
+            meta = (
+                j.id,
+                j.queue,
+                j.headers,
+                j.priority,
+                j.max_attempts,
+                now,
+                j.idempotency_key,
+                j.callback_url,
+            )
+            key = j.idempotency_key or ""
             args += (
                 j.id,
                 j.queue,
                 j.payload,
-                orjson.dumps(j.headers) if j.headers else b"{}",
-                repr(float(j.run_at)),
-                int(j.priority),
-                int(j.max_attempts),
-                j.idempotency_key or "",
-                j.callback_url or "",
+                dumps(meta)[:-1] + b",",  # the array, open for the changing fields
+                f"{j.priority}|{j.max_attempts}|{j.queue}|{key}",
+                repr(run_at),
+                j.priority,
+                key,
             )
+            out.append((job, True))
         replies = await self._redis.evalsha(self._enqueue, (), args)
-        out: list[tuple[Job, bool]] = []
-        for j, reply in zip(jobs, replies, strict=True):
-            if reply == 1:
-                job = Job(
-                    id=j.id,
-                    queue=j.queue,
-                    payload=j.payload,
-                    headers=dict(j.headers),
-                    priority=int(j.priority),
-                    state="queued",
-                    attempts=0,
-                    max_attempts=int(j.max_attempts),
-                    created_at=now,
-                    run_at=float(j.run_at),
-                    idempotency_key=j.idempotency_key,
-                    callback_url=j.callback_url,
-                )
-                out.append((job, True))
-            else:
-                out.append((_job(reply), False))
+        for i, reply in enumerate(replies):
+            if reply != 1:
+                out[i] = (_job(reply), False)
         return out
 
     async def claim(self, queue: str, limit: int, lease: float, now: float) -> list[Job]:
@@ -558,21 +584,17 @@ class RedisQueueBackend:
         return [None if r is None else _job(r) for r in replies]
 
     async def get(self, job_id: str) -> Job | None:
-        row = await self._redis.execute("HMGET", f"{self.prefix}:job:{job_id}", *FIELDS)
-        return None if row[0] is None else _job(row)
+        return (await self.get_many([job_id]))[0]
 
     async def get_many(self, job_ids: list[str]) -> list[Job | None]:
         if not job_ids:
             return []
-        # Sent together before any reply is awaited: one write, one round trip (pipelined).
-        execute, prefix = self._redis.execute, self.prefix
-        rows = await asyncio.gather(*(execute("HMGET", f"{prefix}:job:{i}", *FIELDS) for i in job_ids))
-        return [None if row[0] is None else _job(row) for row in rows]
+        rows = await self._redis.evalsha(self._get_many, (), (self.prefix, *job_ids))
+        return [None if row is None else _job(row) for row in rows]
 
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
         args = (self.prefix, queue, int(limit), after or "", repr(time.time()), self._retention_arg)
-        rows = await self._redis.evalsha(self._dead, (), args)
-        return [_job(r) for r in rows if r[0] is not None]
+        return [_job(r) for r in await self._redis.evalsha(self._dead, (), args)]
 
     async def replay(self, queue: str, ids: list[str] | None, now: float) -> int:
         if ids is not None and not ids:
