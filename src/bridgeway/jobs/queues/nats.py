@@ -186,38 +186,92 @@ class NatsQueueBackend:
         finally:
             self._acks.pop(token, None)
 
-    async def _js_publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
-        """Publish to a stream and await its ack: the sequence; KeyWrongLastSequenceError when an
-        expected-last-sequence header did not hold."""
-        reply = await self._request(subject, body, headers)
+    async def _request_many(self, requests: list[tuple[str, bytes, dict[str, str] | None]]) -> list[Msg]:
+        """`_request` for a batch: every request written before any answer is awaited, and one
+        timeout for them all (a task or timer per job was most of a batch's cost)."""
+        if not requests:
+            return []
+        loop = asyncio.get_running_loop()
+        tokens, futures = [], []
+        publish, inbox = self._nc.publish, self._ack_inbox
+        try:
+            for subject, body, headers in requests:
+                self._ack_seq += 1
+                token = str(self._ack_seq)
+                fut = loop.create_future()
+                self._acks[token] = fut
+                tokens.append(token)
+                futures.append(fut)
+                await publish(subject, body, reply=f"{inbox}.{token}", headers=headers)
+            return await asyncio.wait_for(asyncio.gather(*futures), 10.0)
+        finally:
+            for token in tokens:
+                self._acks.pop(token, None)
+
+    @staticmethod
+    def _seq(subject: str, reply: Msg) -> int | None:
+        """A publish ack's stream sequence; None when an expected-last-sequence header did not
+        hold (a lost compare-and-set); raises on any other refusal."""
         ack = orjson.loads(reply.data) if reply.data else {"error": {"description": "no responders"}}
         error = ack.get("error")
         if error:
             if error.get("err_code") == 10071:
-                raise KeyWrongLastSequenceError(description=error.get("description"))
+                return None
             raise RuntimeError(f"JetStream refused a publish to {subject}: {error.get('description', error)}")
         return int(ack["seq"])
+
+    async def _js_publish_many(
+        self, requests: list[tuple[str, bytes, dict[str, str] | None]]
+    ) -> list[int | None]:
+        """Publish a batch to streams: per message its sequence, or None where a compare-and-set
+        (expected last subject sequence) did not hold."""
+        replies = await self._request_many(requests)
+        return [self._seq(r[0], reply) for r, reply in zip(requests, replies, strict=True)]
+
+    async def _js_publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish to a stream and await its ack: the sequence; KeyWrongLastSequenceError when an
+        expected-last-sequence header did not hold."""
+        seq = self._seq(subject, await self._request(subject, body, headers))
+        if seq is None:
+            raise KeyWrongLastSequenceError(description="wrong last sequence")
+        return seq
 
     # -- helpers ---------------------------------------------------------------------------------
 
     def _subject(self, queue: str, priority: int) -> str:
         return f"{self.prefix}.jobs.{_token(queue)}.{priority}"
 
-    async def _publish(self, meta: dict[str, Any], payload: bytes, expect: int) -> None:
-        """Queue the job's message: the record as it is at revision `expect`. The message id makes
-        a republish of the same generation (a retried call) a duplicate JetStream drops."""
-        body = _record({**meta, "expect": expect}, payload)
-        await self._js_publish(
+    def _message(
+        self, meta: dict[str, Any], payload: bytes, expect: int
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """The job's message: the record as it is at revision `expect`. The message id makes a
+        republish of the same generation (a retried call) a duplicate JetStream drops."""
+        return (
             self._subject(meta["queue"], meta["priority"]),
-            body,
+            _record({**meta, "expect": expect}, payload),
             {"Nats-Msg-Id": f"{meta['id']}.{meta['gen']}"},
         )
 
-    async def _read(self, job_id: str) -> tuple[dict[str, Any], bytes, int] | None | bool:
-        """(meta, payload, revision); None when absent, False when deleted (a tombstone). A
-        direct get of the key's last message (the bucket allows direct gets)."""
-        subject = f"$KV.{self.bucket}.j.{job_id}"
-        msg = await self._request(f"$JS.API.DIRECT.GET.KV_{self.bucket}.{subject}", b"")
+    async def _publish(self, meta: dict[str, Any], payload: bytes, expect: int) -> None:
+        await self._js_publish(*self._message(meta, payload, expect))
+
+    def _cas_request(
+        self, meta: dict[str, Any], payload: bytes, last: int
+    ) -> tuple[str, bytes, dict[str, str]]:
+        return (
+            f"$KV.{self.bucket}.j.{meta['id']}",
+            _record(meta, payload),
+            {"Nats-Expected-Last-Subject-Sequence": str(last)},
+        )
+
+    async def _read_many(self, job_ids: list[str]) -> list[tuple[dict[str, Any], bytes, int] | None | bool]:
+        """`_read` for a batch, the direct gets written together."""
+        base = f"$JS.API.DIRECT.GET.KV_{self.bucket}.$KV.{self.bucket}.j."
+        msgs = await self._request_many([(base + i, b"", None) for i in job_ids])
+        return [self._found(m) for m in msgs]
+
+    @staticmethod
+    def _found(msg: Msg) -> tuple[dict[str, Any], bytes, int] | None | bool:
         headers = msg.headers or {}
         if _STATUS in headers:  # 404: no such key
             return None
@@ -225,6 +279,12 @@ class NatsQueueBackend:
             return False
         meta, payload = _parse(msg.data)
         return meta, payload, int(headers["Nats-Sequence"])
+
+    async def _read(self, job_id: str) -> tuple[dict[str, Any], bytes, int] | None | bool:
+        """(meta, payload, revision); None when absent, False when deleted (a tombstone). A
+        direct get of the key's last message (the bucket allows direct gets)."""
+        subject = f"$KV.{self.bucket}.j.{job_id}"
+        return self._found(await self._request(f"$JS.API.DIRECT.GET.KV_{self.bucket}.{subject}", b""))
 
     async def _cas(self, meta: dict[str, Any], payload: bytes, last: int) -> int | None:
         """Write the record if its revision is still `last`; the new revision, or None."""
@@ -350,21 +410,14 @@ class NatsQueueBackend:
                 "gen": 1,
             }
         written: list[int] = []
+        payloads = {i: bytes(jobs[i].payload) for i in fresh}
         try:
-            revs = await asyncio.gather(
-                *(
-                    self._js_publish(
-                        f"$KV.{self.bucket}.j.{jobs[i].id}", _record(metas[i], bytes(jobs[i].payload))
-                    )
-                    for i in fresh
-                )
+            written = list(fresh)  # a failure part-way may have written any of them
+            revs = await self._js_publish_many(
+                [(f"$KV.{self.bucket}.j.{jobs[i].id}", _record(metas[i], payloads[i]), None) for i in fresh]
             )
-            written = list(fresh)
-            await asyncio.gather(
-                *(
-                    self._publish(metas[i], bytes(jobs[i].payload), rev)
-                    for i, rev in zip(fresh, revs, strict=True)
-                )
+            await self._js_publish_many(
+                [self._message(metas[i], payloads[i], rev) for i, rev in zip(fresh, revs, strict=True)]
             )
         except BaseException:
             # undo what can be undone: a message already published finds its record deleted
@@ -373,7 +426,7 @@ class NatsQueueBackend:
                 await asyncio.gather(*(self._kv.delete(key) for i, key in claims if i in fresh))
             raise
         for i in fresh:
-            out[i] = (_job(metas[i], bytes(jobs[i].payload)), True)
+            out[i] = (_job(metas[i], payloads[i]), True)
         for i, j in enumerate(jobs):
             if out[i] is None:  # a repeated key within the batch
                 first = out[first_of_key[(j.queue, j.idempotency_key)]]  # type: ignore[index]
@@ -418,13 +471,6 @@ class NatsQueueBackend:
             meta.pop("expect", None)
             return meta
 
-        async def first(msg: Msg, meta: dict[str, Any], payload: bytes) -> Job | None:
-            new = leased(msg, meta, meta["attempts"] + 1)
-            rev = await self._cas(new, payload, meta["expect"])
-            if rev is None:  # the record moved on since this message was queued: look
-                return await redelivered(msg, meta, payload)
-            return _job(new, payload, f"{rev}|{msg.reply}")
-
         async def redelivered(msg: Msg, meta: dict[str, Any], payload: bytes) -> Job | None:
             found = await self._read(meta["id"])
             if found is False:  # deleted: purged or an enqueue undone
@@ -458,7 +504,22 @@ class NatsQueueBackend:
                 return None  # someone else moved it: they decide
             return _job(new, payload, f"{new_rev}|{msg.reply}")
 
-        jobs = await asyncio.gather(*(first(*t) for t in fast), *(redelivered(*t) for t in slow))
+        # First deliveries, the bulk: one compare-and-set each on the revision the message carries,
+        # written as one batch. Where the record moved on since the message was queued, look.
+        news = [leased(msg, meta, meta["attempts"] + 1) for msg, meta, _ in fast]
+        revs = await self._js_publish_many(
+            [
+                self._cas_request(new, payload, meta["expect"])
+                for new, (_, meta, payload) in zip(news, fast, strict=True)
+            ]
+        )
+        jobs: list[Job | None] = []
+        for new, rev, (msg, meta, payload) in zip(news, revs, fast, strict=True):
+            if rev is None:
+                slow.append((msg, meta, payload))
+            else:
+                jobs.append(_job(new, payload, f"{rev}|{msg.reply}"))
+        jobs += await asyncio.gather(*(redelivered(*t) for t in slow))
         return [j for j in jobs if j is not None]
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[Job | None]:
@@ -466,49 +527,62 @@ class NatsQueueBackend:
             await self.open()
         if not outcomes:
             return []
-        result = await asyncio.gather(*(self._settle_one(o, now) for o in outcomes))
+        out: list[Job | None] = [None] * len(outcomes)
+        checked: list[tuple[int, int, str]] = []  # (index, revision, reply subject)
+        for i, o in enumerate(outcomes):
+            rev_s, _, reply = o.lease.partition("|")
+            if rev_s.isdigit() and reply.startswith("$JS.ACK."):
+                checked.append((i, int(rev_s), reply))
+        found = await self._read_many([outcomes[i].job_id for i, _, _ in checked])
+        # Each lease still held becomes a compare-and-set of its record, written as one batch.
+        writes: list[tuple[int, str, dict[str, Any], bytes, int]] = []
+        for (i, rev, reply), record in zip(checked, found, strict=True):
+            if not record:
+                continue
+            meta, payload, current = record
+            if current != rev or meta["state"] != "leased" or meta.get("reply") != reply:
+                continue
+            o = outcomes[i]
+            if o.action == "extend":
+                await self._nc.publish(reply, b"+WPI")
+                ack_wait = self._ack_wait.get(reply.split(".")[3])  # $JS.ACK.<stream>.<consumer>...
+                shown = {**meta, "lease_until": now + ack_wait if ack_wait else o.at}
+                out[i] = _job(shown, payload, o.lease)
+                continue
+            new = {k: v for k, v in meta.items() if k not in ("reply", "lease_until", "seq")}
+            if o.action == "ack":
+                new.update(state="done", finished_at=now)
+            elif o.action == "bury":
+                new.update(state="dead", finished_at=now, last_error=o.error)
+                await self._kv.put(f"d.{_token(meta['queue'])}.{meta['id']}", b"")
+            else:  # retry: a new generation of the job, as a new message
+                at = o.at if o.at is not None else now
+                new.update(state="queued", run_at=at, gen=meta["gen"] + 1)
+                if o.error is not None:
+                    new["last_error"] = o.error
+            writes.append((i, reply, new, payload, rev))
+        revs = await self._js_publish_many(
+            [self._cas_request(new, payload, rev) for _, _, new, payload, rev in writes]
+        )
+        requeue: list[tuple[str, tuple[str, bytes, dict[str, str]]]] = []
+        for (i, reply, new, payload, _), new_rev in zip(writes, revs, strict=True):
+            action = outcomes[i].action
+            if new_rev is None:  # lost the race: someone else moved the job on
+                if action == "bury":
+                    with contextlib.suppress(Exception):
+                        await self._undead(new["queue"], new["id"])
+                continue
+            if action == "retry":
+                requeue.append((reply, self._message(new, payload, new_rev)))
+            else:
+                await self._nc.publish(reply, b"+ACK" if action == "ack" else b"+TERM")
+            out[i] = _job(new, payload)
+        if requeue:
+            await self._js_publish_many([message for _, message in requeue])
+            for reply, _ in requeue:
+                await self._nc.publish(reply, b"+ACK")
         await self._nc.flush()  # the acks have reached the server when settle returns
-        return list(result)
-
-    async def _settle_one(self, o: Outcome, now: float) -> Job | None:
-        rev_s, _, reply = o.lease.partition("|")
-        if not rev_s.isdigit() or not reply.startswith("$JS.ACK."):
-            return None
-        rev = int(rev_s)
-        found = await self._read(o.job_id)
-        if not found:
-            return None
-        meta, payload, current = found
-        if current != rev or meta["state"] != "leased" or meta.get("reply") != reply:
-            return None
-        if o.action == "extend":
-            await self._nc.publish(reply, b"+WPI")
-            ack_wait = self._ack_wait.get(reply.split(".")[3])  # $JS.ACK.<stream>.<consumer>...
-            shown = {**meta, "lease_until": now + ack_wait if ack_wait else o.at}
-            return _job(shown, payload, o.lease)
-        new = {k: v for k, v in meta.items() if k not in ("reply", "lease_until", "seq")}
-        if o.action == "ack":
-            new.update(state="done", finished_at=now)
-        elif o.action == "bury":
-            new.update(state="dead", finished_at=now, last_error=o.error)
-            await self._kv.put(f"d.{_token(meta['queue'])}.{meta['id']}", b"")
-        else:  # retry: a new generation of the job, as a new message
-            at = o.at if o.at is not None else now
-            new.update(state="queued", run_at=at, gen=meta["gen"] + 1)
-            if o.error is not None:
-                new["last_error"] = o.error
-        new_rev = await self._cas(new, payload, rev)
-        if new_rev is None:
-            if o.action == "bury":
-                with contextlib.suppress(Exception):
-                    await self._undead(meta["queue"], meta["id"])
-            return None
-        if o.action == "retry":
-            await self._publish(new, payload, new_rev)
-            await self._nc.publish(reply, b"+ACK")
-        else:
-            await self._nc.publish(reply, b"+ACK" if o.action == "ack" else b"+TERM")
-        return _job(new, payload)
+        return out
 
     async def get(self, job_id: str) -> Job | None:
         if self._kv is None:
@@ -520,8 +594,17 @@ class NatsQueueBackend:
         return _job(meta, payload, f"{rev}|{meta.get('reply')}")
 
     async def get_many(self, job_ids: list[str]) -> list[Job | None]:
-        """Direct gets sent together over the one connection: one round trip for the batch."""
-        return list(await asyncio.gather(*(self.get(i) for i in job_ids)))
+        """Direct gets written together over the one connection: one round trip for the batch."""
+        if self._kv is None:
+            await self.open()
+        out: list[Job | None] = []
+        for found in await self._read_many(job_ids):
+            if found:
+                meta, payload, rev = found
+                out.append(_job(meta, payload, f"{rev}|{meta.get('reply')}"))
+            else:
+                out.append(None)
+        return out
 
     async def _dead_ids(self, queue: str) -> list[str]:
         # The index's subjects, asked of the KV stream (KV key listing needs a 2.10 server to
