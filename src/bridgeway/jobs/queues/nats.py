@@ -49,6 +49,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
 
+LEASED_KEPT = 50_000  # records of jobs this process leased, kept for their settle
 _PLAIN = re.compile(r"[A-Za-z0-9-]+")
 _STATUS = "Status"
 
@@ -113,6 +114,10 @@ class NatsQueueBackend:
         self._acks: dict[str, asyncio.Future[Msg]] = {}
         self._ack_inbox = ""
         self._ack_seq = 0
+        # Records this process wrote when it leased a job, by id: (meta, payload, revision). A
+        # record is immutable at a revision, so a settle whose token names that revision needs
+        # no read (its compare-and-set still checks the revision is current).
+        self._leased: dict[str, tuple[dict[str, Any], bytes, int]] = {}
 
     async def open(self) -> None:
         """Connect, and create the stream and the KV bucket if they are missing (once)."""
@@ -334,22 +339,28 @@ class NatsQueueBackend:
         return {s.rpartition(".")[2]: n for s, n in subjects.items() if n}
 
     async def _fetch(self, consumer: str, batch: int) -> list[Msg]:
-        """Up to `batch` messages available now (no_wait: the server answers at once)."""
+        """Up to `batch` messages available now (no_wait: the server answers at once). Collected
+        by a callback on the fetch's own inbox (a delivered message keeps its stream subject, so
+        only the subscription tells whose it is), not awaited one by one with a timer each."""
+        msgs: list[Msg] = []
+        done: asyncio.Future[list[Msg]] = asyncio.get_running_loop().create_future()
+
+        async def collect(msg: Msg) -> None:
+            end = bool(msg.headers and _STATUS in msg.headers)  # 404 no messages / 408: all there is
+            if not end:
+                msgs.append(msg)
+            if (end or len(msgs) >= batch) and not done.done():
+                done.set_result(msgs)
+
         inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
+        sub = await self._nc.subscribe(inbox, cb=collect)
         try:
             await self._nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{consumer}",
                 orjson.dumps({"batch": batch, "no_wait": True}),
                 reply=inbox,
             )
-            msgs: list[Msg] = []
-            while len(msgs) < batch:
-                msg = await sub.next_msg(timeout=10.0)
-                if msg.headers and _STATUS in msg.headers:  # 404 no messages / 408: all there is
-                    break
-                msgs.append(msg)
-            return msgs
+            return await asyncio.wait_for(done, 10.0)
         finally:
             await sub.unsubscribe()
 
@@ -502,6 +513,7 @@ class NatsQueueBackend:
             )
             if new_rev is None:
                 return None  # someone else moved it: they decide
+            self._remember(new, payload, new_rev)
             return _job(new, payload, f"{new_rev}|{msg.reply}")
 
         # First deliveries, the bulk: one compare-and-set each on the revision the message carries,
@@ -519,6 +531,7 @@ class NatsQueueBackend:
                 slow.append((msg, meta, payload))
             else:
                 jobs.append(_job(new, payload, f"{rev}|{msg.reply}"))
+                self._remember(new, payload, rev)
         jobs += await asyncio.gather(*(redelivered(*t) for t in slow))
         return [j for j in jobs if j is not None]
 
@@ -533,7 +546,16 @@ class NatsQueueBackend:
             rev_s, _, reply = o.lease.partition("|")
             if rev_s.isdigit() and reply.startswith("$JS.ACK."):
                 checked.append((i, int(rev_s), reply))
-        found = await self._read_many([outcomes[i].job_id for i, _, _ in checked])
+        known = self._leased
+        hits = [known.pop(outcomes[i].job_id, None) for i, _, _ in checked]
+        found: list[Any] = [
+            hit if hit and hit[2] == rev else None for hit, (_, rev, _) in zip(hits, checked, strict=True)
+        ]
+        misses = [n for n, hit in enumerate(found) if hit is None]
+        for n, record in zip(
+            misses, await self._read_many([outcomes[checked[n][0]].job_id for n in misses]), strict=True
+        ):
+            found[n] = record
         # Each lease still held becomes a compare-and-set of its record, written as one batch.
         writes: list[tuple[int, str, dict[str, Any], bytes, int]] = []
         for (i, rev, reply), record in zip(checked, found, strict=True):
@@ -605,6 +627,11 @@ class NatsQueueBackend:
             else:
                 out.append(None)
         return out
+
+    def _remember(self, meta: dict[str, Any], payload: bytes, rev: int) -> None:
+        if len(self._leased) >= LEASED_KEPT:  # leases never settled here: forget the oldest
+            del self._leased[next(iter(self._leased))]
+        self._leased[meta["id"]] = (meta, payload, rev)
 
     async def _dead_ids(self, queue: str) -> list[str]:
         # The index's subjects, asked of the KV stream (KV key listing needs a 2.10 server to
