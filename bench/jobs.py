@@ -274,7 +274,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--producers", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=500, help="the pull worker's jobs in flight")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1500,
+        help="the pull worker's jobs in flight: three batches, so a claim overlaps the settles",
+    )
     parser.add_argument("--samples", type=int, default=100, help="single jobs for each latency figure")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the worker to core 0")
     parser.add_argument("--markdown", action="store_true")
