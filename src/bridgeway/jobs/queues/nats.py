@@ -16,6 +16,13 @@ replica settles by a compare-and-set on the revision (a later claim or settle ch
 stale token fails and changes nothing), then publishes +ACK / +TERM to the reply subject.
 Redeliveries (an expired lease, a delayed job coming due) read the record and decide.
 
+Speed comes from round trips, as nats-py pays ~50-100 us of Python for every message it
+receives: a batch's requests (records, messages, compare-and-sets, direct gets) are all written
+before any answer is awaited, under one timeout; a settle of a job this process leased uses the
+record its claim wrote (immutable at that revision) instead of reading it. Still, a job costs
+about seven received messages end to end (bench/README.md has the figures and what would cut
+them: state in the stream message, KV written only at terminal states).
+
 What JetStream does not have, and what is done instead (the limits to know):
 - Priority: a subject and consumer per level; a claim asks for the levels that hold messages
   (one stream-info request) and takes from the highest first.
@@ -49,7 +56,10 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
 
-LEASED_KEPT = 50_000  # records of jobs this process leased, kept for their settle
+# Records of jobs this process leased, kept for their settle: at most this many, of payloads up
+# to LEASED_PAYLOAD bytes (80 MB at worst; a larger job's settle reads its record).
+LEASED_KEPT = 10_000
+LEASED_PAYLOAD = 8192
 _PLAIN = re.compile(r"[A-Za-z0-9-]+")
 _STATUS = "Status"
 
@@ -629,6 +639,8 @@ class NatsQueueBackend:
         return out
 
     def _remember(self, meta: dict[str, Any], payload: bytes, rev: int) -> None:
+        if len(payload) > LEASED_PAYLOAD:
+            return
         if len(self._leased) >= LEASED_KEPT:  # leases never settled here: forget the oldest
             del self._leased[next(iter(self._leased))]
         self._leased[meta["id"]] = (meta, payload, rev)
