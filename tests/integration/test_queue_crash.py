@@ -92,14 +92,19 @@ WORKER = textwrap.dedent(
     import asyncio, sys
     from bridgeway.sdk import Client, Worker
 
-    async def main(url, token, out_path):
+    async def main(url, token, out_path, stall_after):
         out = open(out_path, "a", buffering=1)
+        done = 0
         async with Client(url, api_key=token) as bw:
             worker = Worker(bw, concurrency=100, batch=100, lease=6.0, poll=1.0)
 
             @worker.job("pulled")
             async def handle(job):
+                nonlocal done
+                if done >= int(stall_after):  # the worker to be killed stalls holding its leases
+                    await asyncio.sleep(3600)
                 await asyncio.sleep(0.002)
+                done += 1
                 out.write(job.id + "\\n")
 
             await worker.run()
@@ -126,16 +131,21 @@ def _pull_worker_killed(tmp_path: Path, extra: dict) -> None:
     script.write_text(WORKER)
     out = tmp_path / "processed.txt"
     args = [sys.executable, str(script), f"http://127.0.0.1:{gw.port}", gw.token, str(out)]
+    doomed, healthy = [*args, str(N // 5)], [*args, str(N * 2)]
     workers = []
     try:
         ids = enqueue_all(gw, "pulled")
-        workers.append(Proc(args, cwd=ROOT, name="pull-worker"))
+        workers.append(Proc(doomed, cwd=ROOT, name="pull-worker"))
         wait_until(lambda: len(processed(out)) >= N // 5, timeout=60, what="jobs under way")
+        # The doomed worker's handlers stall after N // 5 jobs: once it has claimed again it holds
+        # those leases until it dies. (Killed at a random moment with instant handlers, it held
+        # none whenever its only batch was being settled: on a fast backend, a fair share of runs.)
+        wait_until(lambda: queue_stats(gw, "pulled")["leased"] > 0, timeout=30, what="the stalled leases")
         workers[0].kill()
         # Leases long enough to outlast a loaded machine's pause between the kill and this look.
         assert queue_stats(gw, "pulled")["leased"] > 0, "the worker died holding leases"
         enqueue_keyed_again(gw, "pulled", ids)
-        workers.append(Proc(args, cwd=ROOT, name="pull-worker"))
+        workers.append(Proc(healthy, cwd=ROOT, name="pull-worker"))
         wait_until(lambda: all_done(gw, "pulled"), timeout=90, interval=0.2, what="every job settled")
         seen = processed(out)
         assert set(seen) == set(ids)
