@@ -3,9 +3,12 @@ batching pull worker (the SDK's Worker, no-op handler, in its own process), and 
 a single job on an idle queue, pulled and pushed.
 
     python bench/jobs.py                      # SQLite (the embedded default)
-    python bench/jobs.py --backend redis://127.0.0.1:6379/0 --markdown
+    python bench/jobs.py --backend redis --markdown
+    python bench/jobs.py --backend sqlite,redis,nats --markdown   # one table, a column each
 
-`--backend` is the `jobs.backend` URL, so a Redis or NATS row is the same run with another URL.
+`--backend` names `sqlite` (the gateway's file), `redis` or `nats` (the loopback brokers, under
+a fresh `?prefix=` dropped afterwards), or is any `jobs.backend` URL; several, comma-separated,
+run one after the other into one table.
 The gateway runs with one worker pinned to core 1; the producers, the worker and the push
 target share core 0 (see bench/README.md). Prints one table.
 """
@@ -48,6 +51,38 @@ WORKER = textwrap.dedent(
     asyncio.run(main(*sys.argv[1:]))
     """
 )
+
+
+BROKERS = {"redis": "redis://127.0.0.1:6379/0", "nats": "nats://127.0.0.1:4222"}
+
+
+def backend_url(name: str, prefix: str) -> str:
+    return f"{BROKERS[name]}?prefix={prefix}" if name in BROKERS else name
+
+
+async def drop_prefix(name: str, prefix: str) -> None:
+    """What a run wrote on a loopback broker under its prefix."""
+    if name == "redis":
+        from bridgeway.state.resp import RespClient
+
+        client = RespClient(BROKERS["redis"], timeout=10.0)
+        cursor = b"0"
+        while True:
+            cursor, keys = await client.execute("SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", 5000)
+            if keys:
+                await client.execute("UNLINK", *keys)
+            if cursor == b"0":
+                break
+        await client.close()
+    elif name == "nats":
+        import nats
+
+        nc = await nats.connect(BROKERS["nats"])
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if (info.config.name or "").startswith((prefix, f"KV_{prefix}")):
+                await js.delete_stream(info.config.name)
+        await nc.close()
 
 
 def config(port: int, push_port: int, backend: str, workdir: Path) -> str:
@@ -168,7 +203,7 @@ def ms(values: list[float], q: float) -> str:
     return f"{statistics.quantiles(values, n=100)[int(q) - 1] * 1000:.1f}" if len(values) > 2 else "-"
 
 
-async def run(args, workdir: Path, procs: Procs) -> list[list[str]]:
+async def run(args, backend: str, workdir: Path, procs: Procs) -> list[list[str]]:
     target = PushTarget()
     push_server = await asyncio.start_server(target.handle, "127.0.0.1", 0)
     push_port = push_server.sockets[0].getsockname()[1]
@@ -179,7 +214,7 @@ async def run(args, workdir: Path, procs: Procs) -> list[list[str]]:
         port,
         0,
         f"{sys.executable} -m bridgeway serve",
-        config(port, push_port, args.backend, workdir),
+        config(port, push_port, backend, workdir),
     )
     url = f"http://127.0.0.1:{port}"
     base = url + "/api/v1"
@@ -231,24 +266,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--backend", default="sqlite", help="jobs.backend URL; sqlite: the gateway's file")
+    parser.add_argument(
+        "--backend",
+        default="sqlite",
+        help="sqlite, redis, nats or a jobs.backend URL; several comma-separated",
+    )
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--producers", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=500, help="the pull worker's jobs in flight")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1500,
+        help="the pull worker's jobs in flight: three batches, so a claim overlaps the settles",
+    )
     parser.add_argument("--samples", type=int, default=100, help="single jobs for each latency figure")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the worker to core 0")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    procs = Procs()
-    with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
-        try:
-            rows = asyncio.run(run(args, Path(tmp), procs))
-        finally:
-            procs.stop_all()
+    names = args.backend.split(",")
+    columns: list[list[list[str]]] = []
+    for name in names:
+        prefix = f"bwbench-{os.urandom(4).hex()}"
+        procs = Procs()
+        with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
+            try:
+                columns.append(asyncio.run(run(args, backend_url(name, prefix), Path(tmp), procs)))
+            finally:
+                procs.stop_all()
+                if name in BROKERS:
+                    asyncio.run(drop_prefix(name, prefix))
+    if len(columns) == 1:
+        header, rows = ["measure", "result", ""], columns[0]
+    else:  # one column per backend: the result, and the p99 beside a latency's p50
+        header = ["measure", *names]
+        rows = [
+            [row[0], *(" / ".join(x for x in col[i][1:] if x) for col in columns)]
+            for i, row in enumerate(columns[0])
+        ]
     print_table(
         f"Bridgeway job queues, backend {args.backend}, {args.jobs:,} no-op jobs, 1 gateway worker",
-        ["measure", "result", ""],
+        header,
         rows,
         args.markdown,
     )

@@ -92,6 +92,15 @@ class Gateway:
         self.registry.apply(self.config)
         self.llm.spending = Spending(open_ledger(self.config.state))  # LLM spend and budgets
         self.llm.spending.start()
+        if self.config.queues:
+            # Connected before the loops start: a broker that is down fails the start, loudly.
+            backend = open_queue_backend(self.config.jobs_backend, retention=self.config.jobs.retention)
+            try:
+                await backend.open()
+            except BaseException:
+                await backend.close()
+                raise
+            self.queues = Queues(self.config, backend)
         self._apply_queues(self.config)
         self.health.start()
         await self._start_events()
@@ -133,16 +142,18 @@ class Gateway:
         )
 
     def _apply_queues(self, config: Config) -> None:
-        """Open the queue backend the first time a config names queues; keep push loops in step."""
+        """Start the queues' loops once a config names queues (a backend first named by a reload
+        connects on its first call); keep the push loops in step with the config."""
         if self.queues is None:
             if not config.queues:
                 return  # no queues: no backend file, no loops
             backend = open_queue_backend(config.jobs_backend, retention=config.jobs.retention)
             self.queues = Queues(config, backend)
-            self.queues.start()
-            self.delivery = Delivery(self.queues, self.registry)
         else:
             self.queues.configure(config)
+        if self.delivery is None:
+            self.queues.start()
+            self.delivery = Delivery(self.queues, self.registry)
         self.delivery.apply()
 
     async def shutdown(self) -> None:

@@ -61,3 +61,52 @@ async def drop_redis_kv(kv) -> None:
     keys = [k async for k in kv._redis.scan_iter(match=f"{kv._prefix}:*", count=500)]
     if keys:
         await kv._redis.delete(*keys)
+
+
+async def drop_redis_prefix(prefix: str) -> None:
+    """Delete every Redis key under `prefix:` (what a queue backend opened with ?prefix= wrote)."""
+    from bridgeway.state.resp import RespClient
+
+    client = RespClient(REDIS_URL, timeout=5.0)
+    try:
+        cursor = b"0"
+        while True:
+            cursor, keys = await client.execute("SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", 1000)
+            if keys:
+                await client.execute("UNLINK", *keys)
+            if cursor == b"0":
+                break
+    finally:
+        await client.close()
+
+
+async def drop_redis_keys(keys: list[str], prefix: str | None = None) -> None:
+    """Delete these Redis keys, and every key under `prefix:` when given."""
+    from bridgeway.state.resp import RespClient
+
+    client = RespClient(REDIS_URL, timeout=5.0)
+    try:
+        if keys:
+            await client.execute("UNLINK", *keys)
+    finally:
+        await client.close()
+    if prefix:
+        await drop_redis_prefix(prefix)
+
+
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+async def drop_nats_prefix(prefix: str) -> None:
+    """Delete the JetStream streams (and KV buckets) whose names start with `prefix`."""
+    import nats
+
+    nc = await nats.connect(NATS_URL, connect_timeout=5, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            name = info.config.name or ""
+            if name.startswith(prefix) or name.startswith(f"KV_{prefix}"):
+                await js.delete_stream(name)
+    finally:
+        await nc.close()

@@ -304,12 +304,12 @@ def _seq_of(stream_id: bytes) -> int:
 
 
 class RedisEventLog(_Watched):
-    def __init__(self, url: str, name: str, retention: Retention) -> None:
+    def __init__(self, url: str, name: str, retention: Retention, prefix: str = "bw") -> None:
         from bridgeway.state.resp import RespClient
 
         self.url = url
         self.retention = retention
-        tag = f"bw:events:{{{name}}}"  # one hash tag: the script's keys live in one cluster slot
+        tag = f"{prefix}:events:{{{name}}}"  # one hash tag: the script's keys live in one cluster slot
         self._stream, self._counter, self._ids = tag, f"{tag}:seq", f"{tag}:id:"
         self._redis = RespClient(url, timeout=5.0)
         self._script = self._redis.register_script(_APPEND)
@@ -417,10 +417,10 @@ class RedisEventLog(_Watched):
 class NatsEventLog(_Watched):
     TYPE_HEADER = "Bw-Event-Type"
 
-    def __init__(self, url: str, name: str, retention: Retention) -> None:
+    def __init__(self, url: str, name: str, retention: Retention, prefix: str | None = None) -> None:
         self.url = url
-        self.name = name  # the stream
-        self.subject = f"bw.events.{name}"
+        self.name = name if prefix is None else f"{prefix}_{name}"  # the stream
+        self.subject = f"{prefix or 'bw'}.events.{name}"
         self.retention = retention
         self._nc = None
         self._js = None
@@ -541,15 +541,20 @@ class NatsEventLog(_Watched):
 
 
 def open_event_log(url: str, name: str, retention: Retention) -> EventLog:
-    """The log `name` on the jobs backend at `url` (sqlite:///path, redis://, nats://)."""
+    """The log `name` on the jobs backend at `url` (sqlite:///path, redis://, nats://). A
+    `?prefix=` on a broker's URL (which keeps deployments' queues apart) names the log too."""
+    from bridgeway.jobs.queues import _split_prefix
+
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if scheme == "sqlite" and rest.startswith("/") and rest[1:]:
         return SqliteEventLog(rest[1:], name, retention)
     if scheme == "redis":
-        return RedisEventLog(url, name, retention)
+        base, prefix = _split_prefix(url, "bw")
+        return RedisEventLog(base, name, retention, prefix)
     if scheme in ("nats", "tls"):
-        return NatsEventLog(url, name, retention)
+        base, prefix = _split_prefix(url, "")
+        return NatsEventLog(base, name, retention, prefix or None)
     raise ValueError(
         f"jobs backend {url!r}: expected sqlite:///path.db, redis://host:port/db or nats://host:port"
     )

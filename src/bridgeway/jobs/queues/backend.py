@@ -90,6 +90,11 @@ class QueueStats:
 
 
 class QueueBackend(Protocol):
+    async def open(self) -> None:
+        """Connect and check (idempotent): the gateway awaits it at start-up so a broker that is
+        down fails the start; every other call also opens the backend on first use."""
+        ...
+
     async def enqueue(self, jobs: list[NewJob], now: float) -> list[tuple[Job, bool]]:
         """Store a batch atomically; (job, created) per input, in order."""
         ...

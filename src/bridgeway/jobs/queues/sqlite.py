@@ -15,9 +15,9 @@ A lease token is random per claim call and stored on each job it leased; settlin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,9 @@ class SqliteQueue:
         # claim that found nothing and the wait that follows it must not sleep a poll interval.
         self._wakes: dict[str, int] = {}
         self._seen: dict[str, int] = {}
+
+    async def open(self) -> None:
+        """Nothing to do: the file was opened (and its schema made) by the constructor."""
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -217,17 +220,7 @@ class SqliteQueue:
 
     def _claim_any(self, queue: str, limit: int, lease: float, now: float) -> list[Job]:
         # A read first: an idle queue, polled by loops and long-polls, never takes the write lock.
-        conn = self._conn
-        if (
-            conn.execute(
-                "SELECT 1 FROM jobs WHERE queue = ? AND state = 0 AND run_at <= ? LIMIT 1", (queue, now)
-            ).fetchone()
-            is None
-            and conn.execute(
-                "SELECT 1 FROM jobs WHERE queue = ? AND state = 1 AND lease_until <= ? LIMIT 1", (queue, now)
-            ).fetchone()
-            is None
-        ):
+        if not self._claimable(queue, now):
             return []
         return self._write(self._claim, queue, limit, lease, now)
 
@@ -297,8 +290,14 @@ class SqliteQueue:
 
     # -- reading and dead letters ----------------------------------------------------------
 
+    # A done job past its retention is gone even before the next sweep deletes it.
+    _KEPT = "(state != 2 OR finished_at >= ?)"
+
     def _get(self, job_id: str) -> Job | None:
-        row = self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._conn.execute(
+            f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND {self._KEPT}",
+            (job_id, time.time() - self.retention),
+        ).fetchone()
         return _job(row) if row else None
 
     async def get(self, job_id: str) -> Job | None:
@@ -309,7 +308,8 @@ class SqliteQueue:
         for start in range(0, len(job_ids), 500):  # SQLite's bound-parameter limit
             chunk = job_ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
+            sql = f"SELECT {COLUMNS} FROM jobs WHERE id IN ({marks}) AND {self._KEPT}"
+            for row in self._conn.execute(sql, (*chunk, time.time() - self.retention)):
                 found[row[0]] = _job(row)
         return [found.get(i) for i in job_ids]
 
@@ -372,17 +372,42 @@ class SqliteQueue:
         if event is not None:
             event.set()
 
+    def _claimable(self, queue: str, now: float) -> bool:
+        conn = self._conn
+        return (
+            conn.execute(
+                "SELECT 1 FROM jobs WHERE queue = ? AND state = 0 AND run_at <= ? LIMIT 1", (queue, now)
+            ).fetchone()
+            is not None
+            or conn.execute(
+                "SELECT 1 FROM jobs WHERE queue = ? AND state = 1 AND lease_until <= ? LIMIT 1", (queue, now)
+            ).fetchone()
+            is not None
+        )
+
     async def wait(self, queue: str, timeout: float) -> None:
         """Woken at once by this process's enqueues; jobs another process queued, and delayed
-        jobs falling due, are seen by the next poll."""
-        if self._wakes.get(queue, 0) != self._seen.get(queue, 0):
-            self._seen[queue] = self._wakes[queue]
-            return  # something came since the last claim looked
-        event = self._waiters.get(queue)
-        if event is None:
-            event = self._waiters[queue] = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), min(timeout, POLL))
+        jobs falling due, are seen by a look every POLL seconds (one indexed read)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self._wakes.get(queue, 0) != self._seen.get(queue, 0):
+                self._seen[queue] = self._wakes[queue]
+                return  # something came since the last claim looked
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            event = self._waiters.get(queue)
+            if event is None:
+                event = self._waiters[queue] = asyncio.Event()
+            try:
+                await asyncio.wait_for(event.wait(), min(left, POLL))
+            except TimeoutError:
+                if await self._run(self._claimable, queue, time.time()):
+                    return
+            else:
+                self._seen[queue] = self._wakes.get(queue, 0)
+                return
 
     async def close(self) -> None:
         if self._executor is None:
