@@ -426,9 +426,8 @@ async def _relay(
     """Send the upstream's answer: in one piece when it is all here, else streamed."""
     start = {"type": "http.response.start", "status": resp.status, "headers": headers}
     if resp.complete:
-        data = await resp.read()
         await send(start)
-        await send({"type": "http.response.body", "body": data})
+        await send({"type": "http.response.body", "body": resp.body()})
     else:
         await send(start)
         try:

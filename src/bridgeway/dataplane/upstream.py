@@ -143,12 +143,17 @@ class UpstreamResponse:
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} complete={self.complete}>"
 
+    def body(self) -> bytes:
+        """The whole (remaining) body of a `complete` response, without an await: the proxy's
+        common case, where a coroutine for `read()` would be made only to return at once."""
+        chunks = self._chunks
+        self._chunks = []
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     async def read(self) -> bytes:
         """The whole (remaining) body. Meant for small bodies; use `async for` to stream."""
         if self.complete:
-            chunks = self._chunks
-            self._chunks = []
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return self.body()
         parts = [chunk async for chunk in self]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
