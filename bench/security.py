@@ -10,7 +10,10 @@ Rows (each a `bridgeway serve` with one worker on the proxy core; the upstream i
   jwt+limit+redis   the same, with the limit kept in Redis on 127.0.0.1:6379 (state: redis)
 
 Throughput is measured at --connections; latency closed-loop with one connection, so p50 is one
-request's own cost and the Redis row's extra p50 is the Redis round trip. Targets (issue 3):
+request's own cost and the Redis row's extra p50 is the Redis round trip. CPU/request is the
+gateway's CPU time over the throughput run divided by its requests; other tenants' load moves it
+much less than requests/s, so "req/CPU-s vs plain" (plain's CPU/request over the row's) is the
+steadier form of "vs plain". Targets (issue 3):
 in-process >= 0.8 x plain throughput; Redis >= 0.6 x, and <= 0.3 ms more than in-process at p50.
 """
 
@@ -39,6 +42,7 @@ from common import (  # noqa: E402
     start_bridgeway,
     start_nginx,
     tail,
+    tree_cpu_seconds,
     upstream_server,
     wait_http,
 )
@@ -149,29 +153,34 @@ def main() -> int:
         upstream = start_nginx(procs, work, "upstream", upstream_server(up_port), cpu=CPU_LOAD)
         wait_http(up_port, "/", upstream)
         targets: dict[str, tuple[str, list[str]]] = {}
+        pids: dict[str, int] = {}
         for row in rows:
             port = free_port()
             name = "bw-" + row.replace("+", "-")
-            start_bridgeway(
+            pids[row] = start_bridgeway(
                 procs, work, port, up_port, args.bridgeway_cmd, _config(port, up_port, row, public_pem), name
-            )
+            ).pid
             credential = {"plain": None, "key+limit": _new_key(port)}.get(row, token)
             headers = [f"Authorization: Bearer {credential}"] if credential else []
             targets[row] = (f"http://127.0.0.1:{port}/bridge/bench/", headers)
 
         thr: dict[str, list[WrkResult]] = {r: [] for r in targets}
         lat: dict[str, list[WrkResult]] = {r: [] for r in targets}
+        cpu: dict[str, list[float]] = {r: [] for r in targets}  # the server's CPU µs per request
         for rnd in range(args.rounds):
             for row, (url, headers) in targets.items():
                 log(f"round {rnd + 1}/{args.rounds}: {row}")
                 run_wrk(url, connections=args.connections, duration=WARMUP_S, headers=headers)
+                cpu0 = tree_cpu_seconds(pids[row])
                 thr[row].append(
                     run_wrk(url, connections=args.connections, duration=args.duration, headers=headers)
                 )
+                served = thr[row][-1].rps * args.duration
+                cpu[row].append((tree_cpu_seconds(pids[row]) - cpu0) / max(served, 1) * 1e6)
                 lat[row].append(run_wrk(url, connections=1, duration=args.duration / 2, headers=headers))
                 t, q = thr[row][-1], lat[row][-1]
                 log(
-                    f"  {t.rps:,.0f} req/s (errors {t.errors}); c=1 p50 {q.p50_ms:.3f} ms p99 {q.p99_ms:.3f} ms"
+                    f"  {t.rps:,.0f} req/s, {cpu[row][-1]:.0f} µs CPU/request (errors {t.errors}); c=1 p50 {q.p50_ms:.3f} ms p99 {q.p99_ms:.3f} ms"
                 )
                 if t.errors:
                     log(tail(work / f"bw-{row.replace('+', '-')}.log"))
@@ -180,6 +189,7 @@ def main() -> int:
     rps = {r: med(x.rps for x in v) for r, v in thr.items()}
     p50 = {r: med(x.p50_ms for x in v) for r, v in lat.items()}
     p99 = {r: med(x.p99_ms for x in v) for r, v in lat.items()}
+    us = {r: med(v) for r, v in cpu.items()}
     table = []
     for row in targets:
         ratio = rps[row] / rps["plain"]
@@ -198,6 +208,8 @@ def main() -> int:
                 row,
                 f"{rps[row]:,.0f}",
                 f"{ratio:.2f}x",
+                f"{us[row]:.0f} µs",
+                f"{us['plain'] / us[row]:.2f}x",
                 f"{p50[row]:.3f} ms",
                 f"{p99[row]:.3f} ms",
                 str(errors),
@@ -208,7 +220,17 @@ def main() -> int:
         f"wrk -t1 -c{args.connections} -d{args.duration:g}s (throughput) and -c1 (latency), "
         f"{args.rounds} round(s), medians; one gateway worker on core 1"
     )
-    headers = ["row", "requests/s", "vs plain", "p50 (c=1)", "p99 (c=1)", "errors", "target"]
+    headers = [
+        "row",
+        "requests/s",
+        "vs plain",
+        "CPU/request",
+        "req/CPU-s vs plain",
+        "p50 (c=1)",
+        "p99 (c=1)",
+        "errors",
+        "target",
+    ]
     print_table(title, headers, table, args.markdown)
     return 0
 

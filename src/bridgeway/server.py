@@ -245,38 +245,42 @@ class Gateway:
 
     # -- ASGI ----------------------------------------------------------------------------------
 
-    async def __call__(self, scope, receive, send) -> None:
+    def __call__(self, scope, receive, send):
+        """The ASGI entry: a plain function that returns the handler's coroutine for the server to
+        await, not a coroutine of its own around it. Every level of an await chain is passed
+        through again each time the request resumes (the upstream's answer, each send)."""
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
             if path.startswith(BRIDGE):
-                await self._bridge(scope, receive, send)
-            elif path.startswith("/v1/"):
-                await self._llm(scope, receive, send)
-            elif path in self._ops:
-                await self._ops[path](self, send)
-            elif path.startswith(API_PREFIXES):
-                await self._api(scope, receive, send)
-            else:
-                trace_id = new_trace_id()
-                span = [(b"traceparent", traceparent(trace_id, new_span_id()))]
-                await send_error(
-                    send, GatewayError("NOT_FOUND", f"no route for {path[:200]!r}"), trace_id, span
+                return self._bridge(scope, receive, send)
+            if path.startswith("/v1/"):
+                return self._llm(scope, receive, send)
+            if path in self._ops:
+                return self._ops[path](self, send)
+            if path.startswith(API_PREFIXES):
+                return self._api(scope, receive, send)
+            trace_id = new_trace_id()
+            span = [(b"traceparent", traceparent(trace_id, new_span_id()))]
+            return send_error(send, GatewayError("NOT_FOUND", f"no route for {path[:200]!r}"), trace_id, span)
+        if kind == "websocket":
+            return self._websocket(scope, receive, send)
+        if kind == "lifespan":
+            return self._lifespan(receive, send)
+        return _nothing()
+
+    async def _websocket(self, scope, receive, send) -> None:
+        if scope["path"].startswith(BRIDGE):
+            service, _ = self._service_for(scope["path"])
+            if service is not None:
+                await proxy_websocket(
+                    service, scope, receive, send, len(BRIDGE) + len(service.name), self.access
                 )
-        elif kind == "websocket":
-            if scope["path"].startswith(BRIDGE):
-                service, _ = self._service_for(scope["path"])
-                if service is not None:
-                    await proxy_websocket(
-                        service, scope, receive, send, len(BRIDGE) + len(service.name), self.access
-                    )
-                    return
-            elif scope["path"].startswith("/api/"):
-                await self.api(scope, receive, send)  # the event stream's WebSocket
                 return
-            await send({"type": "websocket.close", "code": 4404})
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
+        elif scope["path"].startswith("/api/"):
+            await self.api(scope, receive, send)  # the event stream's WebSocket
+            return
+        await send({"type": "websocket.close", "code": 4404})
 
     async def _api(self, scope, receive, send) -> None:
         """The management API; its bodies are small, so a large one is refused, never buffered."""
@@ -460,6 +464,10 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
     _ops = {"/health": _health, "/health/live": _live, "/health/ready": _ready, "/metrics": _metrics}
+
+
+async def _nothing() -> None:
+    """What an ASGI scope type the gateway does not serve gets."""
 
 
 def _limited(receive, limit: int):

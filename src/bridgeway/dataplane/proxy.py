@@ -22,8 +22,8 @@ from bridgeway.dataplane.service import Service
 from bridgeway.dataplane.upstream import UpstreamError, UpstreamResponse
 from bridgeway.errors import GatewayError
 from bridgeway.observability.tracing import new_trace_id, parse_traceparent
-from bridgeway.security.access import Access, Principal
-from bridgeway.security.budgets import Held
+from bridgeway.security.access import UNKNOWN, Access, Principal
+from bridgeway.security.budgets import Budgets, Held, Tightest
 from bridgeway.security.limits import ratelimit_headers
 
 # RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
@@ -337,13 +337,30 @@ async def proxy_http(
     response starts are raised as GatewayError; after it starts, the stream is cut."""
     call.target = parse_target(scope, len(BRIDGE) + len(service.name))
     caller = None
-    if call.credential is not None or access.required:  # anonymous traffic to open routes skips the await
-        caller = await access.check(call.credential, service.name, scope["method"], call.target)
-    limited = service.limits is not None or (caller is not None and caller.client in access.client_budgets)
-    held = Held() if limited else None  # concurrency slots, given back when the response has ended
+    if call.credential is not None or access.required:  # anonymous traffic to open routes skips this
+        caller = access.check_now(call.credential, service.name, scope["method"], call.target)
+        if caller is UNKNOWN:  # not authenticated within the last second: look the credential up
+            caller = await access.check(call.credential, service.name, scope["method"], call.target)
+    budgets = access.client_budgets.get(caller.client) if caller is not None and caller.client else None
+    held = Held() if service.limits is not None or budgets is not None else None
     try:
         if held is not None:
-            reply_headers += await _draw_budgets(service, scope, call.target, caller, access, held)
+            client = scope.get("client")
+            ip = client[0] if client else ""
+            caller_id = caller.id if caller is not None else None
+            if (service.limits is None or service.limits.local) and (budgets is None or budgets.local):
+                # The in-process limiter answers at once: no coroutine per request for it.
+                tightest = (
+                    service.limits.draw_now(service.name, call.target, ip, caller_id, held)
+                    if service.limits
+                    else None
+                )
+                if budgets is not None:
+                    tightest = budgets.draw_now(service.name, call.target, ip, caller_id, held, tightest)
+            else:
+                tightest = await _draw_budgets(service, call.target, ip, caller_id, budgets, held)
+            if tightest is not None:
+                reply_headers += ratelimit_headers(*tightest)
         if service.cache is not None:
             return await _cached(service, scope, receive, send, call, reply_headers, caller)
         return await _forward(service, scope, receive, send, call, reply_headers)
@@ -353,18 +370,15 @@ async def proxy_http(
 
 
 async def _draw_budgets(
-    service: Service, scope: dict, target: bytes, caller: Principal | None, access: Access, held: Held
-) -> list:
-    client = scope.get("client")
-    ip = client[0] if client else ""
-    caller_id = caller.id if caller is not None else None
+    service: Service, target: bytes, ip: str, caller_id: str | None, budgets: Budgets | None, held: Held
+) -> Tightest:
+    """The draw through the shared limiter (Redis): a round trip per budget."""
     tightest = None
     if service.limits is not None:
         tightest = await service.limits.draw(service.name, target, ip, caller_id, service.metrics, held)
-    budgets = access.client_budgets.get(caller.client) if caller is not None else None
     if budgets is not None:
         tightest = await budgets.draw(service.name, target, ip, caller_id, service.metrics, held, tightest)
-    return ratelimit_headers(*tightest) if tightest else []
+    return tightest
 
 
 async def _forward(
@@ -412,9 +426,8 @@ async def _relay(
     """Send the upstream's answer: in one piece when it is all here, else streamed."""
     start = {"type": "http.response.start", "status": resp.status, "headers": headers}
     if resp.complete:
-        data = await resp.read()
         await send(start)
-        await send({"type": "http.response.body", "body": data})
+        await send({"type": "http.response.body", "body": resp.body()})
     else:
         await send(start)
         try:

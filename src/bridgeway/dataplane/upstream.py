@@ -143,12 +143,17 @@ class UpstreamResponse:
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} complete={self.complete}>"
 
+    def body(self) -> bytes:
+        """The whole (remaining) body of a `complete` response, without an await: the proxy's
+        common case, where a coroutine for `read()` would be made only to return at once."""
+        chunks = self._chunks
+        self._chunks = []
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     async def read(self) -> bytes:
         """The whole (remaining) body. Meant for small bodies; use `async for` to stream."""
         if self.complete:
-            chunks = self._chunks
-            self._chunks = []
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return self.body()
         parts = [chunk async for chunk in self]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -615,7 +620,13 @@ class UpstreamPool:
                     await self._send_stream(conn, fut, stream, content_length, read_timeout)
                 if read_timeout is None:
                     return await fut
-                return await self._wait_head(fut, read_timeout)
+                # A timer on the loop instead of asyncio.wait_for (no extra task), armed here and
+                # not in a helper coroutine: one await level less to pass on the resume.
+                timer = self._loop.call_at(self._loop.time() + read_timeout, _expire_head, fut)
+                try:
+                    return await fut
+                finally:
+                    timer.cancel()
             except UpstreamClosed as exc:
                 conn.abort()
                 # A reused keep-alive connection the server had closed: nothing of the response
@@ -699,15 +710,6 @@ class UpstreamPool:
         elif sent != content_length:
             raise ValueError("request body is shorter than its declared content_length")
         conn._req_done = True
-
-    async def _wait_head(self, fut: asyncio.Future[UpstreamResponse], timeout: float) -> UpstreamResponse:
-        # call_at on the loop instead of asyncio.wait_for: no extra task, one timer handle.
-        loop = self._loop
-        timer = loop.call_at(loop.time() + timeout, _expire_head, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
 
     # -- connection management --------------------------------------------------------------------
 
