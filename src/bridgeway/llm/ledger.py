@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridgeway.llm.budgets import Hold, Ledger, Limit, day_of, first_day
+from bridgeway.state.sqlite import open_sqlite
 
 SPEND_FIELDS = ("requests", "tokens_in", "tokens_out", "nano")
 CHECKPOINT_EVERY = 100  # inline SQLite commits between two WAL checkpoints (a few pages each)
@@ -208,20 +209,11 @@ class SqliteLedgerStore:
     """
 
     def __init__(self, path: str, *, busy_timeout: float = 10.0, clock=time.time) -> None:
-        from bridgeway.state.sqlite import _use_wal
-
         self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgeway-spend")
-        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        try:
-            if path != ":memory:":
-                _use_wal(conn, busy_timeout)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn  # the thread's: waits for the write lock up to busy_timeout
+        self._conn = open_sqlite(
+            path, SCHEMA, busy_timeout=busy_timeout
+        )  # the thread's: waits for the write lock up to busy_timeout
         # The event loop's own: never waits for the lock (timeout 0), so a group is written
         # inline when the lock is free (the usual case) and in the thread only when another
         # process holds it. A transaction handed to a thread pays for the GIL on every SQLite

@@ -47,20 +47,28 @@ def _use_wal(conn: sqlite3.Connection, wait: float) -> None:
             time.sleep(0.02)
 
 
+def open_sqlite(path: str, schema: str, *, busy_timeout: float = 10.0) -> sqlite3.Connection:
+    """A connection to one of Bridgeway's SQLite files, in WAL mode with `schema` applied: the KV,
+    the queues, the event log and the LLM ledger each open theirs so, and use it from one thread
+    of their own (autocommit; writes in explicit BEGIN IMMEDIATE transactions)."""
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    try:
+        if path != ":memory:":
+            _use_wal(conn, busy_timeout)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class SqliteKV:
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
         self.path = str(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgeway-sqlite")
         # Opened here (synchronously, so a bad path fails at open_state); used only in the executor.
-        conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        try:
-            _use_wal(conn, busy_timeout)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+        self._conn = open_sqlite(self.path, SCHEMA, busy_timeout=busy_timeout)
         self._next_sweep = 0.0
 
     async def _run(self, fn: Any, *args: Any) -> Any:

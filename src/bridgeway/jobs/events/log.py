@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,18 +137,14 @@ class SqliteEventLog(_Watched):
     POLL = 0.02  # seconds between two looks at PRAGMA data_version while someone waits
 
     def __init__(self, path: str, name: str, retention: Retention, *, busy_timeout: float = 10.0) -> None:
-        from bridgeway.state.sqlite import _use_wal  # the one place that knows how to switch to WAL
+        from bridgeway.state.sqlite import open_sqlite
 
         self.retention = retention
         self._events, self._ids = f"events_{name}", f"events_{name}_ids"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgeway-events")
-        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        try:
-            if path != ":memory:":
-                _use_wal(conn, busy_timeout)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(
-                f"""
+        self._conn = open_sqlite(
+            path,
+            f"""
                 CREATE TABLE IF NOT EXISTS {self._events} (
                     seq INTEGER PRIMARY KEY AUTOINCREMENT,
                     event_id TEXT NOT NULL,
@@ -162,12 +157,9 @@ class SqliteEventLog(_Watched):
                     seq INTEGER NOT NULL,
                     at REAL NOT NULL
                 ) WITHOUT ROWID;
-                """
-            )
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+                """,
+            busy_timeout=busy_timeout,
+        )
         self._next_trim = 0.0
         self._changes = _Changes()
         self._watcher = None

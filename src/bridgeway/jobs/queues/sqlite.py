@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import orjson
 
 from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
-from bridgeway.state.sqlite import _use_wal
+from bridgeway.state.sqlite import open_sqlite
 
 QUEUED, LEASED, DONE, DEAD = 0, 1, 2, 3
 STATE_NAMES = ("queued", "leased", "done", "dead")
@@ -83,16 +82,7 @@ class SqliteQueue:
         self.path = str(path)
         self.retention = retention
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgeway-queue")
-        conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        try:
-            if self.path != ":memory:":
-                _use_wal(conn, busy_timeout)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+        self._conn = open_sqlite(self.path, SCHEMA, busy_timeout=busy_timeout)
         self._next_sweep = 0.0
         self._waiters: dict[str, asyncio.Event] = {}
         # Wakes so far per queue, and how many the last claim had seen: a job enqueued between a
