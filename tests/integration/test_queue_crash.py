@@ -141,9 +141,7 @@ def _pull_worker_killed(tmp_path: Path, extra: dict) -> None:
         # those leases until it dies. (Killed at a random moment with instant handlers, it held
         # none whenever its only batch was being settled: on a fast backend, a fair share of runs.)
         wait_until(lambda: queue_stats(gw, "pulled")["leased"] > 0, timeout=30, what="the stalled leases")
-        workers[0].kill()
-        # Leases long enough to outlast a loaded machine's pause between the kill and this look.
-        assert queue_stats(gw, "pulled")["leased"] > 0, "the worker died holding leases"
+        workers[0].kill()  # the gateway holds the leases: the worker's death cannot release them
         enqueue_keyed_again(gw, "pulled", ids)
         workers.append(Proc(healthy, cwd=ROOT, name="pull-worker"))
         wait_until(lambda: all_done(gw, "pulled"), timeout=90, interval=0.2, what="every job settled")
