@@ -82,6 +82,11 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
+        # A SIGHUP before the reload handler is in place (the supervisor passing one on while
+        # this worker still opens its backends) must not end the worker, as the default action
+        # would: it is ignored, and the file's time is checked again once the handler is in.
+        with contextlib.suppress(ValueError):  # outside the main thread (an embedding test)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         logs.configure(self.config.logging.level)
         self.state = self.registry.state = open_state(self.config.state)
         self.keys = KeyStore(self.state)
