@@ -43,7 +43,13 @@ ip = ipaddress.ip_address
         # explicit: an allow CIDR inside the special range; a broad one is not enough
         ("169.254.169.254", None, OutboundPolicy.of(allow=["169.254.169.254/32"]), True, ""),
         ("169.254.169.254", None, OutboundPolicy.of(allow=["0.0.0.0/0"]), False, "link-local"),
-        ("169.254.169.254", "metadata.internal", OutboundPolicy.of(allow=["metadata.internal"]), False, "link"),
+        (
+            "169.254.169.254",
+            "metadata.internal",
+            OutboundPolicy.of(allow=["metadata.internal"]),
+            False,
+            "link",
+        ),
         # the deny list wins, by address or by name
         ("127.0.0.1", None, OutboundPolicy.of(deny=["127.0.0.0/8"]), False, "outbound.deny"),
         ("10.0.0.5", None, OutboundPolicy.of(allow=["10.0.0.0/8"], deny=["10.0.0.5"]), False, "deny"),
@@ -69,7 +75,9 @@ cidrs = st.sampled_from(["0.0.0.0/0", "10.0.0.0/8", "169.0.0.0/8", "::/0", "hook
 @given(link_local, st.lists(cidrs, max_size=3))
 def test_link_local_is_refused_whatever_broad_allow_list(address, allow):
     assert not decide(address, "hooks.example", OutboundPolicy.of(allow=allow)).allowed
-    assert not decide(ipaddress.IPv6Address(f"::ffff:{address}"), None, OutboundPolicy.of(allow=allow)).allowed
+    assert not decide(
+        ipaddress.IPv6Address(f"::ffff:{address}"), None, OutboundPolicy.of(allow=allow)
+    ).allowed
 
 
 @given(ipv4)
@@ -79,7 +87,9 @@ def test_deny_everything_wins_over_allow_everything(address):
 
 @given(ipv4)
 def test_by_default_only_the_special_ranges_are_refused(address):
-    special = address in ipaddress.ip_network("169.254.0.0/16") or address in ipaddress.ip_network("0.0.0.0/8")
+    special = address in ipaddress.ip_network("169.254.0.0/16") or address in ipaddress.ip_network(
+        "0.0.0.0/8"
+    )
     special |= address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255")
     special |= address == ipaddress.IPv4Address("100.100.100.200")
     assert decide(address, None, DEFAULT).allowed is not special
@@ -131,9 +141,11 @@ async def test_a_name_resolving_to_a_refused_address_is_refused_at_connect_time(
     port = sink.url.rpartition(":")[2]
     try:
         # the name resolves to the sink on loopback: allowed, and the post arrives
-        async with client_session(5, PolicyResolver(lambda: DEFAULT, FixedResolver("127.0.0.1"))) as s:
-            async with s.post(f"http://hooks.example:{port}/ok", data=b"{}") as resp:
-                assert resp.status == 200
+        async with (
+            client_session(5, PolicyResolver(lambda: DEFAULT, FixedResolver("127.0.0.1"))) as s,
+            s.post(f"http://hooks.example:{port}/ok", data=b"{}") as resp,
+        ):
+            assert resp.status == 200
         # rebound to metadata: refused before any connection is made
         async with client_session(5, PolicyResolver(lambda: DEFAULT, FixedResolver("169.254.169.254"))) as s:
             with pytest.raises(aiohttp.ClientError) as refused:

@@ -24,7 +24,7 @@ from starlette.websockets import WebSocketDisconnect
 from bridgeway.api.auth import caller_of, refuse, require_admin
 from bridgeway.api.context import audit
 from bridgeway.config.models import WebhookConfig
-from bridgeway.errors import GatewayError
+from bridgeway.errors import GatewayError, error_body
 from bridgeway.jobs.events import bus
 from bridgeway.jobs.events.webhooks import (
     CURSORS_NS,
@@ -36,6 +36,7 @@ from bridgeway.jobs.events.webhooks import (
     purge,
     start_cursor,
 )
+from bridgeway.observability.tracing import new_trace_id
 from bridgeway.security import outbound
 
 router = APIRouter(tags=["events"])
@@ -203,7 +204,7 @@ async def websocket(
     """Follow the log over a WebSocket: text messages `{"id": "12", "event": {...}}`, in order;
     `{"type": "heartbeat"}` while idle; `{"type": "gap", "after": "5", "first": "21"}` when
     retention trimmed events before they were sent. Reconnect with `?after=<last id>` to resume.
-    Refusals close the handshake with 4000 + the HTTP status (4401, 4403, 4429, 4503)."""
+    A refused handshake is answered with the standard error and its HTTP status (401, 403, 429, 503)."""
     gateway = _gateway(ws)
     streams = _live_streams(ws)
     try:
@@ -211,13 +212,24 @@ async def websocket(
         position = await _position(ws, after, from_)
         streams.take(caller.id, gateway.config.events.streams)
     except GatewayError as exc:
-        await ws.close(code=4000 + exc.status, reason=exc.message[:120])
+        await _refuse_handshake(ws, exc)
         return
     try:
         await ws.accept()
         await _send_events(ws, gateway, position, accept)
     finally:
         streams.give(caller.id)
+
+
+async def _refuse_handshake(ws: WebSocket, exc: GatewayError) -> None:
+    """The standard error as the handshake's HTTP answer where the server can send one (granian
+    can), with its status and Retry-After; else a close before accepting (seen as a 403)."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        body = error_body(exc.code, exc.message, new_trace_id())
+        headers = {k.decode(): v.decode() for k, v in exc.headers}
+        await ws.send_denial_response(Response(body, exc.status, headers, media_type="application/json"))
+    else:
+        await ws.close(code=4000 + exc.status, reason=exc.message[:120])
 
 
 async def _send_events(ws: WebSocket, gateway, position: int, accept) -> None:
