@@ -60,11 +60,21 @@ async def _follow(url: str, token: str | None, types: str, start: str, service: 
                 ) as resp:
                     if resp.status != 200:
                         await _fail(resp)
-                    event_id = None
+                    event_id, kind = None, None
                     async for raw in resp.content:
                         line = raw.rstrip(b"\r\n")
                         if line.startswith(b"id: "):
                             event_id = line[4:].decode()
+                        elif line.startswith(b"event: "):
+                            kind = line[7:]
+                        elif line.startswith(b"data: ") and kind == b"gap":
+                            gap = orjson.loads(line[6:])
+                            err.print(
+                                f"[yellow]missed[/] the events after {gap['after']} before {gap['first']}:"
+                                " the log no longer holds them",
+                                highlight=False,
+                            )
+                            last, kind = event_id or last, None
                         elif line.startswith(b"data: ") and event_id is not None:
                             last = event_id
                             yield event_id, orjson.loads(line[6:])

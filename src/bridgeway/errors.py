@@ -14,6 +14,7 @@ import orjson
 STATUS: dict[str, int] = {
     "BAD_REQUEST": 400,
     "BAD_PATH": 400,
+    "URL_NOT_ALLOWED": 400,
     "UNAUTHENTICATED": 401,
     "FORBIDDEN": 403,
     "NOT_FOUND": 404,
@@ -30,6 +31,7 @@ STATUS: dict[str, int] = {
     "RATE_LIMITED": 429,
     "BUDGET_EXCEEDED": 429,
     "QUEUE_FULL": 429,
+    "TOO_MANY_STREAMS": 429,
     "INTERNAL": 500,
     "UPSTREAM_CONNECT": 502,
     "UPSTREAM_PROTOCOL": 502,
@@ -43,6 +45,7 @@ STATUS: dict[str, int] = {
     "CIRCUIT_OPEN": 503,
     "UPSTREAM_BUSY": 503,
     "BUDGET_UNAVAILABLE": 503,
+    "STREAMS_AT_CAPACITY": 503,
     "UPSTREAM_TIMEOUT": 504,
 }
 

@@ -37,6 +37,7 @@ from bridgeway.llm.ledger import open_ledger
 from bridgeway.llm.spend import Spending
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
+from bridgeway.security import outbound
 from bridgeway.security.access import Access
 from bridgeway.security.jwt import JwtVerifier, SigningKeys
 from bridgeway.security.keys import KeyStore, public_id
@@ -88,6 +89,7 @@ class Gateway:
         with contextlib.suppress(ValueError):  # outside the main thread (an embedding test)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         logs.configure(self.config.logging.level)
+        outbound.install(outbound.OutboundPolicy.of(self.config.outbound.allow, self.config.outbound.deny))
         self.state = self.registry.state = open_state(self.config.state)
         self.keys = KeyStore(self.state)
         self.audit.start(self.state)
@@ -217,6 +219,7 @@ class Gateway:
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
+        outbound.install(outbound.OutboundPolicy.of(config.outbound.allow, config.outbound.deny))
         self._build_auth(config)
         self._apply_queues(config)
         self.llm = LLMEndpoint(config, self.llm)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -58,3 +60,72 @@ def test_webhook_config_is_validated(tmp_path, monkeypatch):
     )
     hook = load_config(path).events.webhooks["h"]
     assert hook.secret.get_secret_value() == "s3cret" and hook.start == "latest"
+
+
+def test_a_delivery_is_given_up_after_its_attempts_or_its_age():
+    from bridgeway.config.models import EventDeliveryConfig
+    from bridgeway.jobs.events.webhooks import exhausted
+
+    limits = EventDeliveryConfig(max_attempts=3, max_age="1m")
+    assert not exhausted(2, 1000.0, 1059.0, limits)
+    assert exhausted(3, 1000.0, 1001.0, limits)  # attempts
+    assert exhausted(1, 1000.0, 1060.0, limits)  # age since the first failure
+
+
+def test_dead_letters_keep_the_event_as_posted():
+    from bridgeway.jobs.events.webhooks import DeadLetter, dead_key
+
+    event = StoredEvent(42, "e-1", "job.done", b'{"event_type":"job.done","payload":{"i":1}}')
+    letter = DeadLetter(event, 5, 10.0, 20.0, "status 500")
+    assert DeadLetter.decode(letter.encode()) == letter
+    assert orjson.loads(letter.encode())["id"] == "42"
+    assert dead_key(9) < dead_key(10) < dead_key(100)  # the KV's order is the log's
+
+
+def test_live_streams_are_capped_per_worker_and_per_caller():
+    from bridgeway.config.models import EventStreamsConfig
+    from bridgeway.errors import GatewayError
+    from bridgeway.jobs.events.bus import LiveStreams
+
+    limits = EventStreamsConfig(max_per_worker=3, max_per_key=2)
+    streams = LiveStreams()
+    streams.take("key:a", limits)
+    streams.take("key:a", limits)
+    with pytest.raises(GatewayError) as refused:
+        streams.take("key:a", limits)
+    assert refused.value.status == 429 and refused.value.headers == [(b"retry-after", b"5")]
+    streams.take("key:b", limits)
+    with pytest.raises(GatewayError) as refused:
+        streams.take("key:c", limits)
+    assert refused.value.status == 503 and refused.value.code == "STREAMS_AT_CAPACITY"
+    streams.give("key:a")
+    streams.take("key:c", limits)  # a slot given back is free again
+    for caller in ("key:a", "key:b", "key:c"):
+        streams.give(caller)
+    assert streams.total == 0 and streams.by_caller == {}
+
+
+async def test_follow_signals_a_gap_when_retention_trimmed_the_resumed_position(tmp_path):
+    from bridgeway.jobs.events.bus import Gap, follow
+    from bridgeway.jobs.events.log import NewEvent, Retention, SqliteEventLog
+
+    log = SqliteEventLog(str(tmp_path / "e.db"), "gap", Retention(max_count=10))
+    try:
+        now = time.time()
+        await log.append([NewEvent(f"e{i}", "job.x", b"{}", now) for i in range(30)])  # keeps 21..30
+        pages = follow(log, 5, lambda e: True, heartbeat=60)
+        assert await anext(pages) == Gap(5, 21)
+        assert [e.seq for e in await anext(pages)] == list(range(21, 31))
+        # a position still held: no gap
+        pages = follow(log, 25, lambda e: True, heartbeat=60)
+        assert [e.seq for e in await anext(pages)] == list(range(26, 31))
+        # earliest (0): whatever the log holds, nothing to signal
+        pages = follow(log, 0, lambda e: True, heartbeat=60)
+        assert [e.seq for e in await anext(pages)] == list(range(21, 31))
+        # everything after the position trimmed: the gap names the next id to come
+        await log.append([NewEvent(f"f{i}", "job.x", b"{}", 1.0) for i in range(3)])  # too old
+        assert await log.trim(now) == 3
+        pages = follow(log, 30, lambda e: True, heartbeat=60)
+        assert await anext(pages) == Gap(30, 34)
+    finally:
+        await log.close()

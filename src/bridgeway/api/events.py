@@ -3,7 +3,9 @@
 Who may: admins everything; other callers the event types their role's `events` grants name,
 to publish or to subscribe (webhook management is for admins). A live stream starts after the
 position the client names (`Last-Event-ID`, `after` or `from`: a sequence number, `earliest`
-or `latest`, the default), so a client that reconnects with the last id it saw misses nothing.
+or `latest`, the default), so a client that reconnects with the last id it saw misses nothing,
+or, when retention trimmed events it had not read, is told so (`event: gap`, `{"type": "gap"}`).
+Live streams are capped per worker and per caller (`events.streams`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,20 @@ from starlette.websockets import WebSocketDisconnect
 from bridgeway.api.auth import caller_of, refuse, require_admin
 from bridgeway.api.context import audit
 from bridgeway.config.models import WebhookConfig
-from bridgeway.errors import GatewayError
+from bridgeway.errors import GatewayError, error_body
 from bridgeway.jobs.events import bus
-from bridgeway.jobs.events.webhooks import CURSORS_NS, WEBHOOKS_NS, Subscription, start_cursor
+from bridgeway.jobs.events.webhooks import (
+    CURSORS_NS,
+    DEAD_NS,
+    REPLAY_NS,
+    WEBHOOKS_NS,
+    Subscription,
+    dead_key,
+    purge,
+    start_cursor,
+)
+from bridgeway.observability.tracing import new_trace_id
+from bridgeway.security import outbound
 
 router = APIRouter(tags=["events"])
 WebhookName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -55,7 +68,7 @@ async def publish(request: Request) -> Response:
 
 
 async def _subscriber(connection, types: str, service: str | None):
-    """The filter a caller's subscription applies, or 401/403."""
+    """The caller and the filter its subscription applies, or 401/403."""
     gateway = _gateway(connection)
     caller = await caller_of(connection)
     patterns = [p.strip() for p in types.split(",") if p.strip()]
@@ -66,7 +79,7 @@ async def _subscriber(connection, types: str, service: str | None):
             raise GatewayError("BAD_REQUEST", "types: a pattern is at most 200 characters")
         if not gateway.access.may_use_events(caller, pattern, "subscribe"):
             raise refuse(connection, caller, f"role {caller.role!r} may not subscribe to {pattern!r}")
-    return bus.event_filter(patterns, service, gateway.access.event_filter(caller))
+    return caller, bus.event_filter(patterns, service, gateway.access.event_filter(caller))
 
 
 async def _position(connection, *given: str | None) -> int:
@@ -96,7 +109,7 @@ async def read_events(
     after: After = "earliest",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    accept = await _subscriber(request, types, service)
+    _, accept = await _subscriber(request, types, service)
     log = _gateway(request).event_log
     position = await _position(request, after)
     out: list[bytes] = []
@@ -121,6 +134,32 @@ def _wire(event) -> bytes:
     return b'{"id":"%d","event":%s}' % (event.seq, event.body)
 
 
+def _live_streams(connection) -> bus.LiveStreams:
+    """This worker's live streams (one API app per worker)."""
+    app_state = connection.app.state
+    if not hasattr(app_state, "live_streams"):
+        app_state.live_streams = bus.LiveStreams()
+    return app_state.live_streams
+
+
+class _LiveResponse(StreamingResponse):
+    """A streaming response that gives its live-stream slot back when it ends, however it ends."""
+
+    def __init__(self, content, release) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 @router.get("/events/stream", summary="Follow the log as server-sent events; resumes from Last-Event-ID")
 async def stream(
     request: Request,
@@ -129,7 +168,7 @@ async def stream(
     after: After = None,
     from_: Annotated[str | None, Query(alias="from")] = None,
 ) -> StreamingResponse:
-    accept = await _subscriber(request, types, service)
+    caller, accept = await _subscriber(request, types, service)
     gateway = _gateway(request)
     position = await _position(request, request.headers.get("last-event-id"), after, from_)
     heartbeat = gateway.config.events.heartbeat
@@ -137,16 +176,21 @@ async def stream(
     async def body():
         yield b"retry: 1000\n: subscribed after %d\n\n" % position
         async for page in bus.follow(gateway.event_log, position, accept, heartbeat):
-            if not page:
+            if isinstance(page, bus.Gap):
+                # its id moves the client's Last-Event-ID past the gap: a reconnect resumes there
+                yield b'event: gap\nid: %d\ndata: {"after":"%d","first":"%d"}\n\n' % (
+                    page.first - 1,
+                    page.after,
+                    page.first,
+                )
+            elif not page:
                 yield b": heartbeat\n\n"
-                continue
-            yield b"".join(b"id: %d\ndata: %s\n\n" % (e.seq, e.body) for e in page)
+            else:
+                yield b"".join(b"id: %d\ndata: %s\n\n" % (e.seq, e.body) for e in page)
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    streams = _live_streams(request)
+    streams.take(caller.id, gateway.config.events.streams)  # last: nothing after it can fail
+    return _LiveResponse(body(), lambda: streams.give(caller.id))
 
 
 @router.websocket("/events/ws")
@@ -158,23 +202,47 @@ async def websocket(
     from_: Annotated[str | None, Query(alias="from")] = None,
 ) -> None:
     """Follow the log over a WebSocket: text messages `{"id": "12", "event": {...}}`, in order;
-    `{"type": "heartbeat"}` while idle. Reconnect with `?after=<last id>` to resume."""
-    try:
-        accept = await _subscriber(ws, types, service)
-        position = await _position(ws, after, from_)
-    except GatewayError as exc:
-        await ws.close(code=4000 + exc.status, reason=exc.message[:120])
-        return
+    `{"type": "heartbeat"}` while idle; `{"type": "gap", "after": "5", "first": "21"}` when
+    retention trimmed events before they were sent. Reconnect with `?after=<last id>` to resume.
+    A refused handshake is answered with the standard error and its HTTP status (401, 403, 429, 503)."""
     gateway = _gateway(ws)
-    await ws.accept()
+    streams = _live_streams(ws)
+    try:
+        caller, accept = await _subscriber(ws, types, service)
+        position = await _position(ws, after, from_)
+        streams.take(caller.id, gateway.config.events.streams)
+    except GatewayError as exc:
+        await _refuse_handshake(ws, exc)
+        return
+    try:
+        await ws.accept()
+        await _send_events(ws, gateway, position, accept)
+    finally:
+        streams.give(caller.id)
 
+
+async def _refuse_handshake(ws: WebSocket, exc: GatewayError) -> None:
+    """The standard error as the handshake's HTTP answer where the server can send one (granian
+    can), with its status and Retry-After; else a close before accepting (seen as a 403)."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        body = error_body(exc.code, exc.message, new_trace_id())
+        headers = {k.decode(): v.decode() for k, v in exc.headers}
+        await ws.send_denial_response(Response(body, exc.status, headers, media_type="application/json"))
+    else:
+        await ws.close(code=4000 + exc.status, reason=exc.message[:120])
+
+
+async def _send_events(ws: WebSocket, gateway, position: int, accept) -> None:
     async def send_events():
         await ws.send_text(f'{{"type":"subscribed","after":"{position}"}}')
         async for page in bus.follow(gateway.event_log, position, accept, gateway.config.events.heartbeat):
-            if not page:
+            if isinstance(page, bus.Gap):
+                await ws.send_text(f'{{"type":"gap","after":"{page.after}","first":"{page.first}"}}')
+            elif not page:
                 await ws.send_text('{"type":"heartbeat"}')
-            for e in page:
-                await ws.send_text(_wire(e).decode())
+            else:
+                for e in page:
+                    await ws.send_text(_wire(e).decode())
 
     sender = asyncio.create_task(send_events())
     try:
@@ -237,6 +305,8 @@ async def put_webhook(request: Request, name: WebhookName) -> Response:
             for err in exc.errors()
         ]
         raise GatewayError("VALIDATION_ERROR", "; ".join(problems)) from None
+    if not (verdict := outbound.check_url(config.url, outbound.current())).allowed:
+        raise GatewayError("URL_NOT_ALLOWED", f"url: refused by the outbound policy: {verdict.reason}")
     stored = config.model_dump(mode="json") | {"secret": config.secret.get_secret_value()}
     existed = await gateway.state.get(WEBHOOKS_NS, name) is not None
     sub = Subscription.of(name, config)
@@ -258,5 +328,100 @@ async def delete_webhook(request: Request, name: WebhookName) -> Response:
     if not await gateway.state.delete(WEBHOOKS_NS, name):
         raise GatewayError("NOT_FOUND", f"no webhook named {name!r}")
     await gateway.state.delete(CURSORS_NS, name)
+    await purge(gateway.state, REPLAY_NS + name)
+    await purge(gateway.state, DEAD_NS + name)
     audit(request, "webhook.deleted", webhook=name)
+    return Response(status_code=204)
+
+
+# -- dead letters (admins) -------------------------------------------------------------------------
+
+DeadLetterId = Annotated[str, Path(pattern=r"^[0-9]{1,19}$", description="the event's id (sequence number)")]
+
+
+async def _webhook(request: Request, name: str):
+    """The gateway, once the caller is an admin and `name` a webhook; else 401/403/404."""
+    await require_admin(request)
+    gateway = _gateway(request)
+    if name not in gateway.webhooks.configured and await gateway.state.get(WEBHOOKS_NS, name) is None:
+        raise GatewayError("NOT_FOUND", f"no webhook named {name!r}")
+    return gateway
+
+
+@router.get(
+    "/events/webhooks/{name}/dead-letters",
+    summary="Events a webhook gave up on after its attempts, oldest first, a page at a time",
+)
+async def list_dead_letters(
+    request: Request,
+    name: WebhookName,
+    after: Annotated[
+        str | None, Query(pattern=r"^[0-9]{1,19}$", description="the last id of the page before")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> Response:
+    gateway = await _webhook(request, name)
+    page = await gateway.state.list(
+        DEAD_NS + name, limit=limit, after=dead_key(int(after)) if after else None
+    )
+    replaying = len(await gateway.state.list(REPLAY_NS + name, limit=1000))
+    following = b'"%d"' % int(page[-1][0]) if len(page) == limit else b"null"
+    return Response(
+        b'{"dead_letters":[%s],"next":%s,"replaying":%d}'
+        % (b",".join(entry.value for _, entry in page), following, replaying),
+        media_type="application/json",
+    )
+
+
+async def _replay(gateway, name: str, key: str, entry) -> None:
+    """Hand a dead letter to the subscription's deliverer: in the replay list first, then out
+    of the dead letters, so a crash in between leaves it in both, never in neither."""
+    await gateway.state.put(REPLAY_NS + name, key, entry.value)
+    await gateway.state.delete(DEAD_NS + name, key)
+
+
+@router.post(
+    "/events/webhooks/{name}/dead-letters/{id}/replay",
+    status_code=202,
+    summary="Post one dead letter again (before the events after the cursor)",
+)
+async def replay_dead_letter(request: Request, name: WebhookName, id: DeadLetterId) -> Response:  # noqa: A002
+    gateway = await _webhook(request, name)
+    key = dead_key(int(id))
+    entry = await gateway.state.get(DEAD_NS + name, key)
+    if entry is None:
+        raise GatewayError("NOT_FOUND", f"webhook {name!r} has no dead letter {id}")
+    await _replay(gateway, name, key, entry)
+    audit(request, "webhook.replayed", webhook=name, events=1)
+    return _json({"replaying": 1}, 202)
+
+
+@router.post(
+    "/events/webhooks/{name}/dead-letters/replay", status_code=202, summary="Post every dead letter again"
+)
+async def replay_dead_letters(request: Request, name: WebhookName) -> Response:
+    gateway = await _webhook(request, name)
+    count = 0
+    while page := await gateway.state.list(DEAD_NS + name, limit=500):
+        for key, entry in page:
+            await _replay(gateway, name, key, entry)
+            count += 1
+    audit(request, "webhook.replayed", webhook=name, events=count)
+    return _json({"replaying": count}, 202)
+
+
+@router.delete("/events/webhooks/{name}/dead-letters", summary="Drop every dead letter of a webhook")
+async def purge_dead_letters(request: Request, name: WebhookName) -> Response:
+    gateway = await _webhook(request, name)
+    count = await purge(gateway.state, DEAD_NS + name)
+    audit(request, "webhook.purged", webhook=name, events=count)
+    return _json({"purged": count})
+
+
+@router.delete("/events/webhooks/{name}/dead-letters/{id}", status_code=204, summary="Drop one dead letter")
+async def purge_dead_letter(request: Request, name: WebhookName, id: DeadLetterId) -> Response:  # noqa: A002
+    gateway = await _webhook(request, name)
+    if not await gateway.state.delete(DEAD_NS + name, dead_key(int(id))):
+        raise GatewayError("NOT_FOUND", f"webhook {name!r} has no dead letter {id}")
+    audit(request, "webhook.purged", webhook=name, events=1)
     return Response(status_code=204)

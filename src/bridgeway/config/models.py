@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
 from bridgeway.config.units import Rate, parse_duration, parse_rate, parse_size
+from bridgeway.security.outbound import OutboundPolicy, check_url
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 RateValue = Annotated[Rate, BeforeValidator(parse_rate)]
@@ -532,9 +533,22 @@ class EventRetentionConfig(Model):
 class EventDeliveryConfig(Model):
     backoff: Duration = Field(0.5, gt=0, description="wait after a failed webhook post, doubled each time")
     max_backoff: Duration = Field(60.0, gt=0, description="the longest wait between two tries")
+    max_attempts: int = Field(
+        20, ge=1, le=10_000, description="posts of one event before it goes to the dead letters"
+    )
+    max_age: Duration = Field(
+        3600.0, gt=0, description="time since an event's first failed post before it goes to the dead letters"
+    )
     lease: Duration = Field(
         15.0, gt=0, description="how long a worker owns a subscription without renewing it"
     )
+
+
+class EventStreamsConfig(Model):
+    """Live streams (SSE, WebSocket) each hold a connection and a page of events: capped."""
+
+    max_per_worker: int = Field(1000, ge=1, description="beyond it, 503 STREAMS_AT_CAPACITY")
+    max_per_key: int = Field(100, ge=1, description="per caller (key, client, token); beyond it, 429")
 
 
 class EventsConfig(Model):
@@ -550,7 +564,24 @@ class EventsConfig(Model):
     max_payload: Size = Field(256 * 1024, gt=0, description="largest event (as JSON) accepted")
     heartbeat: Duration = Field(15.0, gt=0, description="idle live streams get a heartbeat this often")
     delivery: EventDeliveryConfig = EventDeliveryConfig()
+    streams: EventStreamsConfig = EventStreamsConfig()
     webhooks: dict[ServiceName, WebhookConfig] = Field({}, description="subscriptions declared in config")
+
+
+class OutboundConfig(Model):
+    """Where webhooks and job callbacks may be posted. Link-local, metadata and unspecified
+    addresses are always refused unless an `allow` CIDR inside them names them."""
+
+    allow: list[str] = Field(
+        [],
+        description="when set, only these: CIDRs (10.0.0.0/8) or host names (hooks.example.com, *.example.com)",
+    )
+    deny: list[str] = Field([], description="never these (CIDRs or host names); wins over allow")
+
+    @model_validator(mode="after")
+    def _entries(self) -> OutboundConfig:
+        OutboundPolicy.of(self.allow, self.deny)  # raises naming a bad entry
+        return self
 
 
 class SpendConfig(Model):
@@ -585,9 +616,20 @@ class Config(Model):
     )
     jobs: JobsConfig = JobsConfig()
     events: EventsConfig = EventsConfig()
+    outbound: OutboundConfig = OutboundConfig()
     spend: SpendConfig = SpendConfig()
 
     queues: dict[QueueName, QueueConfig] = Field({}, description="durable job queues")
+
+    @model_validator(mode="after")
+    def _webhooks_allowed(self) -> Config:
+        policy = OutboundPolicy.of(self.outbound.allow, self.outbound.deny)
+        for name, hook in self.events.webhooks.items():
+            if not (verdict := check_url(hook.url, policy)).allowed:
+                raise ValueError(
+                    f"events.webhooks.{name}.url: refused by the outbound policy: {verdict.reason}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _known_roles(self) -> Config:

@@ -14,12 +14,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bridgeway.config.models import EventStreamsConfig
+from bridgeway.errors import GatewayError
 from bridgeway.jobs.events import metrics as event_metrics
 from bridgeway.jobs.events.log import EventLog, NewEvent, StoredEvent
 
@@ -135,15 +138,42 @@ def event_filter(
     return accept
 
 
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Events after `after` up to `first` (excluded) are no longer in the log: retention trimmed
+    them before this subscriber read them. `first` is the first id that may still come."""
+
+    after: int
+    first: int
+
+
 async def follow(
     log: EventLog, after: int, accept: Callable[[StoredEvent], bool], heartbeat: float
-) -> AsyncIterator[list[StoredEvent]]:
+) -> AsyncIterator[list[StoredEvent] | Gap]:
     """Pages of accepted events after `after`, in order, for as long as the consumer pulls; an
-    empty page when `heartbeat` seconds passed without one (the consumer sends a heartbeat)."""
+    empty page when `heartbeat` seconds passed without one (the consumer sends a heartbeat); a
+    `Gap` when events after the position were trimmed before they were read (after 0,
+    `earliest`, there is nothing to miss: it starts from what the log holds).
+
+    Sequence numbers are dense (1, 2, 3, ... on every backend), so an event read after `after`
+    whose number is not `after + 1` means the ones between were trimmed."""
     quiet_since = time.monotonic()
     while True:
         batch = await log.read(after, PAGE)
+        if not batch:
+            # Appended and trimmed while unread? The newest number first, then a second read:
+            # an event appended in between is then read, never mistaken for a gap.
+            newest = await log.last()
+            if newest > after:
+                batch = await log.read(after, PAGE)
+                if not batch:
+                    if after:
+                        yield Gap(after, newest + 1)
+                    after = newest
+                    continue
         if batch:
+            if after and batch[0].seq > after + 1:
+                yield Gap(after, batch[0].seq)
             after = batch[-1].seq
             page = [e for e in batch if accept(e)]
             if page:
@@ -156,3 +186,38 @@ async def follow(
         if time.monotonic() - quiet_since >= heartbeat:
             yield []
             quiet_since = time.monotonic()
+
+
+class LiveStreams:
+    """The live streams (SSE, WebSocket) one worker serves, in all and per caller: a slot is
+    taken before a stream starts and given back when it ends, so a flood of subscribers is
+    answered with an error instead of holding the worker's memory."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_caller: dict[str, int] = {}
+
+    def take(self, caller: str, limits: EventStreamsConfig) -> None:
+        """A slot for `caller`, or GatewayError: 503 when the worker is full, 429 when the caller is."""
+        if self.total >= limits.max_per_worker:
+            raise GatewayError(
+                "STREAMS_AT_CAPACITY",
+                f"this worker serves {self.total} live streams, its limit (events.streams.max_per_worker)",
+                headers=[(b"retry-after", b"1")],
+            )
+        held = self.by_caller.get(caller, 0)
+        if held >= limits.max_per_key:
+            raise GatewayError(
+                "TOO_MANY_STREAMS",
+                f"{caller} holds {held} live streams on this worker, its limit (events.streams.max_per_key)",
+                headers=[(b"retry-after", b"5")],
+            )
+        self.total += 1
+        self.by_caller[caller] = held + 1
+
+    def give(self, caller: str) -> None:
+        self.total -= 1
+        if (held := self.by_caller[caller] - 1) > 0:
+            self.by_caller[caller] = held
+        else:
+            del self.by_caller[caller]

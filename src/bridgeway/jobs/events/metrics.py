@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bridgeway.observability import metrics
 
-_EVENTS: dict = {"published": 0, "duplicates": 0, "delivered": {}, "failures": {}, "lag": {}}
+_EVENTS: dict = {"published": 0, "duplicates": 0, "delivered": {}, "failures": {}, "dead": {}, "lag": {}}
 
 
 def published(created: int, duplicates: int) -> None:
@@ -25,6 +25,11 @@ def delivered(subscription: str) -> None:
 
 def webhook_failed(subscription: str) -> None:
     counts = _EVENTS["failures"]
+    counts[subscription] = counts.get(subscription, 0) + 1
+
+
+def dead_lettered(subscription: str) -> None:
+    counts = _EVENTS["dead"]
     counts[subscription] = counts.get(subscription, 0) + 1
 
 
@@ -48,7 +53,14 @@ def _families(workers: list[tuple[dict, bool]]) -> Iterable:
         labels=["subscription"],
     )
     failures = CounterMetricFamily(
-        "bridgeway_webhook_failures", "Webhook posts that failed (retried later)", labels=["subscription"]
+        "bridgeway_webhook_failures",
+        "Webhook posts that failed (retried, or dead-lettered after the last attempt)",
+        labels=["subscription"],
+    )
+    dead = CounterMetricFamily(
+        "bridgeway_webhook_dead_letters",
+        "Events a webhook subscription gave up on after its attempts (kept as dead letters)",
+        labels=["subscription"],
     )
     lag = GaugeMetricFamily(
         "bridgeway_subscription_lag",
@@ -56,7 +68,7 @@ def _families(workers: list[tuple[dict, bool]]) -> Iterable:
         labels=["subscription"],
     )
     counts = {"published": 0, "duplicates": 0}
-    by_subscription: dict[str, dict[str, float]] = {"delivered": {}, "failures": {}, "lag": {}}
+    by_subscription: dict[str, dict[str, float]] = {"delivered": {}, "failures": {}, "dead": {}, "lag": {}}
     for events, alive in workers:
         for key in counts:
             counts[key] += events.get(key, 0)
@@ -67,10 +79,10 @@ def _families(workers: list[tuple[dict, bool]]) -> Iterable:
                 totals[name] = totals.get(name, 0) + n
     published_.add_metric([], counts["published"])
     duplicates.add_metric([], counts["duplicates"])
-    for family, key in ((delivered_, "delivered"), (failures, "failures"), (lag, "lag")):
+    for family, key in ((delivered_, "delivered"), (failures, "failures"), (dead, "dead"), (lag, "lag")):
         for name, n in sorted(by_subscription[key].items()):
             family.add_metric([name], n)
-    yield from (published_, duplicates, delivered_, failures, lag)
+    yield from (published_, duplicates, delivered_, failures, dead, lag)
 
 
 metrics.register_section("events", lambda: _EVENTS, _families)

@@ -9,10 +9,19 @@ renewed with compare-and-set; a worker that dies stops renewing and another take
 cursor within one lease period.
 
 In order: a subscription's events are posted one at a time, and the cursor moves past an event
-only once its receiver answered 2xx; a failure is retried with exponential back-off (with
-jitter, capped), for as long as it takes, holding up the events behind it. At least once: the
-cursor is saved after the post, so a worker that dies between the two, or loses its lease
-mid-post, makes the next owner post that event again. Receivers dedupe by `X-Bridgeway-Event-Id`.
+once its receiver answered 2xx; a failure is retried with exponential back-off (with jitter,
+capped), holding up the events behind it, until `events.delivery.max_attempts` posts or
+`max_age` since the first failure. Then the event becomes a dead letter of that subscription
+(stored in the state KV beside the cursors, before the cursor moves on) and delivery goes on
+with the next event: one event a receiver always refuses does not block it for ever. A dead
+letter asked to be replayed (through the API) is posted again by the subscription's deliverer,
+before the events after its cursor, with the same attempts; refused again, it is a dead letter
+again. At least once: the cursor is saved after the post, so a worker that dies between the
+two, or loses its lease mid-post, makes the next owner post that event again. Receivers dedupe
+by `X-Bridgeway-Event-Id`.
+
+Where it posts is vetted by the outbound policy (`bridgeway.security.outbound`): the URL before
+each post, every address its host resolves to at connect time; redirects are not followed.
 """
 
 from __future__ import annotations
@@ -31,14 +40,18 @@ from bridgeway.config.models import EventDeliveryConfig, WebhookConfig
 from bridgeway.jobs import signing
 from bridgeway.jobs.events import metrics as event_metrics
 from bridgeway.jobs.events.bus import event_filter
-from bridgeway.jobs.events.log import EventLog
+from bridgeway.jobs.events.log import EventLog, StoredEvent
 from bridgeway.observability import logs
+from bridgeway.security import outbound
 from bridgeway.state import KV, VersionMismatch
 
 WEBHOOKS_NS = "_events_webhooks"  # API-managed subscriptions
 CURSORS_NS = "_events_cursors"
 LEASES_NS = "_events_leases"
+DEAD_NS = "_events_dead:"  # + subscription name: the events it gave up on, by sequence number
+REPLAY_NS = "_events_replay:"  # + subscription name: dead letters asked to be posted again
 RECONCILE_EVERY = 1.0  # seconds between two looks at which subscriptions exist and are free
+REPLAY_POLL = 1.0  # seconds an idle deliverer waits before it looks for replays again
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +75,57 @@ class Subscription:
             config.start,
             config.timeout,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event a subscription gave up on, with what happened to it."""
+
+    event: StoredEvent
+    attempts: int
+    first_failure: float  # unix seconds
+    last_failure: float
+    problem: str  # the last failure, in a few words (never the URL)
+
+    def encode(self) -> bytes:
+        e = self.event
+        return orjson.dumps(
+            {
+                "id": str(e.seq),
+                "event_id": e.event_id,
+                "event_type": e.event_type,
+                "attempts": self.attempts,
+                "first_failure": self.first_failure,
+                "last_failure": self.last_failure,
+                "problem": self.problem,
+                "event": orjson.Fragment(e.body),  # the event as posted, kept past the log's retention
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DeadLetter:
+        d = orjson.loads(raw)
+        event = StoredEvent(int(d["id"]), d["event_id"], d["event_type"], orjson.dumps(d["event"]))
+        return cls(event, d["attempts"], d["first_failure"], d["last_failure"], d["problem"])
+
+
+def dead_key(seq: int) -> str:
+    """Zero-padded, so the KV's lexicographic order is the log's."""
+    return f"{seq:020d}"
+
+
+def exhausted(attempts: int, first_failure: float, now: float, delivery: EventDeliveryConfig) -> bool:
+    """After `attempts` failed posts, the first at `first_failure`: give the event up?"""
+    return attempts >= delivery.max_attempts or now - first_failure >= delivery.max_age
+
+
+async def purge(state: KV, namespace: str) -> int:
+    """Delete every entry of `namespace`; how many there were."""
+    count = 0
+    while page := await state.list(namespace, limit=500):
+        for key, _ in page:
+            count += await state.delete(namespace, key)
+    return count
 
 
 def backoff(failures: int, base: float, cap: float, rand: float) -> float:
@@ -135,7 +199,7 @@ class WebhookDelivery:
     async def start(self) -> None:
         for sub in self.configured.values():
             await start_cursor(self.state, self.log, sub)
-        self._session = aiohttp.ClientSession()
+        self._session = outbound.client_session()
         self._loop = asyncio.create_task(self._reconcile_forever())
 
     async def stop(self) -> None:
@@ -195,16 +259,29 @@ class WebhookDelivery:
             cursor = int(entry.value) if entry is not None else 0
             while True:
                 await lease.keep()
+                await self._replay(sub, lease)
                 batch = await self.log.read(cursor, 100)
                 if not batch:
+                    newest = await self.log.last()
+                    if newest > cursor and not await self.log.read(cursor, 1):
+                        # appended after the cursor and trimmed by retention before delivery
+                        self.logger.warning(
+                            "webhook_events_expired", subscription=sub.name, after=cursor, upto=newest
+                        )
+                        cursor = newest
+                        await self.state.put(CURSORS_NS, sub.name, str(cursor).encode())
+                        continue
                     event_metrics.subscription_lag(sub.name, 0)
-                    await self.log.wait(cursor, self.delivery.lease / 3)
+                    await self.log.wait(cursor, min(REPLAY_POLL, self.delivery.lease / 3))
                     continue
                 event_metrics.subscription_lag(sub.name, max(0, await self.log.last() - cursor))
                 for event in batch:
                     if accept(event):
-                        await self._post_until_accepted(sub, lease, event)
-                        event_metrics.delivered(sub.name)
+                        dead = await self._post_until_done(sub, lease, event)
+                        if dead is None:
+                            event_metrics.delivered(sub.name)
+                        else:
+                            await self._bury(sub, dead)  # before the cursor moves past it
                         await self.state.put(CURSORS_NS, sub.name, str(event.seq).encode())
                     cursor = event.seq
                 # past the events it does not want, too, so a restart does not read them again
@@ -215,15 +292,48 @@ class WebhookDelivery:
             event_metrics.subscription_lag(sub.name, None)
             await lease.release()
 
-    async def _post_until_accepted(self, sub: Subscription, lease: _Lease, event) -> None:
-        failures = 0
+    async def _replay(self, sub: Subscription, lease: _Lease) -> None:
+        """Post the dead letters asked to be replayed, oldest first; each leaves the replay list
+        once accepted (and its dead letter goes) or given up on again (a dead letter again)."""
+        for key, entry in await self.state.list(REPLAY_NS + sub.name, limit=100):
+            letter = DeadLetter.decode(entry.value)
+            dead = await self._post_until_done(sub, lease, letter.event)
+            if dead is None:
+                event_metrics.delivered(sub.name)
+                await self.state.delete(DEAD_NS + sub.name, key)
+                self.logger.info("webhook_replayed", subscription=sub.name, seq=letter.event.seq)
+            else:
+                await self._bury(sub, dead)
+            await self.state.delete(REPLAY_NS + sub.name, key)
+
+    async def _bury(self, sub: Subscription, dead: DeadLetter) -> None:
+        await self.state.put(DEAD_NS + sub.name, dead_key(dead.event.seq), dead.encode())
+        event_metrics.dead_lettered(sub.name)
+        self.logger.error(
+            "webhook_dead_lettered",
+            subscription=sub.name,
+            seq=dead.event.seq,
+            event_id=dead.event.event_id,
+            attempts=dead.attempts,
+            problem=dead.problem,
+        )
+
+    async def _post_until_done(
+        self, sub: Subscription, lease: _Lease, event: StoredEvent
+    ) -> DeadLetter | None:
+        """None once the receiver accepted the event; its dead letter when the attempts ran out."""
+        failures, first_failure = 0, 0.0
         while True:
             await lease.keep()
             problem = await self._post(sub, event)
             if problem is None:
-                return
+                return None
             failures += 1
+            now = time.time()
+            first_failure = first_failure or now
             event_metrics.webhook_failed(sub.name)
+            if exhausted(failures, first_failure, now, self.delivery):
+                return DeadLetter(event, failures, first_failure, now, problem)
             wait = backoff(failures, self.delivery.backoff, self.delivery.max_backoff, random.random())
             # the URL may carry a token in its query: name the subscription, never the URL
             self.logger.warning(
@@ -231,12 +341,15 @@ class WebhookDelivery:
                 subscription=sub.name,
                 seq=event.seq,
                 problem=problem,
+                attempt=failures,
                 retry_in=round(wait, 3),
             )
             await asyncio.sleep(wait)
 
-    async def _post(self, sub: Subscription, event) -> str | None:
+    async def _post(self, sub: Subscription, event: StoredEvent) -> str | None:
         """None when the receiver accepted the event, else what went wrong."""
+        if not (verdict := outbound.check_url(sub.url, outbound.current())).allowed:
+            return f"refused by the outbound policy: {verdict.reason}"
         headers = {
             "Content-Type": "application/json",
             signing.HEADER: signing.sign(sub.secret, event.body, time.time()),
@@ -247,11 +360,15 @@ class WebhookDelivery:
         }
         try:
             async with self._session.post(
-                sub.url, data=event.body, headers=headers, timeout=aiohttp.ClientTimeout(total=sub.timeout)
+                sub.url,
+                data=event.body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=sub.timeout),
+                allow_redirects=False,  # a redirect could lead where the policy would refuse
             ) as resp:
                 await resp.read()
                 return None if 200 <= resp.status < 300 else f"status {resp.status}"
         except TimeoutError:
             return "timeout"
         except aiohttp.ClientError as exc:
-            return type(exc).__name__
+            return outbound.describe(exc)

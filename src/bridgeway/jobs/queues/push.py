@@ -26,6 +26,7 @@ from bridgeway.jobs.queues.policy import Bury
 from bridgeway.jobs.queues.service import CALLBACK_POLICY, CALLBACKS, Queues
 from bridgeway.observability import logs
 from bridgeway.observability.tracing import new_span_id, new_trace_id, traceparent
+from bridgeway.security import outbound
 
 if TYPE_CHECKING:
     from bridgeway.dataplane.service import Registry
@@ -234,13 +235,15 @@ class CallbackLoop(_Loop):
 
     async def deliver(self, job: Job) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT))
+            self._session = outbound.client_session(CALLBACK_TIMEOUT)  # connections vetted (SSRF)
         url, source = job.headers.get("url", ""), job.headers.get("queue", "")
         queue = self.queues.queues.get(source)
         secret = queue.callback_secret if queue is not None else None
         ok, error = False, None
         if secret is None:
             error = f"queue {source!r} has no callback_secret now"
+        elif not (verdict := outbound.check_url(url, outbound.current())).allowed:
+            error = f"callback refused by the outbound policy: {verdict.reason}"
         else:
             headers = {
                 "Content-Type": "application/json",
@@ -255,7 +258,7 @@ class CallbackLoop(_Loop):
                     ok = 200 <= r.status < 300
                     error = None if ok else f"callback answered {r.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
-                error = f"callback failed: {exc.__class__.__name__}"
+                error = f"callback failed: {outbound.describe(exc)}"
         now = self.queues.clock()
         if ok:
             outcome = Outcome(job.id, job.lease or "", "ack")

@@ -33,6 +33,7 @@ from bridgeway.jobs.queues import metrics as queue_metrics
 from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueBackend, QueueStats
 from bridgeway.jobs.queues.policy import Bury, RetryPolicy
 from bridgeway.observability import logs
+from bridgeway.security import outbound
 
 CALLBACKS = "_callbacks"  # internal queue: its name cannot be a configured one
 CALLBACK_POLICY = RetryPolicy(max_attempts=10, base=1.0, max_delay=600.0)
@@ -135,6 +136,9 @@ def _callback_url(value: Any, where: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _invalid(where, "expected an http(s) URL")
+    # the gateway posts there for the caller: the outbound policy decides where it may (SSRF)
+    if not (verdict := outbound.check_url(value, outbound.current())).allowed:
+        raise GatewayError("URL_NOT_ALLOWED", f"{where}: refused by the outbound policy: {verdict.reason}")
     return value
 
 
