@@ -917,9 +917,9 @@ async def test_tls_certificate_for_another_host_is_refused() -> None:
 
 def test_tls_default_port_is_left_out_of_the_host_header() -> None:
     context = default_ssl_context()
-    assert UpstreamPool("api.example.com", 443, ssl=context)._host_line == b"Host: api.example.com\r\n"
-    assert UpstreamPool("api.example.com", 8443, ssl=context)._host_line == b"Host: api.example.com:8443\r\n"
-    assert UpstreamPool("example.com", 443)._host_line == b"Host: example.com:443\r\n"  # plain: as it was
+    assert UpstreamPool("api.example.com", 443, ssl=context)._host_header == b"Host: api.example.com"
+    assert UpstreamPool("api.example.com", 8443, ssl=context)._host_header == b"Host: api.example.com:8443"
+    assert UpstreamPool("example.com", 443)._host_header == b"Host: example.com:443"  # plain: as it was
     assert default_ssl_context() is context  # built once
 
 
