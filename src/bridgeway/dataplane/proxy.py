@@ -131,10 +131,11 @@ def read_head(scope: dict, call: Call) -> None:
             connection = item[1]
         elif name == b"authorization":
             value = item[1]
-            if value[:10].lower() == b"bearer bw_":
+            scheme = value[:10].lower()
+            if scheme == b"bearer bw_":
                 call.credential = value[7:].strip().decode("latin-1")  # a gateway key: consumed
             else:
-                if value[:10].lower() == b"bearer eyj":  # a JWT: checked here, and passed on
+                if scheme == b"bearer eyj":  # a JWT: checked here, and passed on
                     call.credential = value[7:].strip().decode("latin-1")
                 out.append(item)
         elif name == b"x-api-key":

@@ -114,7 +114,7 @@ class Access:
         self.verifier = verifier
         self.oauth = oauth
         self.clock = clock
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache: dict[str, tuple[float, Principal | None]] = {}  # token -> (valid until, caller)
 
     async def identify(self, token: str | None) -> Principal | None:
         """The caller a request's credential proves (None: anonymous, where that is allowed);
@@ -139,7 +139,8 @@ class Access:
         self, token: str | None, caller: Principal | None, service: str, method: str, path: bytes
     ) -> Principal | None:
         """The authenticated `caller` (of `token`) admitted and allowed this call; raises 401/403."""
-        caller = self._admit(token, caller)
+        if caller is None or caller is FOREIGN:  # a principal needs no admission: it has a token
+            caller = self._admit(token, caller)
         if caller is not None and caller.role != ADMIN_ROLE:
             if caller.services is not None and service not in caller.services:
                 raise GatewayError("FORBIDDEN", f"this caller may not call service {service!r}")
@@ -248,7 +249,7 @@ class Access:
     def cached(self, token: str):
         """The caller `token` proved within the last second (None: it proved no one), else UNKNOWN."""
         hit = self._cache.get(token)
-        if hit is not None and self.clock() - hit[0] < CACHE_SECONDS:
+        if hit is not None and self.clock() < hit[0]:
             return hit[1]
         return UNKNOWN
 
@@ -265,7 +266,7 @@ class Access:
             caller = await self._token_caller(token)
         if len(self._cache) > 10_000:  # bounded: a flood of made-up tokens cannot grow it
             self._cache.clear()
-        self._cache[token] = (now, caller)
+        self._cache[token] = (now + CACHE_SECONDS, caller)
         return caller
 
 
