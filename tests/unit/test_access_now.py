@@ -9,7 +9,7 @@ import pytest
 from bridgeway.config.loader import parse_config
 from bridgeway.errors import GatewayError
 from bridgeway.security.access import UNKNOWN, Access
-from bridgeway.security.budgets import Budgets, Held
+from bridgeway.security.budgets import _SCOPES_MAX, Budgets, Held
 from bridgeway.security.keys import KeyStore
 from bridgeway.security.limits import MemoryLimiter
 from bridgeway.state.memory import MemoryKV
@@ -101,3 +101,37 @@ LIMITED = CONFIG.replace(
     'sim: {instances: ["http://127.0.0.1:9"]}',
     'sim: {instances: ["http://127.0.0.1:9"], limits: [{rate: 3/s, per: key}, {concurrency: 2}]}',
 )
+
+
+async def test_a_budget_keeps_one_limiter_key_per_caller_and_address() -> None:
+    """Keys are made once per caller (per key) or address (per ip) and reused; distinct callers
+    never share one, and a flood of addresses does not grow the table without bound."""
+    config = parse_config(
+        CONFIG.replace(
+            'sim: {instances: ["http://127.0.0.1:9"]}',
+            'sim: {instances: ["http://127.0.0.1:9"], limits: [{rate: 2/s, per: key}, {rate: 100/s, per: ip}]}',
+        )
+    )
+    per_key, per_ip = Budgets("service 'sim'", config.services["sim"].limits, MemoryLimiter()).budgets
+    first = per_key.scope("10.0.0.1", "key:a")
+    assert per_key.scope("10.0.0.9", "key:a") is first  # the address does not matter per key
+    assert per_key.scope("10.0.0.1", "key:b") != first
+    assert per_key.scope("10.0.0.1", None).endswith(":-")  # anonymous callers share one budget
+    assert (
+        per_ip.scope("10.0.0.1", "key:a")
+        == per_ip.scope("10.0.0.1", "key:b")
+        != per_ip.scope("10.0.0.2", None)
+    )
+
+    budgets = Budgets("service 'sim'", config.services["sim"].limits, MemoryLimiter())
+    held = Held()
+    budgets.draw_now("sim", b"/", "10.0.0.1", "key:a", held)
+    budgets.draw_now("sim", b"/", "10.0.0.1", "key:a", held)
+    with pytest.raises(GatewayError) as limited:  # the cached key still draws from one bucket
+        budgets.draw_now("sim", b"/", "10.0.0.1", "key:a", held)
+    assert limited.value.code == "RATE_LIMITED"
+    assert budgets.draw_now("sim", b"/", "10.0.0.1", "key:b", held) is not None  # its own bucket
+
+    for i in range(_SCOPES_MAX + 5):
+        per_ip.scope(f"10.1.{i // 256}.{i % 256}", None)
+    assert len(per_ip._scopes) <= _SCOPES_MAX

@@ -116,6 +116,16 @@ def read_head(scope: dict, call: Call) -> None:
         elif name == b"host":
             hosts += 1
             host = item[1]
+        # the credential next: every secured request has one, the rest are rare
+        elif name == b"authorization":
+            value = item[1]
+            scheme = value[:10].lower()
+            if scheme == b"bearer bw_":
+                call.credential = value[7:].strip().decode("latin-1")  # a gateway key: consumed
+            else:
+                if scheme == b"bearer eyj":  # a JWT: checked here, and passed on
+                    call.credential = value[7:].strip().decode("latin-1")
+                out.append(item)
         elif name == b"content-length":
             lengths.append(item[1])
         elif name == b"transfer-encoding":
@@ -129,15 +139,6 @@ def read_head(scope: dict, call: Call) -> None:
             out.append(item)
         elif name == b"connection":
             connection = item[1]
-        elif name == b"authorization":
-            value = item[1]
-            scheme = value[:10].lower()
-            if scheme == b"bearer bw_":
-                call.credential = value[7:].strip().decode("latin-1")  # a gateway key: consumed
-            else:
-                if scheme == b"bearer eyj":  # a JWT: checked here, and passed on
-                    call.credential = value[7:].strip().decode("latin-1")
-                out.append(item)
         elif name == b"x-api-key":
             if item[1].startswith(b"bw_"):
                 call.credential = item[1].strip().decode("latin-1")

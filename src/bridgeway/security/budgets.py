@@ -27,13 +27,16 @@ Tightest = tuple[Decision, Rate] | None
 log = get_logger("bridgeway.limits")
 _LOG_EVERY = 10.0  # seconds between two "limiter unavailable" log lines of one owner
 _BUSY = [(b"retry-after", b"1")]
+_SCOPES_MAX = 10_000
 
 
 class _Budget:
     """One budget compiled from its config: plain attributes, since the hot path reads them per
     request and every read of a pydantic field goes through the model's __getattr__ hook."""
 
-    __slots__ = ("key", "path", "service", "everywhere", "per", "rate", "concurrency", "on_unavailable")
+    __slots__ = (
+        "key", "path", "service", "everywhere", "per", "rate", "concurrency", "on_unavailable", "_scopes",
+    )  # fmt: skip
 
     def __init__(self, owner: str, index: int, config: LimitConfig | ClientLimitConfig):
         self.key = f"{owner.replace(' ', ':')}:{index}:"
@@ -44,6 +47,7 @@ class _Budget:
         self.rate: Rate | None = config.rate
         self.concurrency: int | None = config.concurrency
         self.on_unavailable = config.on_unavailable
+        self._scopes: dict[str, str] = {}  # client address or caller -> its limiter key
 
     def applies(self, service: str, path: bytes) -> bool:
         return (self.service is None or self.service == service) and (
@@ -51,8 +55,18 @@ class _Budget:
         )
 
     def scope(self, client_ip: str, caller: str | None) -> str:
+        """This budget's limiter key for a request. Made once per address or caller: a string
+        built per request would also be hashed anew by the limiter's dict."""
         per = self.per
-        return self.key + (client_ip if per == "ip" else (caller or "-") if per == "key" else "")
+        if per != "ip" and per != "key":
+            return self.key
+        who = client_ip if per == "ip" else caller or "-"
+        key = self._scopes.get(who)
+        if key is None:
+            if len(self._scopes) >= _SCOPES_MAX:  # bounded: a flood of addresses cannot grow it
+                self._scopes.clear()
+            key = self._scopes[who] = self.key + who
+        return key
 
 
 class Held:
