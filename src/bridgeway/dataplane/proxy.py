@@ -346,18 +346,19 @@ async def proxy_http(
         caller = access.check_now(call.credential, service.name, scope["method"], call.target)
         if caller is UNKNOWN:  # not authenticated within the last second: look the credential up
             caller = await access.check(call.credential, service.name, scope["method"], call.target)
+    limits = service.limits
     budgets = access.client_budgets.get(caller.client) if caller is not None and caller.client else None
-    held = Held() if service.limits is not None or budgets is not None else None
+    held = Held() if limits is not None or budgets is not None else None
     try:
         if held is not None:
             client = scope.get("client")
             ip = client[0] if client else ""
             caller_id = caller.id if caller is not None else None
-            if (service.limits is None or service.limits.local) and (budgets is None or budgets.local):
+            if (limits is None or limits.local) and (budgets is None or budgets.local):
                 # The in-process limiter answers at once: no coroutine per request for it.
                 tightest = (
-                    service.limits.draw_now(service.name, call.target, ip, caller_id, held)
-                    if service.limits
+                    limits.draw_now(service.name, call.target, ip, caller_id, held)
+                    if limits is not None
                     else None
                 )
                 if budgets is not None:
