@@ -144,7 +144,7 @@ def read_head(scope: dict, call: Call) -> None:
                 call.credential = item[1].strip().decode("latin-1")
             else:
                 out.append(item)
-    traced = parse_traceparent(parent)
+    traced = parse_traceparent(parent) if parent is not None else None
     if traced:
         call.trace_id, call.trace_flags = traced
     else:
@@ -419,7 +419,11 @@ async def _forward(
         if evict is not None and resp.status < 400:
             await evict.invalidate(call.target)  # before the answer goes out: the next read is fresh
         headers = response_headers(resp, reply_headers)
-        await _relay(service, resp, inst, send, headers, receive if isinstance(body, bytes) else None)
+        if resp.complete:  # `_relay`'s first case, inline: no coroutine for the common answer
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            await send({"type": "http.response.body", "body": resp.body()})
+        else:
+            await _relay(service, resp, inst, send, headers, receive if isinstance(body, bytes) else None)
     finally:
         inst.inflight -= 1
         resp.release()

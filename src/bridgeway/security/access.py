@@ -130,10 +130,12 @@ class Access:
         """`check` without an await when the answer is known (no credential, or one authenticated
         within the last second): the common case on the hot path. Returns UNKNOWN when the
         credential must be looked up first, and then the caller awaits `check`."""
-        caller = self.cached(token) if token is not None else None
-        if caller is UNKNOWN:
+        if token is None:
+            return self.authorize(None, None, service, method, path)
+        hit = self._cache.get(token)  # `cached`, inline: this runs once per request
+        if hit is None or self.clock() >= hit[0]:
             return UNKNOWN
-        return self.authorize(token, caller, service, method, path)
+        return self.authorize(token, hit[1], service, method, path)
 
     def authorize(
         self, token: str | None, caller: Principal | None, service: str, method: str, path: bytes

@@ -121,7 +121,11 @@ class Budgets:
                 held.slots.append((limiter, key, ""))
                 continue
             rate = budget.rate
-            tightest = self._tighter(limiter.check(key, rate), rate, tightest)
+            decision = limiter.check(key, rate)  # `_tighter`, inline: this runs once per request
+            if not decision.allowed:
+                raise self._denied(decision, rate)
+            if tightest is None or decision.remaining < tightest[0].remaining:
+                tightest = (decision, rate)
         return tightest
 
     async def draw(
@@ -169,14 +173,17 @@ class Budgets:
             "RATE_LIMITED", f"{concurrency} requests of {self.owner} are already in flight", headers=_BUSY
         )
 
+    def _denied(self, decision: Decision, rate: Rate) -> GatewayError:
+        return GatewayError(
+            "RATE_LIMITED",
+            f"rate limit of {rate.count} per {rate.period:g}s exceeded for {self.owner}",
+            headers=ratelimit_headers(decision, rate),
+        )
+
     def _tighter(self, decision: Decision, rate: Rate, tightest: Tightest) -> Tightest:
         """Raise RATE_LIMITED for a denied decision; else the tighter of it and `tightest`."""
         if not decision.allowed:
-            raise GatewayError(
-                "RATE_LIMITED",
-                f"rate limit of {rate.count} per {rate.period:g}s exceeded for {self.owner}",
-                headers=ratelimit_headers(decision, rate),
-            )
+            raise self._denied(decision, rate)
         if tightest is None or decision.remaining < tightest[0].remaining:
             return (decision, rate)
         return tightest

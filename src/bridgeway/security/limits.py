@@ -61,6 +61,10 @@ class LimiterUnavailable(Exception):
     """The shared limiter could not answer in time; the caller picks fail-open or fail-closed."""
 
 
+# Decision(...) without the Python-level __new__ that namedtuple generates: one made per request.
+_decision = functools.partial(tuple.__new__, Decision)
+
+
 def _bad_cost(cost: int, limit: int) -> ValueError:
     return ValueError(f"cost {cost} outside 0..{limit}: it could never be allowed")
 
@@ -82,7 +86,9 @@ def gcra(
     if slack >= -_TOLERANCE:
         # slack + _TOLERANCE >= 0, so int() is floor; new_tat >= base >= now, so reset >= 0
         remaining = int((slack + _TOLERANCE) / interval)
-        return new_tat, Decision(True, limit, remaining if remaining < limit else limit, 0.0, new_tat - now)
+        return new_tat, _decision(
+            (True, limit, remaining if remaining < limit else limit, 0.0, new_tat - now)
+        )
     free = now + period - base
     remaining = min(limit, max(0, math.floor((free + _TOLERANCE) / interval)))
     return tat, Decision(False, limit, remaining, -slack, base - now)
@@ -266,7 +272,8 @@ def ratelimit_headers(decision: Decision, rate: Rate) -> list[tuple[bytes, bytes
         (
             b"ratelimit",
             b"limit=%d, remaining=%d, reset=%d"
-            % (decision.limit, decision.remaining, _whole_seconds(decision.reset_after)),
+            # reset_after >= 0, so this is `_whole_seconds` without its clamp, and no call
+            % (decision.limit, decision.remaining, math.ceil(decision.reset_after - _TOLERANCE)),
         ),
     ]
     if not decision.allowed:
