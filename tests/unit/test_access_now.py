@@ -135,3 +135,45 @@ async def test_a_budget_keeps_one_limiter_key_per_caller_and_address() -> None:
     for i in range(_SCOPES_MAX + 5):
         per_ip.scope(f"10.1.{i // 256}.{i % 256}", None)
     assert len(per_ip._scopes) <= _SCOPES_MAX
+
+
+async def test_a_cached_caller_never_outlives_its_tokens_expiry() -> None:
+    """The one-second cache of callers is cut at the credential's own end: a JWT's `exp` (on the
+    verifier's clock) and an API key's expiry (on the key store's)."""
+    import jwt as pyjwt
+
+    from bridgeway.config.models import JwtIssuerConfig
+    from bridgeway.security.jwt import JwtVerifier
+
+    mono, wall = Clock(), Clock()
+    wall.now = 1_700_000_000.0
+    issuer = JwtIssuerConfig(issuer="https://idp.test", secret="s" * 32, default_role="whole")
+    verifier = JwtVerifier([issuer], clock=wall)
+    keys = KeyStore(MemoryKV(), clock=wall)
+    access = Access(parse_config(CONFIG), keys, MemoryLimiter(), verifier=verifier, clock=mono)
+
+    token = pyjwt.encode({"iss": "https://idp.test", "sub": "a", "exp": wall.now + 0.4}, "s" * 32)
+    assert (await access.check(token, "sim", "GET", b"/")).role == "whole"
+    mono.now += 0.3
+    wall.now += 0.3
+    assert access.check_now(token, "sim", "GET", b"/") is not UNKNOWN  # within its exp
+    mono.now += 0.2
+    wall.now += 0.2
+    assert access.check_now(token, "sim", "GET", b"/") is UNKNOWN  # past exp: verified again
+
+    key, _ = await keys.create(name="k", role="whole", expires_in=0.5)
+    await access.check(key, "sim", "GET", b"/")
+    mono.now += 0.4
+    wall.now += 0.4
+    assert access.check_now(key, "sim", "GET", b"/") is not UNKNOWN
+    mono.now += 0.2
+    wall.now += 0.2
+    assert access.check_now(key, "sim", "GET", b"/") is UNKNOWN  # the key expired: asked again
+    with pytest.raises(GatewayError) as refused:
+        await access.check(key, "sim", "GET", b"/")
+    assert refused.value.code == "UNAUTHENTICATED"
+
+    long, _ = await keys.create(name="l", role="whole")  # no expiry: the full second
+    await access.check(long, "sim", "GET", b"/")
+    mono.now += 0.9
+    assert access.check_now(long, "sim", "GET", b"/") is not UNKNOWN
