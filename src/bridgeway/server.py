@@ -56,6 +56,7 @@ class Gateway:
 
     def __init__(self, config: Config, config_path: str | None = None):
         self.config = config
+        self.access_log = config.logging.access  # read per request: a plain attribute, not pydantic's
         self.config_path = config_path
         self._loaded_mtime = _mtime(config_path)
         self.registry = Registry()
@@ -226,6 +227,7 @@ class Gateway:
         if self.webhooks is not None:
             self.webhooks.configure(config.events.webhooks, config.events.delivery)
         self.config = config
+        self.access_log = config.logging.access
         self._loaded_mtime = mtime
         logs.configure(config.logging.level)
         self.admin_token_sha256 = _token_hash(config)
@@ -352,7 +354,7 @@ class Gateway:
             service_metrics.inflight -= 1
             seconds = time.perf_counter() - started
             service_metrics.answered(status, seconds)
-            if self.config.logging.access:
+            if self.access_log:
                 self.log.info(
                     "request",
                     service=name,
@@ -384,7 +386,7 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await send_error(send, GatewayError("INTERNAL", "internal error"), trace_id, trace_headers)
         finally:
-            if self.config.logging.access:
+            if self.access_log:
                 self.log.info(
                     "request",
                     method=scope["method"],

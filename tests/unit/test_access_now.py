@@ -9,7 +9,7 @@ import pytest
 from bridgeway.config.loader import parse_config
 from bridgeway.errors import GatewayError
 from bridgeway.security.access import UNKNOWN, Access
-from bridgeway.security.budgets import Budgets, Held
+from bridgeway.security.budgets import _SCOPES_MAX, Budgets, Held
 from bridgeway.security.keys import KeyStore
 from bridgeway.security.limits import MemoryLimiter
 from bridgeway.state.memory import MemoryKV
@@ -101,3 +101,79 @@ LIMITED = CONFIG.replace(
     'sim: {instances: ["http://127.0.0.1:9"]}',
     'sim: {instances: ["http://127.0.0.1:9"], limits: [{rate: 3/s, per: key}, {concurrency: 2}]}',
 )
+
+
+async def test_a_budget_keeps_one_limiter_key_per_caller_and_address() -> None:
+    """Keys are made once per caller (per key) or address (per ip) and reused; distinct callers
+    never share one, and a flood of addresses does not grow the table without bound."""
+    config = parse_config(
+        CONFIG.replace(
+            'sim: {instances: ["http://127.0.0.1:9"]}',
+            'sim: {instances: ["http://127.0.0.1:9"], limits: [{rate: 2/s, per: key}, {rate: 100/s, per: ip}]}',
+        )
+    )
+    per_key, per_ip = Budgets("service 'sim'", config.services["sim"].limits, MemoryLimiter()).budgets
+    first = per_key.scope("10.0.0.1", "key:a")
+    assert per_key.scope("10.0.0.9", "key:a") is first  # the address does not matter per key
+    assert per_key.scope("10.0.0.1", "key:b") != first
+    assert per_key.scope("10.0.0.1", None).endswith(":-")  # anonymous callers share one budget
+    assert (
+        per_ip.scope("10.0.0.1", "key:a")
+        == per_ip.scope("10.0.0.1", "key:b")
+        != per_ip.scope("10.0.0.2", None)
+    )
+
+    budgets = Budgets("service 'sim'", config.services["sim"].limits, MemoryLimiter())
+    held = Held()
+    budgets.draw_now("sim", b"/", "10.0.0.1", "key:a", held)
+    budgets.draw_now("sim", b"/", "10.0.0.1", "key:a", held)
+    with pytest.raises(GatewayError) as limited:  # the cached key still draws from one bucket
+        budgets.draw_now("sim", b"/", "10.0.0.1", "key:a", held)
+    assert limited.value.code == "RATE_LIMITED"
+    assert budgets.draw_now("sim", b"/", "10.0.0.1", "key:b", held) is not None  # its own bucket
+
+    for i in range(_SCOPES_MAX + 5):
+        per_ip.scope(f"10.1.{i // 256}.{i % 256}", None)
+    assert len(per_ip._scopes) <= _SCOPES_MAX
+
+
+async def test_a_cached_caller_never_outlives_its_tokens_expiry() -> None:
+    """The one-second cache of callers is cut at the credential's own end: a JWT's `exp` (on the
+    verifier's clock) and an API key's expiry (on the key store's)."""
+    import jwt as pyjwt
+
+    from bridgeway.config.models import JwtIssuerConfig
+    from bridgeway.security.jwt import JwtVerifier
+
+    mono, wall = Clock(), Clock()
+    wall.now = 1_700_000_000.0
+    issuer = JwtIssuerConfig(issuer="https://idp.test", secret="s" * 32, default_role="whole")
+    verifier = JwtVerifier([issuer], clock=wall)
+    keys = KeyStore(MemoryKV(), clock=wall)
+    access = Access(parse_config(CONFIG), keys, MemoryLimiter(), verifier=verifier, clock=mono)
+
+    token = pyjwt.encode({"iss": "https://idp.test", "sub": "a", "exp": wall.now + 0.4}, "s" * 32)
+    assert (await access.check(token, "sim", "GET", b"/")).role == "whole"
+    mono.now += 0.3
+    wall.now += 0.3
+    assert access.check_now(token, "sim", "GET", b"/") is not UNKNOWN  # within its exp
+    mono.now += 0.2
+    wall.now += 0.2
+    assert access.check_now(token, "sim", "GET", b"/") is UNKNOWN  # past exp: verified again
+
+    key, _ = await keys.create(name="k", role="whole", expires_in=0.5)
+    await access.check(key, "sim", "GET", b"/")
+    mono.now += 0.4
+    wall.now += 0.4
+    assert access.check_now(key, "sim", "GET", b"/") is not UNKNOWN
+    mono.now += 0.2
+    wall.now += 0.2
+    assert access.check_now(key, "sim", "GET", b"/") is UNKNOWN  # the key expired: asked again
+    with pytest.raises(GatewayError) as refused:
+        await access.check(key, "sim", "GET", b"/")
+    assert refused.value.code == "UNAUTHENTICATED"
+
+    long, _ = await keys.create(name="l", role="whole")  # no expiry: the full second
+    await access.check(long, "sim", "GET", b"/")
+    mono.now += 0.9
+    assert access.check_now(long, "sim", "GET", b"/") is not UNKNOWN

@@ -451,6 +451,37 @@ async def test_read_timeout_waiting_for_head() -> None:
         assert pool.stats["open"] == 0
 
 
+async def test_head_deadlines_share_one_timer_and_each_fires_on_time() -> None:
+    """The pool's one head timer: a later request with a shorter timeout still times out first,
+    an answered request leaves nothing behind, and the timer is gone once nothing waits."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines, _ = await read_request(reader)
+        target = lines[0].split(b" ")[1]
+        if target == b"/fast":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        await asyncio.sleep(10)
+
+    async with Server(handler) as srv, pool_for(srv) as pool:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def timed_out_after(timeout: float, delay: float) -> float:
+            await asyncio.sleep(delay)
+            with pytest.raises(UpstreamTimeout):
+                await pool.request(b"GET", b"/slow", [], read_timeout=timeout)
+            return loop.time() - started
+
+        answered = await pool.request(b"GET", b"/fast", [], read_timeout=5.0)
+        assert answered.status == 200 and await answered.read() == b"ok"
+        answered.release()
+        long, short = await asyncio.gather(timed_out_after(0.6, 0.0), timed_out_after(0.2, 0.05))
+        assert 0.2 <= short < long and 0.6 <= long < 2.0  # each at its own deadline, in order
+        assert pool._head_due == {}
+        assert pool._head_timer is None  # re-armed only while heads are awaited
+
+
 async def test_read_timeout_between_chunks() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -917,9 +948,9 @@ async def test_tls_certificate_for_another_host_is_refused() -> None:
 
 def test_tls_default_port_is_left_out_of_the_host_header() -> None:
     context = default_ssl_context()
-    assert UpstreamPool("api.example.com", 443, ssl=context)._host_line == b"Host: api.example.com\r\n"
-    assert UpstreamPool("api.example.com", 8443, ssl=context)._host_line == b"Host: api.example.com:8443\r\n"
-    assert UpstreamPool("example.com", 443)._host_line == b"Host: example.com:443\r\n"  # plain: as it was
+    assert UpstreamPool("api.example.com", 443, ssl=context)._host_header == b"Host: api.example.com"
+    assert UpstreamPool("api.example.com", 8443, ssl=context)._host_header == b"Host: api.example.com:8443"
+    assert UpstreamPool("example.com", 443)._host_header == b"Host: example.com:443"  # plain: as it was
     assert default_ssl_context() is context  # built once
 
 

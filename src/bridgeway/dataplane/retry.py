@@ -60,7 +60,9 @@ class RetryBudget:
         self._total_retries = 0
 
     def record_request(self, now: float) -> None:
-        i = self._advance(now)
+        second = self._second
+        # Within the newest bucket's second (nearly every request) nothing leaves the window.
+        i = second % self._n if second is not None and second <= now < second + 1 else self._advance(now)
         self._requests[i] += 1
         self._total_requests += 1
 

@@ -42,6 +42,11 @@ class Service:
         "base_paths",
         "limits",
         "cache",
+        "retries",
+        "timeout",
+        "per_try_timeout",
+        "body_timeout",
+        "max_body",
     )
 
     def __init__(
@@ -54,6 +59,13 @@ class Service:
     ):
         self.name = name
         self.config = config
+        # Read on every request: plain attributes, since each read of a pydantic model's field
+        # goes through its __getattr__ hook (~300 instructions).
+        self.retries = config.retries
+        self.timeout = config.timeout
+        self.per_try_timeout = config.retries.per_try_timeout
+        self.body_timeout = config.read_timeout or config.timeout  # between body chunks
+        self.max_body = config.max_body
         self.balancer = make_balancer(config.balancer, random.Random())
         keep_breaker = previous is not None and previous.config.breaker == config.breaker
         self.breaker = (

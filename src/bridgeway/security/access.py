@@ -2,10 +2,10 @@
 the roles and the clients table compiled from config.
 
 A request's key (`Authorization: Bearer bw_...` or `X-API-Key: bw_...`) is consumed by the
-gateway and never forwarded. Key records are cached for a second, so the hot path rarely reads
-the state backend and a revocation still takes effect everywhere within a second. The `admin`
-role may call everything; other roles get exactly what their `allow` grants say, narrowed by the
-caller's own service list. A caller that is a client of the `clients:` table also draws from that
+gateway and never forwarded. Key records are cached for a second (never past the key's or the
+token's own expiry), so the hot path rarely reads the state backend and a revocation still takes
+effect everywhere within a second. The `admin` role may call everything; other roles get exactly
+what their `allow` grants say, narrowed by the caller's own service list. A caller that is a client of the `clients:` table also draws from that
 client's budgets.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ class Access:
         self.verifier = verifier
         self.oauth = oauth
         self.clock = clock
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache: dict[str, tuple[float, Principal | None]] = {}  # token -> (valid until, caller)
 
     async def identify(self, token: str | None) -> Principal | None:
         """The caller a request's credential proves (None: anonymous, where that is allowed);
@@ -130,16 +131,19 @@ class Access:
         """`check` without an await when the answer is known (no credential, or one authenticated
         within the last second): the common case on the hot path. Returns UNKNOWN when the
         credential must be looked up first, and then the caller awaits `check`."""
-        caller = self.cached(token) if token is not None else None
-        if caller is UNKNOWN:
+        if token is None:
+            return self.authorize(None, None, service, method, path)
+        hit = self._cache.get(token)  # `cached`, inline: this runs once per request
+        if hit is None or self.clock() >= hit[0]:
             return UNKNOWN
-        return self.authorize(token, caller, service, method, path)
+        return self.authorize(token, hit[1], service, method, path)
 
     def authorize(
         self, token: str | None, caller: Principal | None, service: str, method: str, path: bytes
     ) -> Principal | None:
         """The authenticated `caller` (of `token`) admitted and allowed this call; raises 401/403."""
-        caller = self._admit(token, caller)
+        if caller is None or caller is FOREIGN:  # a principal needs no admission: it has a token
+            caller = self._admit(token, caller)
         if caller is not None and caller.role != ADMIN_ROLE:
             if caller.services is not None and service not in caller.services:
                 raise GatewayError("FORBIDDEN", f"this caller may not call service {service!r}")
@@ -230,42 +234,46 @@ class Access:
         services = frozenset(client.services) if client.services is not None else None
         return Principal(f"client:{name}", client.role, services, name)
 
-    async def _token_caller(self, token: str) -> Principal | None:
+    async def _token_caller(self, token: str) -> tuple[Principal | None, float]:
         """A JWT's caller: a client of the table for the gateway's own tokens (unless revoked),
-        else the issuer's subject with the role its claims map to."""
+        else the issuer's subject with the role its claims map to; and the seconds until the
+        token expires (how long that answer may be kept)."""
         if self.verifier is None:
-            return FOREIGN
+            return FOREIGN, math.inf
         try:
             claims = await self.verifier.verify(token)
         except InvalidToken as exc:
-            return FOREIGN if exc.reason in ("unknown issuer", "malformed token") else None
+            return (FOREIGN if exc.reason in ("unknown issuer", "malformed token") else None), math.inf
+        left = self.verifier.seconds_left(claims)
         if self.oauth is not None and claims.issuer == self.oauth.issuer:
             if await self.oauth.revoked(claims.jti):
-                return None
-            return self.principal_of_client(claims.subject)
-        return Principal(f"jwt:{claims.issuer}#{claims.subject}", claims.role or "", None)
+                return None, math.inf
+            return self.principal_of_client(claims.subject), left
+        return Principal(f"jwt:{claims.issuer}#{claims.subject}", claims.role or "", None), left
 
     def cached(self, token: str):
         """The caller `token` proved within the last second (None: it proved no one), else UNKNOWN."""
         hit = self._cache.get(token)
-        if hit is not None and self.clock() - hit[0] < CACHE_SECONDS:
+        if hit is not None and self.clock() < hit[0]:
             return hit[1]
         return UNKNOWN
 
     async def authenticate(self, token: str, *, cached: bool = True) -> Principal | None:
-        """The caller a credential proves, or None. Answers are cached for a second (`cached=False`
-        for the management API, where a revocation must hold at once)."""
+        """The caller a credential proves, or None. Answers are cached for a second, never past
+        the credential's own expiry (`cached=False` for the management API, where a revocation
+        must hold at once)."""
         if cached and (hit := self.cached(token)) is not UNKNOWN:
             return hit
         now = self.clock()
         if token.startswith(KEY_PREFIX):
             record = await self.keys.authenticate(token) if self.keys is not None else None
             caller = self.principal_of_key(record) if record is not None else None
+            left = self.keys.seconds_left(record) if record is not None else math.inf
         else:
-            caller = await self._token_caller(token)
+            caller, left = await self._token_caller(token)
         if len(self._cache) > 10_000:  # bounded: a flood of made-up tokens cannot grow it
             self._cache.clear()
-        self._cache[token] = (now, caller)
+        self._cache[token] = (now + min(CACHE_SECONDS, left), caller)
         return caller
 
 

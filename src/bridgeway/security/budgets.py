@@ -27,16 +27,27 @@ Tightest = tuple[Decision, Rate] | None
 log = get_logger("bridgeway.limits")
 _LOG_EVERY = 10.0  # seconds between two "limiter unavailable" log lines of one owner
 _BUSY = [(b"retry-after", b"1")]
+_SCOPES_MAX = 10_000
 
 
 class _Budget:
-    __slots__ = ("config", "key", "path", "service")
+    """One budget compiled from its config: plain attributes, since the hot path reads them per
+    request and every read of a pydantic field goes through the model's __getattr__ hook."""
+
+    __slots__ = (
+        "key", "path", "service", "everywhere", "per", "rate", "concurrency", "on_unavailable", "_scopes",
+    )  # fmt: skip
 
     def __init__(self, owner: str, index: int, config: LimitConfig | ClientLimitConfig):
-        self.config = config
         self.key = f"{owner.replace(' ', ':')}:{index}:"
         self.path = re.compile(fnmatch.translate(config.path)).match if config.path else None
         self.service = getattr(config, "service", None)
+        self.everywhere = self.service is None and self.path is None  # applies without a look
+        self.per = getattr(config, "per", "service")  # a client's budget is the client's own
+        self.rate: Rate | None = config.rate
+        self.concurrency: int | None = config.concurrency
+        self.on_unavailable = config.on_unavailable
+        self._scopes: dict[str, str] = {}  # client address or caller -> its limiter key
 
     def applies(self, service: str, path: bytes) -> bool:
         return (self.service is None or self.service == service) and (
@@ -44,8 +55,18 @@ class _Budget:
         )
 
     def scope(self, client_ip: str, caller: str | None) -> str:
-        per = getattr(self.config, "per", "service")  # a client's budget is the client's own
-        return self.key + (client_ip if per == "ip" else (caller or "-") if per == "key" else "")
+        """This budget's limiter key for a request. Made once per address or caller: a string
+        built per request would also be hashed anew by the limiter's dict."""
+        per = self.per
+        if per != "ip" and per != "key":
+            return self.key
+        who = client_ip if per == "ip" else caller or "-"
+        key = self._scopes.get(who)
+        if key is None:
+            if len(self._scopes) >= _SCOPES_MAX:  # bounded: a flood of addresses cannot grow it
+                self._scopes.clear()
+            key = self._scopes[who] = self.key + who
+        return key
 
 
 class Held:
@@ -91,16 +112,20 @@ class Budgets:
         more than the GCRA step itself."""
         limiter = self.limiter
         for budget in self.budgets:
-            if not budget.applies(service, path):
+            if not (budget.everywhere or budget.applies(service, path)):
                 continue
             key = budget.scope(client_ip, caller)
-            config = budget.config
-            if config.concurrency is not None:
-                if not limiter.acquire(key, config.concurrency):
-                    raise self._busy(config.concurrency)
+            if budget.concurrency is not None:
+                if not limiter.acquire(key, budget.concurrency):
+                    raise self._busy(budget.concurrency)
                 held.slots.append((limiter, key, ""))
                 continue
-            tightest = self._tighter(limiter.check(key, config.rate), config.rate, tightest)
+            rate = budget.rate
+            decision = limiter.check(key, rate)  # `_tighter`, inline: this runs once per request
+            if not decision.allowed:
+                raise self._denied(decision, rate)
+            if tightest is None or decision.remaining < tightest[0].remaining:
+                tightest = (decision, rate)
         return tightest
 
     async def draw(
@@ -120,28 +145,27 @@ class Budgets:
             return self.draw_now(service, path, client_ip, caller, held, tightest)
         limiter = self.limiter
         for budget in self.budgets:
-            if not budget.applies(service, path):
+            if not (budget.everywhere or budget.applies(service, path)):
                 continue
             key = budget.scope(client_ip, caller)
-            config = budget.config
             try:
-                if config.concurrency is not None:
-                    token = await limiter.acquire(key, config.concurrency, self.lease)
+                if budget.concurrency is not None:
+                    token = await limiter.acquire(key, budget.concurrency, self.lease)
                     if token is None:
-                        raise self._busy(config.concurrency)
+                        raise self._busy(budget.concurrency)
                     held.slots.append((limiter, key, token))
                     continue
-                decision = await limiter.hit(key, config.rate)
+                decision = await limiter.hit(key, budget.rate)
             except LimiterUnavailable:
-                self._unavailable(config.on_unavailable, metrics)
-                if config.on_unavailable == "closed":
+                self._unavailable(budget.on_unavailable, metrics)
+                if budget.on_unavailable == "closed":
                     raise GatewayError(
                         "RATE_LIMITED",
                         "the rate limiter is unavailable and this limit fails closed",
                         headers=_BUSY,
                     ) from None
                 continue
-            tightest = self._tighter(decision, config.rate, tightest)
+            tightest = self._tighter(decision, budget.rate, tightest)
         return tightest
 
     def _busy(self, concurrency: int) -> GatewayError:
@@ -149,14 +173,17 @@ class Budgets:
             "RATE_LIMITED", f"{concurrency} requests of {self.owner} are already in flight", headers=_BUSY
         )
 
+    def _denied(self, decision: Decision, rate: Rate) -> GatewayError:
+        return GatewayError(
+            "RATE_LIMITED",
+            f"rate limit of {rate.count} per {rate.period:g}s exceeded for {self.owner}",
+            headers=ratelimit_headers(decision, rate),
+        )
+
     def _tighter(self, decision: Decision, rate: Rate, tightest: Tightest) -> Tightest:
         """Raise RATE_LIMITED for a denied decision; else the tighter of it and `tightest`."""
         if not decision.allowed:
-            raise GatewayError(
-                "RATE_LIMITED",
-                f"rate limit of {rate.count} per {rate.period:g}s exceeded for {self.owner}",
-                headers=ratelimit_headers(decision, rate),
-            )
+            raise self._denied(decision, rate)
         if tightest is None or decision.remaining < tightest[0].remaining:
             return (decision, rate)
         return tightest

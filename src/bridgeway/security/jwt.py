@@ -286,6 +286,10 @@ class JwtVerifier:
         self._verified[token] = (claims, min(expires_at, now + VERIFIED_CACHE_SECONDS))
         return claims
 
+    def seconds_left(self, claims: Claims) -> float:
+        """Seconds until the verified token's `exp` on this verifier's clock (as its own cache)."""
+        return claims.expires_at - self._clock() if claims.expires_at is not None else math.inf
+
     async def _key(self, issuer: _Issuer, kid: Any) -> _Key:
         if issuer.local:
             public = await self._local.public_key(kid) if isinstance(kid, str) else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -129,6 +130,13 @@ class KeyStore:
             and hmac.compare_digest(given, record.previous_sha256)
         )
         return record if (current or previous) and record.active(now) else None
+
+    def seconds_left(self, record: KeyRecord) -> float:
+        """How long `record` stays accepted as it is now: until it expires or a rotation's grace
+        for the previous secret ends (whichever secret was shown, the shorter bounds a cache)."""
+        now = self.clock()
+        ends = [t for t in (record.expires_at, record.previous_until) if t is not None and t > now]
+        return min(ends) - now if ends else math.inf
 
     async def get(self, key_id: str) -> KeyRecord | None:
         entry = await self.kv.get(NAMESPACE, key_id)

@@ -22,12 +22,12 @@ died free themselves when their lease ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from bridgeway.config.units import Rate
 
@@ -46,8 +46,10 @@ __all__ = [
 _TOLERANCE = 1e-6
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """Immutable; a named tuple because one is made per limited request, and a frozen
+    dataclass's __init__ pays an `object.__setattr__` call per field."""
+
     allowed: bool
     limit: int  # burst capacity (requests)
     remaining: int  # requests still allowed right now (>= 0)
@@ -59,9 +61,12 @@ class LimiterUnavailable(Exception):
     """The shared limiter could not answer in time; the caller picks fail-open or fail-closed."""
 
 
-def _check_cost(cost: int, limit: int) -> None:
-    if not 0 <= cost <= limit:
-        raise ValueError(f"cost {cost} outside 0..{limit}: it could never be allowed")
+# Decision(...) without the Python-level __new__ that namedtuple generates: one made per request.
+_decision = functools.partial(tuple.__new__, Decision)
+
+
+def _bad_cost(cost: int, limit: int) -> ValueError:
+    return ValueError(f"cost {cost} outside 0..{limit}: it could never be allowed")
 
 
 def gcra(
@@ -72,22 +77,21 @@ def gcra(
 
     Raises ValueError when `cost` is outside 0..limit (a request bigger than the burst never fits).
     """
-    _check_cost(cost, limit)
+    if not 0 <= cost <= limit:
+        raise _bad_cost(cost, limit)
     interval = period / limit
     base = now if tat is None or tat < now else tat  # an idle key is a full bucket, not a credit
     new_tat = base + cost * interval
     slack = now + period - new_tat  # >= 0: the request fits under the burst
     if slack >= -_TOLERANCE:
-        kept = new_tat
-        free = slack
-        retry_after = 0.0
-    else:
-        kept = base
-        free = now + period - base
-        retry_after = -slack
+        # slack + _TOLERANCE >= 0, so int() is floor; new_tat >= base >= now, so reset >= 0
+        remaining = int((slack + _TOLERANCE) / interval)
+        return new_tat, _decision(
+            (True, limit, remaining if remaining < limit else limit, 0.0, new_tat - now)
+        )
+    free = now + period - base
     remaining = min(limit, max(0, math.floor((free + _TOLERANCE) / interval)))
-    decision = Decision(slack >= -_TOLERANCE, limit, remaining, retry_after, max(0.0, kept - now))
-    return (new_tat if decision.allowed else tat), decision
+    return tat, Decision(False, limit, remaining, -slack, base - now)
 
 
 class LimiterBackend(Protocol):
@@ -117,7 +121,7 @@ class MemoryLimiter:
             now = self._clock()
         tats = self._tats
         new_tat, decision = gcra(tats.get(key), now, rate.period, rate.count, cost)
-        if decision.allowed and new_tat is not None:
+        if decision.allowed:
             tats[key] = new_tat
             if len(tats) >= self._sweep_at:
                 self.sweep(now)
@@ -217,7 +221,8 @@ class RedisLimiter:
 
     async def hit(self, key: str, rate: Rate, now: float | None = None, cost: int = 1) -> Decision:
         """`now` is ignored: Redis's own clock (TIME) decides, so all replicas share one timeline."""
-        _check_cost(cost, rate.count)
+        if not 0 <= cost <= rate.count:
+            raise _bad_cost(cost, rate.count)
         try:
             allowed, remaining, retry_ms, reset_ms = await self._redis.evalsha(
                 self._script, (self._prefix + key,), (rate.period * 1000, rate.count, cost)
@@ -253,16 +258,22 @@ def _whole_seconds(seconds: float) -> int:
     return max(0, math.ceil(seconds - _TOLERANCE))
 
 
+@functools.lru_cache(maxsize=1024)
+def _policy(limit: int, period: float) -> bytes:
+    """A rate's `RateLimit-Policy` value: the same for every request under that rate."""
+    return b"%d;w=%d" % (limit, max(1, _whole_seconds(period)))
+
+
 def ratelimit_headers(decision: Decision, rate: Rate) -> list[tuple[bytes, bytes]]:
     """`RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers), plus
     `Retry-After` when denied; integers only, names lower-case as ASGI wants them."""
-    window = max(1, _whole_seconds(rate.period))
     headers = [
-        (b"ratelimit-policy", b"%d;w=%d" % (decision.limit, window)),
+        (b"ratelimit-policy", _policy(decision.limit, rate.period)),
         (
             b"ratelimit",
             b"limit=%d, remaining=%d, reset=%d"
-            % (decision.limit, decision.remaining, _whole_seconds(decision.reset_after)),
+            # reset_after >= 0, so this is `_whole_seconds` without its clamp, and no call
+            % (decision.limit, decision.remaining, math.ceil(decision.reset_after - _TOLERANCE)),
         ),
     ]
     if not decision.allowed:
