@@ -62,12 +62,17 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
 
+# A request to the broker: (subject, body, the subject's expected last sequence or None).
+Request = tuple[str, bytes, int | None]
+
 # Jobs this process leased, kept for their settle and `get_many`: at most this many, of payloads
 # up to LEASED_PAYLOAD bytes (80 MB at worst; a larger job's settle reads its message).
 LEASED_KEPT = 10_000
 LEASED_PAYLOAD = 8192
 DEFAULT_ACK_WAIT = 30.0  # a consumer made at enqueue, before any claim said its lease
 _PLAIN = re.compile(r"[A-Za-z0-9-]+")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")  # a job id: one subject token, one key part
+_ACK_SUBJECT = re.compile(r"\$JS\.ACK(?:\.[A-Za-z0-9_=-]+){7,10}")
 _STATUS = "Status"
 _TERMINAL = ("done", "dead")
 
@@ -92,18 +97,41 @@ def _parse(data: bytes) -> tuple[dict[str, Any], bytes]:
     return orjson.loads(meta), payload
 
 
-def _ack_info(reply: str) -> tuple[str, int, int] | None:
-    """(consumer, deliveries, stream sequence) from a JetStream ack subject, None if it is not
+def _ack_info(reply: str, stream: str) -> tuple[str, int, int] | None:
+    """(consumer, deliveries, stream sequence) from an ack subject of `stream`, None if it is not
     one: `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, with a domain and
-    an account hash after ACK on newer servers."""
-    parts = reply.split(".")
-    if len(parts) < 9 or parts[0] != "$JS" or parts[1] != "ACK":
+    an account hash after ACK on newer servers. A token comes from a client: what is published to
+    its subject must be one of ours."""
+    if not _ACK_SUBJECT.fullmatch(reply):
         return None
+    parts = reply.split(".")
     at = 2 if len(parts) == 9 else 4
+    if len(parts) - at < 7 or parts[at] != stream:
+        return None
     try:
         return parts[at + 1], int(parts[at + 2]), int(parts[at + 3])
-    except (ValueError, IndexError):
+    except ValueError:
         return None
+
+
+def _pub(subject: str, payload: bytes, reply: str = "") -> bytes:
+    """A PUB command of the NATS protocol (subjects built here, or checked as ack subjects)."""
+    if reply:
+        return b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
+    return b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload)
+
+
+def _cas_pub(subject: str, payload: bytes, reply: str, last: int) -> bytes:
+    """A publish to a stream that holds only if the subject's last message is still `last`."""
+    hdr = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: %d\r\n\r\n" % last
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject.encode(),
+        reply.encode(),
+        len(hdr),
+        len(hdr) + len(payload),
+        hdr,
+        payload,
+    )
 
 
 def _job(meta: dict[str, Any], payload: bytes, lease: str | None = None) -> Job:
@@ -240,23 +268,40 @@ class NatsQueueBackend:
         with contextlib.suppress(ValueError):
             self._levels.setdefault(queue_token, set()).add(int(level.replace("m", "-")))
 
-    async def _request_many(self, requests: list[tuple[str, bytes, dict[str, str] | None]]) -> list[Msg]:
-        """Requests written together, every one before any answer is awaited, and one timeout
-        for them all (a task or timer per job was most of a batch's cost)."""
+    async def _send(self, commands: list[bytes]) -> None:
+        """Protocol commands written as one buffer. nats-py's `publish` costs microseconds and a
+        buffer of its own per message (its checks, then its flusher's writelines), and a batch of
+        jobs is hundreds of messages; the commands here are built from subjects this module made,
+        or checked (`_ack_info`), and sizes checked at enqueue (`_check_size`)."""
+        if self._nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        await self._nc._send_command(b"".join(commands))
+        await self._nc._flush_pending()
+
+    async def _request_many(self, requests: list[Request], before: list[bytes] | None = None) -> list[Msg]:
+        """Requests written together (after the commands `before`, in the same buffer), every one
+        before any answer is awaited, and one timeout for them all (a task or timer per job was
+        most of a batch's cost). A request is (subject, body, expected last subject sequence or
+        None): the answers come back on one wildcard inbox, matched by its last token."""
         if not requests:
             return []
         loop = asyncio.get_running_loop()
         tokens, futures = [], []
-        publish, inbox = self._nc.publish, self._ack_inbox
+        commands = list(before or ())
+        inbox = self._ack_inbox
         try:
-            for subject, body, headers in requests:
+            for subject, body, last in requests:
                 self._ack_seq += 1
                 token = str(self._ack_seq)
                 fut = loop.create_future()
                 self._acks[token] = fut
                 tokens.append(token)
                 futures.append(fut)
-                await publish(subject, body, reply=f"{inbox}.{token}", headers=headers)
+                reply = f"{inbox}.{token}"
+                commands.append(
+                    _pub(subject, body, reply) if last is None else _cas_pub(subject, body, reply, last)
+                )
+            await self._send(commands)
             return await asyncio.wait_for(asyncio.gather(*futures), 10.0)
         finally:
             for token in tokens:
@@ -274,9 +319,7 @@ class NatsQueueBackend:
             raise RuntimeError(f"JetStream refused a publish to {subject}: {error.get('description', error)}")
         return int(ack["seq"])
 
-    async def _js_publish_many(
-        self, requests: list[tuple[str, bytes, dict[str, str] | None]]
-    ) -> list[int | None]:
+    async def _js_publish_many(self, requests: list[Request]) -> list[int | None]:
         """Publish a batch to streams: per message its sequence, or None where a compare-and-set
         (expected last subject sequence) did not hold."""
         replies = await self._request_many(requests)
@@ -287,26 +330,14 @@ class NatsQueueBackend:
     def _subject(self, queue: str, priority: int, job_id: str) -> str:
         return f"{self.prefix}.queue.{_token(queue)}.{priority}.{job_id}"
 
-    def _message(
-        self, meta: dict[str, Any], payload: bytes, rev: int, base: int
-    ) -> tuple[str, bytes, dict[str, str]]:
-        """The job's message, queued at record revision `rev` after `base` attempts. The message
-        id makes a republish of the same generation (a retried call) a duplicate JetStream drops."""
+    def _message(self, meta: dict[str, Any], payload: bytes, rev: int, base: int) -> Request:
+        """The job's message, queued at record revision `rev` after `base` attempts. No headers: a
+        delivered message with none skips nats-py's header parsing."""
         fields = {**_fields(meta, _DELIVERY_ONLY), "state": "queued", "rev": rev, "base": base}
-        return (
-            self._subject(meta["queue"], meta["priority"], meta["id"]),
-            _record(fields, payload),
-            {"Nats-Msg-Id": f"{meta['id']}.{meta['gen']}"},
-        )
+        return self._subject(meta["queue"], meta["priority"], meta["id"]), _record(fields, payload), None
 
-    def _cas_request(
-        self, meta: dict[str, Any], payload: bytes, last: int
-    ) -> tuple[str, bytes, dict[str, str]]:
-        return (
-            f"$KV.{self.bucket}.j.{meta['id']}",
-            _record(meta, payload),
-            {"Nats-Expected-Last-Subject-Sequence": str(last)},
-        )
+    def _cas_request(self, meta: dict[str, Any], payload: bytes, last: int) -> Request:
+        return f"$KV.{self.bucket}.j.{meta['id']}", _record(meta, payload), last
 
     async def _cas(self, meta: dict[str, Any], payload: bytes, last: int) -> int | None:
         """Write the record if its revision is still `last` (0: none); the new revision, or None."""
@@ -326,6 +357,7 @@ class NatsQueueBackend:
         return meta, payload, int(headers["Nats-Sequence"])
 
     async def _direct_many(self, requests: list[tuple[str, bytes]]) -> list[Any]:
+        """Direct gets written together: per request, what `_found` makes of its answer."""
         return [self._found(m) for m in await self._request_many([(s, b, None) for s, b in requests])]
 
     def _kv_get(self, key: str) -> tuple[str, bytes]:
@@ -339,7 +371,14 @@ class NatsQueueBackend:
 
     async def _lookup(self, job_ids: list[str]) -> list[Job | None]:
         """Jobs as the broker knows them: the record, or the lease note of a first delivery
-        (newer when its generation and delivery are), or else the waiting message itself."""
+        (newer when its generation and delivery are), or else the waiting message itself. An id
+        that cannot be a job's (it comes from a client) is not looked up."""
+        valid = [i for i in job_ids if _ID.fullmatch(i)]
+        if len(valid) < len(job_ids):
+            found = dict(zip(valid, await self._lookup(valid), strict=True))
+            return [found.get(i) for i in job_ids]
+        if not job_ids:
+            return []
         n = len(job_ids)
         found = await self._direct_many(
             [self._kv_get(f"j.{i}") for i in job_ids] + [self._kv_get(f"l.{i}") for i in job_ids]
@@ -481,6 +520,7 @@ class NatsQueueBackend:
         for j in jobs:  # everything checked before anything is written
             if not isinstance(j.payload, bytes | bytearray):
                 raise TypeError(f"job {j.id}: payload must be bytes")
+            self._check(j)
         out: list[tuple[Job, bool] | None] = [None] * len(jobs)
         first_of_key: dict[tuple[str, str], int] = {}
         fresh: list[int] = []
@@ -550,6 +590,19 @@ class NatsQueueBackend:
                 out[i] = (first[0], False)  # type: ignore[index]
         return out  # type: ignore[return-value]
 
+    def _check(self, job: NewJob) -> None:
+        """A job's id is one subject token, and its record fits in a NATS message with room for
+        what a settle adds (an error of up to 1,000 characters, times)."""
+        if not _ID.fullmatch(job.id):
+            raise ValueError(f"job id {job.id[:40]!r}: expected 1 to 200 letters, digits, '-' or '_'")
+        size = len(job.payload) + sum(len(k) + len(v) + 8 for k, v in job.headers.items())
+        size += len(job.callback_url or "") + len(job.idempotency_key or "") + 4096
+        if size > self._nc.max_payload:
+            raise ValueError(
+                f"job {job.id}: {size} bytes with its fields, more than the NATS server's "
+                f"max_payload ({self._nc.max_payload})"
+            )
+
     async def claim(self, queue: str, limit: int, lease: float, now: float) -> list[Job]:
         if self._kv is None:
             await self.open()
@@ -575,12 +628,12 @@ class NatsQueueBackend:
         """Lease the fetched messages' jobs. A first delivery of a due job is leased as it is;
         the rest (delays, redeliveries) go by the job's record."""
         jobs: list[Job] = []
-        notes: list[tuple[str, bytes, None]] = []
+        notes: list[Request] = []
         slow: list[tuple[Msg, dict[str, Any], bytes, int]] = []
         lease_until = now + lease
         for msg in msgs:
             meta, payload = _parse(msg.data)
-            info = _ack_info(msg.reply)
+            info = _ack_info(msg.reply, self.stream)
             if info is None:
                 continue
             _, delivered, seq = info
@@ -600,9 +653,9 @@ class NatsQueueBackend:
         if notes:
             # The notes are advice for `get` elsewhere: sent together, the last one's answer
             # awaited (a connection's publishes to one stream are stored in order).
-            for subject, body, _ in notes[:-1]:
-                await self._nc.publish(subject, body)
-            await self._request_many(notes[-1:])
+            await self._request_many(
+                notes[-1:], before=[_pub(subject, body) for subject, body, _ in notes[:-1]]
+            )
         if slow:
             jobs += await self._take_again(slow, lease_until, now)
         return jobs
@@ -614,15 +667,16 @@ class NatsQueueBackend:
         of it; a message the record shows to be stale is dropped (+TERM)."""
         records = await self._records([meta["id"] for _, meta, _, _ in slow])
         writes: list[tuple[Msg, dict[str, Any], bytes, int, str]] = []  # (msg, new, payload, rev, what)
+        acks: list[bytes] = []
         for (msg, meta, payload, delivered), record in zip(slow, records, strict=True):
             if record is False:  # purged
-                await self._nc.publish(msg.reply, b"+TERM")
+                acks.append(_pub(msg.reply, b"+TERM"))
                 continue
             cur, rev = (record[0], record[2]) if record else (None, 0)
             if cur is not None and (
                 cur["gen"] > meta["gen"] or (cur["gen"] == meta["gen"] and cur["state"] in _TERMINAL)
             ):
-                await self._nc.publish(msg.reply, b"+TERM")  # a message of an old generation
+                acks.append(_pub(msg.reply, b"+TERM"))  # a message of an old generation
                 continue
             naks = cur.get("naks", 0) if cur is not None and cur["gen"] == meta["gen"] else 0
             job = {**_fields(meta, _MESSAGE_ONLY), "dc": delivered, "naks": naks}
@@ -648,13 +702,15 @@ class NatsQueueBackend:
                 continue
             if what == "delay":
                 delay = max(1, int((job["run_at"] - now) * 1e9))
-                await self._nc.publish(msg.reply, b'-NAK {"delay":%d}' % delay)
+                acks.append(_pub(msg.reply, b'-NAK {"delay":%d}' % delay))
             elif what == "dead":
-                await self._nc.publish(msg.reply, b"+TERM")
+                acks.append(_pub(msg.reply, b"+TERM"))
             else:
                 token = f"{new_rev}|{msg.reply}"
                 jobs.append(_job(job, payload, token))
                 self._hold(job["id"], job, payload, token)
+        if acks:
+            await self._send(acks)
         return jobs
 
     def _hold(self, job_id: str, meta: dict[str, Any], payload: bytes, token: str) -> None:
@@ -677,8 +733,8 @@ class NatsQueueBackend:
         unknown: list[tuple[int, int, str, int, int]] = []  # (index, rev, reply, deliveries, seq)
         for i, o in enumerate(outcomes):
             rev_s, _, reply = o.lease.partition("|")
-            info = _ack_info(reply)
-            if not rev_s.isdigit() or info is None:
+            info = _ack_info(reply, self.stream)
+            if not rev_s.isdigit() or info is None or not _ID.fullmatch(o.job_id):
                 continue
             held = self._held.get(o.job_id)
             if held is not None and held.token == o.lease:
@@ -724,7 +780,8 @@ class NatsQueueBackend:
                     new["last_error"] = o.error
             writes.append((i, reply, new, payload, rev))
         revs = await self._js_publish_many([self._cas_request(new, p, rev) for _, _, new, p, rev in writes])
-        requeue: list[tuple[str, tuple[str, bytes, dict[str, str]]]] = []
+        acks: list[bytes] = []
+        requeue: list[tuple[str, Request]] = []
         for (i, reply, new, payload, _), new_rev in zip(writes, revs, strict=True):
             action = outcomes[i].action
             self._held.pop(new["id"], None)
@@ -736,13 +793,15 @@ class NatsQueueBackend:
             if action == "retry":
                 requeue.append((reply, self._message(new, payload, new_rev, new["attempts"])))
             else:
-                await self._nc.publish(reply, b"+ACK" if action == "ack" else b"+TERM")
+                acks.append(_pub(reply, b"+ACK" if action == "ack" else b"+TERM"))
             out[i] = _job(new, payload)
         if requeue:
             await self._js_publish_many([message for _, message in requeue])
-            for reply, _ in requeue:
-                await self._nc.publish(reply, b"+ACK")
-        await self._nc.flush()  # the acks have reached the server when settle returns
+            acks += [_pub(reply, b"+ACK") for reply, _ in requeue]
+        if acks:
+            # Not awaited: an ack lost with this process leaves a redelivery that finds the record
+            # already written and drops the message.
+            await self._send(acks)
         return out
 
     async def _extend(
@@ -755,14 +814,17 @@ class NatsQueueBackend:
         """+WPI for each lease still held (its record still at the token's revision): the broker
         restarts a full ack_wait."""
         records = await self._records([job["id"] for _, _, _, job, _ in extends])
+        acks: list[bytes] = []
         for (i, rev, reply, job, payload), record in zip(extends, records, strict=True):
             if record is False or (record[2] if record else 0) != rev:
                 continue  # a redelivery, retry or settle has moved the record on
-            await self._nc.publish(reply, b"+WPI")
-            info = _ack_info(reply)
+            acks.append(_pub(reply, b"+WPI"))
+            info = _ack_info(reply, self.stream)
             ack_wait = self._ack_wait.get(info[0]) if info else None
             shown = {**job, "lease_until": now + ack_wait if ack_wait else outcomes[i].at}
             out[i] = _job(shown, payload, outcomes[i].lease)
+        if acks:
+            await self._send(acks)
 
     async def get(self, job_id: str) -> Job | None:
         if self._kv is None:
