@@ -184,6 +184,7 @@ class NatsQueueBackend:
         self.retention = retention
         self.stream = f"{prefix}_queue"
         self.bucket = f"{prefix}_queue_state"
+        self.dead_stream = f"{prefix}_queue_dead"
         self._nc: Client = None  # type: ignore[assignment]  # connected by open()
         self._js: Any = None
         self._kv: Any = None
@@ -238,16 +239,24 @@ class NatsQueueBackend:
             storage=api.StorageType.FILE,
             duplicate_window=min(120.0, self.retention),
         )
-        for config in (jobs, kv):
+        dead = api.StreamConfig(
+            name=self.dead_stream,
+            subjects=[f"{self.prefix}.queue-dead.>"],
+            max_msgs_per_subject=1,
+            max_age=self.retention,
+            storage=api.StorageType.FILE,
+            duplicate_window=min(120.0, self.retention),
+        )
+        for config in (jobs, kv, dead):
             try:
                 info = await js.stream_info(config.name)  # type: ignore[arg-type]
             except NotFoundError:
                 await js.add_stream(config)
             else:
-                if config is kv and info.config.max_age != self.retention:
+                if config is not jobs and info.config.max_age != self.retention:
                     # the last replica to open decides the retention: one bucket, one max age
                     await js.update_stream(
-                        info.config.evolve(max_age=self.retention, duplicate_window=kv.duplicate_window)
+                        info.config.evolve(max_age=self.retention, duplicate_window=config.duplicate_window)
                     )
         kv_handle = await js.key_value(self.bucket)
         self._ack_inbox = self._nc.new_inbox()
@@ -687,7 +696,7 @@ class NatsQueueBackend:
             prior = meta["base"] + delivered - 1 - naks  # attempts before this delivery
             if prior >= meta["max_attempts"]:
                 job.update(state="dead", attempts=prior, last_error="lease expired", finished_at=now)
-                await self._kv.put(f"d.{_token(meta['queue'])}.{meta['id']}", b"")
+                await self._mark_dead(meta["queue"], meta["id"])
                 writes.append((msg, _fields(job, _DELIVERY_ONLY), payload, rev, "dead"))
                 continue
             job.update(state="leased", attempts=prior + 1, lease_until=lease_until, reply=msg.reply)
@@ -773,7 +782,7 @@ class NatsQueueBackend:
                 new.update(state="done", finished_at=now)
             elif o.action == "bury":
                 new.update(state="dead", finished_at=now, last_error=o.error)
-                await self._kv.put(f"d.{_token(job['queue'])}.{job['id']}", b"")
+                await self._mark_dead(job["queue"], job["id"])
             else:  # retry: a new generation of the job, as a new message
                 new.update(state="queued", run_at=o.at if o.at is not None else now, gen=job["gen"] + 1)
                 if o.error is not None:
@@ -850,17 +859,22 @@ class NatsQueueBackend:
                 out[k] = job
         return out
 
+    def _dead_subject(self, queue: str, job_id: str) -> str:
+        return f"{self.prefix}.queue-dead.{_token(queue)}.{job_id}"
+
+    async def _mark_dead(self, queue: str, job_id: str) -> None:
+        await self._js_publish_many([(self._dead_subject(queue, job_id), b"", None)])
+
     async def _dead_ids(self, queue: str) -> list[str]:
-        # The index's subjects, asked of the KV stream (KV key listing needs a 2.10 server to
-        # filter); index entries are removed by purging their subject, so no marker is left.
-        head = f"$KV.{self.bucket}.d.{_token(queue)}."
-        info = await self._js.stream_info(f"KV_{self.bucket}", subjects_filter=head + ">")
+        # The index's subjects, asked of its own stream: a subject listing costs the server a
+        # scan of every subject in the stream, and the KV bucket holds one or two per job.
+        # Entries are removed by purging their subject, so no marker is left.
+        head = self._dead_subject(queue, "")
+        info = await self._js.stream_info(self.dead_stream, subjects_filter=head + "*")
         return sorted(s[len(head) :] for s, n in (info.state.subjects or {}).items() if n)
 
     async def _undead(self, queue: str, job_id: str) -> None:
-        await self._js.purge_stream(
-            f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.d.{_token(queue)}.{job_id}"
-        )
+        await self._js.purge_stream(self.dead_stream, subject=self._dead_subject(queue, job_id))
 
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:
         if self._kv is None:
