@@ -163,16 +163,22 @@ _DELIVERY_ONLY = ("reply", "dc", "naks", "lease_until")
 
 
 def _fields(meta: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k not in drop}
+    out = dict(meta)
+    for key in drop:
+        out.pop(key, None)
+    return out
 
 
 @dataclass(slots=True)
 class _Held:
     """A job this process leased: what its settle writes from, without a read."""
 
+    job: Job  # as the claim returned it (`get_many` answers with it)
     meta: dict[str, Any]  # the job as leased (state "leased")
     payload: bytes
-    token: str
+    token: str  # f"{rev}|{reply}"
+    rev: int
+    reply: str
 
 
 class NatsQueueBackend:
@@ -649,13 +655,13 @@ class NatsQueueBackend:
             if delivered > 1 or meta["run_at"] > now:
                 slow.append((msg, meta, payload, delivered))
                 continue
-            job_id = meta["id"]
-            attempts = meta["base"] + 1
-            token = f"{meta['rev']}|{msg.reply}"
-            leased = {**_fields(meta, _MESSAGE_ONLY), "state": "leased", "attempts": attempts}
-            leased["lease_until"] = lease_until
-            jobs.append(_job(leased, payload, token))
-            self._hold(job_id, leased, payload, token)
+            job_id, rev = meta["id"], meta.pop("rev")
+            attempts = meta.pop("base") + 1
+            token = f"{rev}|{msg.reply}"
+            meta.update(state="leased", attempts=attempts, lease_until=lease_until)
+            job = _job(meta, payload, token)
+            jobs.append(job)
+            self._hold(job, meta, payload, rev, msg.reply)
             note = {"gen": meta["gen"], "seq": seq, "token": token, "attempts": attempts}
             note["lease_until"] = lease_until
             notes.append((f"$KV.{self.bucket}.l.{job_id}", orjson.dumps(note), None))
@@ -715,20 +721,20 @@ class NatsQueueBackend:
             elif what == "dead":
                 acks.append(_pub(msg.reply, b"+TERM"))
             else:
-                token = f"{new_rev}|{msg.reply}"
-                jobs.append(_job(job, payload, token))
-                self._hold(job["id"], job, payload, token)
+                leased = _job(job, payload, f"{new_rev}|{msg.reply}")
+                jobs.append(leased)
+                self._hold(leased, job, payload, new_rev, msg.reply)
         if acks:
             await self._send(acks)
         return jobs
 
-    def _hold(self, job_id: str, meta: dict[str, Any], payload: bytes, token: str) -> None:
+    def _hold(self, job: Job, meta: dict[str, Any], payload: bytes, rev: int, reply: str) -> None:
         if len(payload) > LEASED_PAYLOAD:
-            self._held.pop(job_id, None)
+            self._held.pop(job.id, None)
             return
         if len(self._held) >= LEASED_KEPT:  # leases never settled here: forget the oldest
             del self._held[next(iter(self._held))]
-        self._held[job_id] = _Held(meta, payload, token)
+        self._held[job.id] = _Held(job, meta, payload, job.lease or "", rev, reply)
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[Job | None]:
         if self._kv is None:
@@ -741,14 +747,13 @@ class NatsQueueBackend:
         leased: list[tuple[int, int, str, dict[str, Any], bytes]] = []  # (index, rev, reply, job, payload)
         unknown: list[tuple[int, int, str, int, int]] = []  # (index, rev, reply, deliveries, seq)
         for i, o in enumerate(outcomes):
-            rev_s, _, reply = o.lease.partition("|")
-            info = _ack_info(reply, self.stream)
-            if not rev_s.isdigit() or info is None or not _ID.fullmatch(o.job_id):
-                continue
             held = self._held.get(o.job_id)
             if held is not None and held.token == o.lease:
-                leased.append((i, int(rev_s), reply, held.meta, held.payload))
-            else:
+                leased.append((i, held.rev, held.reply, held.meta, held.payload))
+                continue
+            rev_s, _, reply = o.lease.partition("|")
+            info = _ack_info(reply, self.stream)
+            if rev_s.isdigit() and info is not None and _ID.fullmatch(o.job_id):
                 unknown.append((i, int(rev_s), reply, info[1], info[2]))
         if unknown:
             n = len(unknown)
@@ -851,7 +856,7 @@ class NatsQueueBackend:
         for k, job_id in enumerate(job_ids):
             held = self._held.get(job_id)
             if held is not None:
-                out[k] = _job(held.meta, held.payload, held.token)
+                out[k] = held.job
             else:
                 rest.append(k)
         if rest:
