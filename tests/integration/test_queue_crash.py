@@ -142,6 +142,9 @@ def _pull_worker_killed(tmp_path: Path, extra: dict) -> None:
         # none whenever its only batch was being settled: on a fast backend, a fair share of runs.)
         wait_until(lambda: queue_stats(gw, "pulled")["leased"] > 0, timeout=30, what="the stalled leases")
         workers[0].kill()  # the gateway holds the leases: the worker's death cannot release them
+        # An expired lease still counts until a claim takes the job again (none runs here), so
+        # this holds however long a loaded machine pauses between the kill and this look.
+        assert queue_stats(gw, "pulled")["leased"] > 0, "the worker died holding leases"
         enqueue_keyed_again(gw, "pulled", ids)
         workers.append(Proc(healthy, cwd=ROOT, name="pull-worker"))
         wait_until(lambda: all_done(gw, "pulled"), timeout=90, interval=0.2, what="every job settled")
