@@ -4,15 +4,17 @@ is leased; a KV record is written when something other than a first delivery hap
 Layout, with P the prefix, Q the queue and L a priority level (Q encoded to the characters
 subjects and keys allow):
 
-    stream P_queue    work-queue retention; one message per time a job is (re)queued, on subject
-                      P.queue.Q.L.{id}: the job's fields as a JSON line, then the payload
-    consumer Q_L      a durable pull consumer per queue and level (filter P.queue.Q.L.*): explicit
-                      ack, ack_wait = the lease, unlimited deliveries; the consumers are also how
-                      any replica knows which levels a queue has
-    KV P_queue_state  j.{id}: the job's record, written by compare-and-set only: at a retry,
-                      replay, a redelivery, a nak for a delay, and at done / dead (`get` reads it);
-                      l.{id}: the note a first delivery leaves (its token, for `get` elsewhere);
-                      i.Q.{key}: idempotency key -> id (created atomically); d.Q.{id}: dead letters
+    stream P_queue      work-queue retention; one message per time a job is (re)queued, on subject
+                        P.queue.Q.L.{id}: the job's fields as a JSON line, then the payload
+    consumer Q_L        a durable pull consumer per queue and level (filter P.queue.Q.L.*):
+                        explicit ack, ack_wait = the lease, unlimited deliveries; the consumers are
+                        also how any replica knows which levels a queue has
+    KV P_queue_state    j.{id}: the job's record, written by compare-and-set only: at a retry, a
+                        replay, a redelivery, a nak for a delay, and at done / dead; l.{id}: the
+                        note a first delivery leaves (its token and attempt, for `get` elsewhere);
+                        i.Q.{key}: idempotency key -> id (created atomically)
+    stream P_queue_dead subject P.queue-dead.Q.{id} per dead letter (listing subjects costs the
+                        server a scan of every subject in a stream: not of the KV's, one per job)
 
 The hot path costs one JetStream round trip per job and step: enqueue publishes the message (its
 ack awaited), a claim fetches it, a settle compare-and-sets the terminal record then acks the
@@ -24,9 +26,11 @@ token that a redelivery, a retry or an earlier settle made stale fails and chang
 redelivery (an expired lease, a delayed job coming due) reads the record and writes it: attempts
 = base + deliveries - naks (the delays' naks are counted in the record).
 
-A claim leaves a lease note l.{id} per job, published without awaiting each answer (only the
-batch's last), so `get` and `get_many` on another replica show the lease; this process answers
-`get_many` for its own leases from memory (the API's settle reads the jobs it settles first).
+A claim leaves a lease note l.{id} per job, sent together with only the batch's last answer
+awaited, so `get` and `get_many` on another replica show the lease. This process answers
+`get_many` for its own leases from memory (the API's settle reads the jobs it settles first; if
+one moved on since, the settle's compare-and-set refuses it). A batch's messages, notes,
+compare-and-sets and acks are written as one buffer of protocol commands (`_send`).
 
 What JetStream does not have, and what is done instead (the limits to know):
 - Priority: a subject and consumer per level; a claim takes from the highest first, one fetch
@@ -35,7 +39,8 @@ What JetStream does not have, and what is done instead (the limits to know):
   delivery, and a record write, per delayed job); `stats` counts such a job as leased until due.
 - Leases are judged by the broker's clock, and per consumer: ack_wait is the lease of the latest
   claim (a claim asking for another lease updates the consumer). `extend` resets the timer to a
-  full ack_wait (+WPI) whatever `at` asks.
+  full ack_wait (+WPI) whatever `at` asks. An expired lease counts as leased until a claim takes
+  the job again.
 - Retention is the KV bucket's max age, counted from a record's last write: terminal jobs and
   dead letters go after `retention`, idempotency keys `retention` after their job was created. A
   job whose record aged out while it waited (longer than the retention after a retry) loses the
