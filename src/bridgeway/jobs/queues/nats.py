@@ -12,7 +12,9 @@ subjects and keys allow):
     KV P_queue_state    j.{id}: the job's record, written by compare-and-set only: at a retry, a
                         replay, a redelivery, a nak for a delay, and at done / dead; l.{id}: the
                         note a first delivery leaves (its token and attempt, for `get` elsewhere);
-                        i.Q.{key}: idempotency key -> id (created atomically)
+                        w.{id}: the subject of its message, for `get` of a waiting job (written
+                        with the enqueue, only the batch's last answer awaited); i.Q.{key}:
+                        idempotency key -> id (created atomically)
     stream P_queue_dead subject P.queue-dead.Q.{id} per dead letter (listing subjects costs the
                         server a scan of every subject in a stream: not of the KV's, one per job)
 
@@ -43,8 +45,9 @@ What JetStream does not have, and what is done instead (the limits to know):
   the job again.
 - Retention is the KV bucket's max age, counted from a record's last write: terminal jobs and
   dead letters go after `retention`, idempotency keys `retention` after their job was created. A
-  job whose record aged out while it waited (longer than the retention after a retry) loses the
-  lease of its next first delivery (its revision is gone); its redelivery after the lease carries on.
+  job waiting longer than that is not found by `get` until a claim takes it, and one whose record
+  aged out while it waited (longer than the retention after a retry) loses the lease of its next
+  first delivery (its revision is gone); its redelivery after the lease carries on.
 - A batch is not atomic across a crash: the messages are published together; a failure the
   gateway sees purges the ones it published and raises.
 """
@@ -339,10 +342,12 @@ class NatsQueueBackend:
             raise RuntimeError(f"JetStream refused a publish to {subject}: {error.get('description', error)}")
         return int(ack["seq"])
 
-    async def _js_publish_many(self, requests: list[Request]) -> list[int | None]:
+    async def _js_publish_many(
+        self, requests: list[Request], before: list[bytes] | None = None
+    ) -> list[int | None]:
         """Publish a batch to streams: per message its sequence, or None where a compare-and-set
-        (expected last subject sequence) did not hold."""
-        replies = await self._request_many(requests)
+        (expected last subject sequence) did not hold. `before`: commands sent ahead of them."""
+        replies = await self._request_many(requests, before)
         return [self._seq(r[0], reply) for r, reply in zip(requests, replies, strict=True)]
 
     # -- where things are ------------------------------------------------------------------------
@@ -391,8 +396,9 @@ class NatsQueueBackend:
 
     async def _lookup(self, job_ids: list[str]) -> list[Job | None]:
         """Jobs as the broker knows them: the record, or the lease note of a first delivery
-        (newer when its generation and delivery are), or else the waiting message itself. An id
-        that cannot be a job's (it comes from a client) is not looked up."""
+        (newer when its generation and delivery are), or else the waiting message itself, on the
+        subject its enqueue wrote down (a lookup by a wildcard subject costs the server a scan of
+        the stream). An id that cannot be a job's (it comes from a client) is not looked up."""
         valid = [i for i in job_ids if _ID.fullmatch(i)]
         if len(valid) < len(job_ids):
             found = dict(zip(valid, await self._lookup(valid), strict=True))
@@ -401,12 +407,12 @@ class NatsQueueBackend:
             return []
         n = len(job_ids)
         found = await self._direct_many(
-            [self._kv_get(f"j.{i}") for i in job_ids] + [self._kv_get(f"l.{i}") for i in job_ids]
+            [self._kv_get(f"{kind}.{i}") for kind in ("j", "l", "w") for i in job_ids]
         )
-        records, notes = found[:n], found[n:]
+        records, notes, wheres = found[:n], found[n : 2 * n], found[2 * n :]
         out: list[Job | None] = [None] * n
         by_seq: list[tuple[int, dict[str, Any]]] = []  # (index, note): leased, read the message
-        waiting: list[int] = []  # neither record nor note: a message never claimed, or nothing
+        waiting: list[tuple[int, str]] = []  # neither record nor note: (index, its message's subject)
         for k, (record, note) in enumerate(zip(records, notes, strict=True)):
             if record is False:  # purged
                 continue
@@ -418,24 +424,21 @@ class NatsQueueBackend:
                 by_seq.append((k, lease))
             elif meta:
                 out[k] = _job(meta, record[1], f"{record[2]}|{meta.get('reply')}")
-            else:
-                waiting.append(k)
+            elif wheres[k]:
+                waiting.append((k, wheres[k][0]["subject"]))
         if by_seq or waiting:
             subject = f"$JS.API.DIRECT.GET.{self.stream}"
             msgs = await self._direct_many(
                 [self._message_get(note["seq"]) for _, note in by_seq]
-                + [
-                    (subject, orjson.dumps({"last_by_subj": f"{self.prefix}.queue.*.*.{job_ids[k]}"}))
-                    for k in waiting
-                ]
+                + [(subject, orjson.dumps({"last_by_subj": where})) for _, where in waiting]
             )
             for (k, note), msg in zip(by_seq, msgs[: len(by_seq)], strict=True):
                 if msg and msg[0]["id"] == job_ids[k]:
                     meta = {**_fields(msg[0], _MESSAGE_ONLY), "state": "leased"}
                     meta.update(attempts=note["attempts"], lease_until=note["lease_until"])
                     out[k] = _job(meta, msg[1], note["token"])
-            for k, msg in zip(waiting, msgs[len(by_seq) :], strict=True):
-                if msg:
+            for (k, _), msg in zip(waiting, msgs[len(by_seq) :], strict=True):
+                if msg and msg[0]["id"] == job_ids[k]:
                     meta = {**_fields(msg[0], _MESSAGE_ONLY), "attempts": msg[0]["base"]}
                     out[k] = _job(meta, msg[1])
         return out
@@ -590,7 +593,16 @@ class NatsQueueBackend:
         payloads = {i: bytes(jobs[i].payload) for i in fresh}
         try:
             await self._ensure_levels({(jobs[i].queue, int(jobs[i].priority)) for i in fresh})
-            await self._js_publish_many([self._message(metas[i], payloads[i], 0, 0) for i in fresh])
+            # With each message, where it is, for `get`: sent in the same buffer, the last one's
+            # answer awaited (a connection's publishes to one stream are stored in order).
+            messages = [self._message(metas[i], payloads[i], 0, 0) for i in fresh]
+            wheres = [
+                (f"$KV.{self.bucket}.w.{jobs[i].id}", _record({"subject": m[0]}, b""))
+                for i, m in zip(fresh, messages, strict=True)
+            ]
+            if messages:
+                before = [_pub(subject, body) for subject, body in wheres[:-1]]
+                await self._js_publish_many([*messages, (*wheres[-1], None)], before=before)
         except BaseException:
             # undo what can be undone: the messages (one subject each) and the keys taken
             with contextlib.suppress(Exception):
@@ -930,8 +942,11 @@ class NatsQueueBackend:
             if found and found[0].get("idem") is not None:
                 await self._kv.delete(f"i.{_token(queue)}.{_key_part(found[0]['idem'])}")
             await self._kv.delete(f"j.{job_id}")
-            with contextlib.suppress(NotFoundError):
-                await self._js.purge_stream(f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.l.{job_id}")
+            for kind in ("l", "w"):  # its lease note, where its message was
+                with contextlib.suppress(NotFoundError):
+                    await self._js.purge_stream(
+                        f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{kind}.{job_id}"
+                    )
             await self._undead(queue, job_id)
 
         found = await self._records(ids)
