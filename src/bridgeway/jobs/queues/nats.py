@@ -278,8 +278,8 @@ class NatsQueueBackend:
         # A level another replica adds is announced here (the consumer list is read at open, by
         # `stats`, and by a claim on a queue this process has not seen).
         await self._nc.subscribe(f"{self.prefix}.queue-levels", cb=self._on_level)
-        self._kv = kv_handle
         await self._refresh_levels()
+        self._kv = kv_handle  # last: a set _kv means open
 
     async def _on_ack(self, msg: Msg) -> None:
         fut = self._acks.pop(msg.subject.rpartition(".")[2], None)
@@ -295,7 +295,7 @@ class NatsQueueBackend:
         """Protocol commands written as one buffer. nats-py's `publish` costs microseconds and a
         buffer of its own per message (its checks, then its flusher's writelines), and a batch of
         jobs is hundreds of messages; the commands here are built from subjects this module made,
-        or checked (`_ack_info`), and sizes checked at enqueue (`_check_size`)."""
+        or checked (`_ack_info`), and sizes checked at enqueue (`_check`)."""
         if self._nc.is_closed:
             raise nats.errors.ConnectionClosedError
         await self._nc._send_command(b"".join(commands))
