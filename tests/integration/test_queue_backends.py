@@ -442,6 +442,61 @@ async def test_a_consumer_that_dies_holding_leases_loses_nothing(env: Env) -> No
     assert (stats.queued, stats.leased, stats.dead) == (0, 0, 0)
 
 
+async def test_a_lease_shows_on_every_replica_as_its_claim_issued_it(env: Env) -> None:
+    # The API's settle reads the jobs first (get_many) and checks their lease, on whichever replica
+    # the worker's call reaches: every replica must show the lease the claim issued.
+    replica = await env.open()
+    await env.put(3)
+    claimed = await env.claim(lease=30.0)
+    seen = await replica.get_many([j.id for j in claimed])
+    assert [(j.state, j.lease, j.attempts) for j in seen if j] == [(j.state, j.lease, 1) for j in claimed]
+    out = await env.settle(*(Outcome(j.id, j.lease, "ack") for j in claimed), backend=replica)
+    assert [j.state if j else None for j in out] == ["done"] * 3
+    assert [(await env.backend.get(j.id)).state for j in claimed] == ["done"] * 3  # type: ignore[union-attr]
+    # the claimer's own stale view of them (get_many may answer its leases from memory) settles nothing
+    assert await env.settle(*(Outcome(j.id, j.lease, "ack") for j in claimed)) == [None] * 3
+
+
+async def test_attempts_count_every_claim_across_expiries_retries_and_replicas(env: Env) -> None:
+    other = await env.open()
+    [new] = await env.put(1, max_attempts=4)
+    [first] = await env.claim(lease=LEASE)
+    await env.clock.advance(LEASE + 0.5)  # expires: the next claim is the second attempt
+    [second] = await env.claim(lease=LEASE, backend=other)
+    assert (second.id, second.attempts) == (new.id, 2)
+    [again] = await env.settle(Outcome(second.id, second.lease, "retry", at=env.clock.now(), error="flaky"))
+    assert again is not None and (again.state, again.attempts) == ("queued", 2)
+    [third] = await env.claim(lease=LEASE)
+    assert third.attempts == 3 and third.last_error == "flaky"
+    stored = await other.get(new.id)
+    assert stored is not None and (stored.state, stored.attempts, stored.lease) == ("leased", 3, third.lease)
+    await env.clock.advance(LEASE + 0.5)
+    [fourth] = await env.claim(lease=LEASE, backend=other)
+    assert fourth.attempts == 4
+    # stale tokens of every earlier attempt change nothing
+    stale = [Outcome(j.id, j.lease, "ack") for j in (first, second, third)]
+    assert await env.settle(*stale) == [None, None, None]
+    await env.clock.advance(LEASE + 0.5)  # the last attempt's lease expires: dead
+    assert await env.claim() == []
+    dead = await env.backend.get(new.id)
+    assert dead is not None and (dead.state, dead.attempts, dead.last_error) == ("dead", 4, "lease expired")
+
+
+async def test_idempotency_keys_hold_across_a_restart_and_after_the_job_is_done(env: Env) -> None:
+    first = await env.open()
+    [(job, created)] = await first.enqueue([env.job(1, idempotency_key="once")], env.clock.now())
+    assert created
+    await first.close()  # a restart: nothing of the first process is left but what it stored
+    restarted = await env.open()
+    [(dup, created)] = await restarted.enqueue([env.job(2, idempotency_key="once")], env.clock.now())
+    assert not created and (dup.id, dup.state, dup.payload) == (job.id, "queued", b'{"n":1}')
+    [leased] = await env.claim(backend=restarted)
+    await env.settle(Outcome(leased.id, leased.lease, "ack"), backend=restarted)
+    [(done, created)] = await env.backend.enqueue([env.job(3, idempotency_key="once")], env.clock.now())
+    assert not created and (done.id, done.state) == (job.id, "done")
+    assert await env.claim() == []
+
+
 async def test_any_replica_settles_with_the_token(env: Env) -> None:
     replica = await env.open()
     await env.put(3)

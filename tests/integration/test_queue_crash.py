@@ -10,6 +10,7 @@ import json
 import sqlite3
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,16 @@ def processed(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+def stalled(gw: GatewayProc, out: Path) -> bool:
+    """The pull worker holds leases and finished no job for a second, twice in a row."""
+    for _ in range(2):
+        before = len(processed(out))
+        time.sleep(1.0)
+        if len(processed(out)) != before or queue_stats(gw, "pulled")["leased"] == 0:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("backend", QUEUE_BACKENDS)
 def test_pull_worker_killed_holding_leases(tmp_path: Path, backend: str):
     with queue_backend(backend) as extra:
@@ -140,8 +151,14 @@ def _pull_worker_killed(tmp_path: Path, extra: dict) -> None:
         # The doomed worker's handlers stall after N // 5 jobs: once it has claimed again it holds
         # those leases until it dies. (Killed at a random moment with instant handlers, it held
         # none whenever its only batch was being settled: on a fast backend, a fair share of runs.)
-        wait_until(lambda: queue_stats(gw, "pulled")["leased"] > 0, timeout=30, what="the stalled leases")
+        # Leases seen once are not enough: they may be the last instant batch's, settled a moment
+        # later, with the claim of the stalling ones not yet made (the kill then leaves none, on
+        # any backend). Stalled means no job finished for a second while leases are held.
+        wait_until(lambda: stalled(gw, out), timeout=30, what="the stalled leases")
         workers[0].kill()  # the gateway holds the leases: the worker's death cannot release them
+        # An expired lease still counts until a claim takes the job again (none runs here), so
+        # this holds however long a loaded machine pauses between the kill and this look.
+        assert queue_stats(gw, "pulled")["leased"] > 0, "the worker died holding leases"
         enqueue_keyed_again(gw, "pulled", ids)
         workers.append(Proc(healthy, cwd=ROOT, name="pull-worker"))
         wait_until(lambda: all_done(gw, "pulled"), timeout=90, interval=0.2, what="every job settled")
