@@ -518,4 +518,3 @@ def create_app() -> Gateway:
     """Each worker builds its gateway from $BRIDGEWAY_CONFIG."""
     path = os.environ["BRIDGEWAY_CONFIG"]
     return Gateway(load_config(path), path)
-

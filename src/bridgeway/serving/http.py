@@ -143,7 +143,9 @@ class Exchange:
         conn = self.conn
         if kind == "http.response.body":
             if not self.started or self.finished:
-                raise RuntimeError(f"http.response.body {'after the response' if self.started else 'before start'}")
+                raise RuntimeError(
+                    f"http.response.body {'after the response' if self.started else 'before start'}"
+                )
             body = message.get("body", b"")
             more = message.get("more_body", False)
             head = self.head_bytes
@@ -344,25 +346,23 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self._refuse(400, "BAD_REQUEST", f"malformed request: {_reason(exc)}")
 
-    def eof_received(self) -> bool | None:
-        # The client half-closed: a request it sent is still answered, then the connection closes.
-        if self.current is None:
-            return None  # nothing in flight: close now
-        for exchange in (self.current, *self.pipeline):
-            exchange.keep_alive = False
-        return True
-
     def _refuse(self, status: int, code: str, message: str) -> None:
         """A request that cannot be parsed: answer it (unless another answer is under way), close."""
         if self.lost:
             return
-        if self.current is None:
+        current = self.current
+        if current is None or (current is self.parsing and not current.started):
+            # Nothing answered yet on this connection's current request (its body may be what broke).
+            if current is not None:
+                current.finished = True
             self.transport.write(plain_response(status, code, message))
             self.transport.close()
+        elif current is self.parsing:
+            self.transport.close()  # its body broke after the answer began: cut (the app sees a disconnect)
         else:
-            # Answers go out in order: the one in flight finishes, then the connection closes.
+            # A pipelined request broke: the one in flight finishes, then the connection closes.
             self.pipeline.clear()
-            self.current.keep_alive = False
+            current.keep_alive = False
             self.pause_reading()
 
     def timed_out(self, now: float) -> bool:

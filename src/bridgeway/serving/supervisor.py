@@ -63,7 +63,9 @@ class Supervisor:
         try:
             self.sock = bind(self.settings.host, self.settings.port, self.settings.backlog)
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc.strerror or exc)
+            log.error(
+                "cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc.strerror or exc
+            )
             return 1
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:

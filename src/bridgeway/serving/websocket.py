@@ -90,7 +90,11 @@ class WebSocketSession:
                 if frame.fin:
                     self._deliver(opcode, frame.data)
                 else:
-                    self.fragment_opcode, self.fragments, self.fragment_size = opcode, [frame.data], len(frame.data)
+                    self.fragment_opcode, self.fragments, self.fragment_size = (
+                        opcode,
+                        [frame.data],
+                        len(frame.data),
+                    )
             elif opcode is Opcode.CONT:
                 self.fragments.append(frame.data)
                 self.fragment_size += len(frame.data)

@@ -52,8 +52,8 @@ class Worker:
         self.connections: set[HttpProtocol] = set()
         self.now = loop.time()
         self.common_headers = b""
-        self._tick()
-        self.stopping = asyncio.Event()
+        self.ticker: asyncio.TimerHandle | None = None
+        self.server: asyncio.Server | None = None
 
     def _tick(self) -> None:
         """Once a second: the coarse clock the connections read, the `date` header, time-outs."""
@@ -61,27 +61,34 @@ class Worker:
         self.common_headers = b"server: bridgeway\r\ndate: %b\r\n" % formatdate(usegmt=True).encode()
         for conn in [c for c in self.connections if c.head_since is not None]:
             conn.timed_out(now)
-        self.loop.call_later(1.0, self._tick)
+        self.ticker = self.loop.call_later(1.0, self._tick)
 
     def protocol(self) -> HttpProtocol:
         return HttpProtocol(self)
 
     async def serve(self, sock: socket.socket) -> int:
+        """Lifespan start-up, serve until SIGTERM/SIGINT, stop gracefully, lifespan shutdown."""
         lifespan = Lifespan(self.app)
         if not await lifespan.startup():
             return STARTUP_FAILED
         self.state = lifespan.state or None
-        server = await self.loop.create_server(self.protocol, sock=sock, backlog=self.settings.backlog)
+        await self.start(sock)
+        stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.stopping.set)
-        await self.stopping.wait()
-        server.close()  # no new connections here; other workers' copies of the socket stay open
-        await self._drain_connections()
+            self.loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        await self.stop()
         await lifespan.shutdown()
         return 0
 
-    async def _drain_connections(self) -> None:
-        """Idle connections close now; requests in flight get `grace` seconds to finish."""
+    async def start(self, sock: socket.socket) -> None:
+        self._tick()
+        self.server = await self.loop.create_server(self.protocol, sock=sock, backlog=self.settings.backlog)
+
+    async def stop(self) -> None:
+        """Stop accepting (other workers' copies of the socket stay open); idle connections close
+        now, requests in flight get `grace` seconds to finish; what is left is cut."""
+        self.server.close()
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self.loop.time() + self.settings.grace
@@ -92,6 +99,8 @@ class Worker:
             for task in conn.tasks:
                 task.cancel()
         await asyncio.sleep(0)
+        if self.ticker is not None:
+            self.ticker.cancel()
 
 
 class Lifespan:
@@ -166,8 +175,9 @@ def run_worker(load_app: Callable[[], object], sock: socket.socket, settings: Se
 def log_to_stderr() -> None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s bridgeway.serving[%(process)d] %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s bridgeway.serving[%(process)d] %(message)s")
+        )
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-
