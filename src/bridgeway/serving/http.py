@@ -547,10 +547,7 @@ class HttpProtocol(asyncio.Protocol):
 
 
 def _is_websocket(headers) -> bool:
-    for name, value in headers:
-        if name == b"upgrade" and value.lower() == b"websocket":
-            return True
-    return False
+    return any(name == b"upgrade" and value.lower() == b"websocket" for name, value in headers)
 
 
 def _subprotocols(headers) -> list[str]:

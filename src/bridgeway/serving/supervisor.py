@@ -9,6 +9,7 @@ one of the workers blocked in accept on the shared socket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -142,10 +143,8 @@ def _reap() -> list[tuple[int, int]]:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def serve(load_app: Callable[[], object], settings: Settings, workers: int = 1) -> int:
