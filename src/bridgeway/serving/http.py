@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from http import HTTPStatus
 from urllib.parse import unquote
 
@@ -244,11 +243,42 @@ class Exchange:
                 if exc is None:
                     log.error("ASGI app returned before finishing its response on %s", self.scope.get("path"))
                 conn.transport.close()  # a cut stream: the client sees it end early
-        conn.tasks.discard(task)
+        if conn.task is task:
+            conn.task = None
 
 
 class HttpProtocol(asyncio.Protocol):
     """One client connection: parse, dispatch to the app, write its answers in request order."""
+
+    # Slots: thousands of idle keep-alive connections each hold one of these.
+    __slots__ = (
+        "server",
+        "app",
+        "loop",
+        "transport",
+        "parser",
+        "client",
+        "local",
+        "scheme",
+        "lost",
+        "closing",
+        "reading_paused",
+        "write_paused",
+        "drain_waiter",
+        "current",
+        "pipeline",
+        "task",
+        "upgrade",
+        "ws",
+        "url",
+        "headers",
+        "head_size",
+        "parsing",
+        "head_since",
+        "head_started",
+        "in_head",
+        "pending_head",
+    )
 
     def __init__(self, server):
         self.server = server  # the worker's shared state: app, settings, connections, clock
@@ -265,8 +295,8 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.drain_waiter: asyncio.Future | None = None
         self.current: Exchange | None = None
-        self.pipeline: deque[Exchange] = deque()
-        self.tasks: set[asyncio.Task] = set()
+        self.pipeline: list[Exchange] = []  # pipelined requests waiting for the current one
+        self.task: asyncio.Task | None = None  # the current request's app
         self.upgrade: dict | None = None  # the scope of a WebSocket upgrade being read
         self.ws = None  # the WebSocketSession once upgraded
         # the request being parsed
@@ -430,6 +460,7 @@ class HttpProtocol(asyncio.Protocol):
         method = parser.get_method().decode("ascii")
         version = parser.get_http_version()
         headers = self.headers
+        self.headers = self.url = None  # the scope holds them now; an idle connection holds nothing
         server = self.server
         upgrade = parser.should_upgrade()
         if upgrade and method == "GET" and _is_websocket(headers):
@@ -505,8 +536,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self.current = exchange
-        task = self.loop.create_task(self.app(exchange.scope, exchange.receive, exchange.send))
-        self.tasks.add(task)
+        self.task = task = self.loop.create_task(self.app(exchange.scope, exchange.receive, exchange.send))
         task.add_done_callback(exchange.app_done)
 
     def response_done(self, exchange: Exchange) -> None:
@@ -519,7 +549,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
             return
         if self.pipeline:
-            self._start(self.pipeline.popleft())
+            self._start(self.pipeline.pop(0))
         elif exchange.complete:
             self._await_head()
         if self.reading_paused:

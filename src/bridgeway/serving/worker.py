@@ -96,8 +96,9 @@ class Worker:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.transport.abort()
-            for task in conn.tasks:
-                task.cancel()
+            for task in (conn.task, conn.ws and conn.ws.task):
+                if task is not None:
+                    task.cancel()
         await asyncio.sleep(0)
         if self.ticker is not None:
             self.ticker.cancel()
