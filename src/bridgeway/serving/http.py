@@ -219,7 +219,8 @@ class Exchange:
                 extra += b"transfer-encoding: chunked\r\n"
         else:
             self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
-        if conn.closing:
+        if conn.closing or (self.expect_continue and not self.complete):
+            # Answered without asking for the body: the client may never send it, so close after.
             self.keep_alive = False
         if not self.keep_alive:
             extra += b"connection: close\r\n"
