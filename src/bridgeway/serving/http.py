@@ -31,6 +31,7 @@ STATUS_LINES = {
 NO_BODY_STATUS = frozenset((204, 304))
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT = {"type": "http.disconnect"}
+METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 EMPTY_BODY = {"type": "http.request", "body": b"", "more_body": False}
 
 
@@ -76,7 +77,7 @@ class Exchange:
         "head_bytes",
     )
 
-    def __init__(self, conn: HttpProtocol, scope: dict, keep_alive: bool, expect_continue: bool):
+    def __init__(self, conn: HttpProtocol, scope: dict, keep_alive: bool):
         self.conn = conn
         self.scope = scope
         self.keep_alive = keep_alive
@@ -86,7 +87,7 @@ class Exchange:
         self.complete = False  # the whole request body has arrived
         self.delivered = False  # ... and the app has taken all of it
         self.waiter: asyncio.Future | None = None
-        self.expect_continue = expect_continue
+        self.expect_continue: bool | None = None  # unknown until the body is waited for (see below)
         self.started = False
         self.finished = False
         self.chunked = False
@@ -105,7 +106,7 @@ class Exchange:
         if not self.body and not self.complete:
             if conn.lost:
                 return DISCONNECT
-            if self.expect_continue:
+            if self._wants_continue():
                 self.expect_continue = False
                 if not self.started:
                     conn.transport.write(CONTINUE)
@@ -123,6 +124,16 @@ class Exchange:
         if conn.reading_paused and conn.current is self:
             conn.resume_reading()
         return {"type": "http.request", "body": body, "more_body": not self.complete}
+
+    def _wants_continue(self) -> bool:
+        """`Expect: 100-continue` not yet answered. Looked up only when it matters (the app waits
+        for a body not yet sent), not on every request."""
+        if self.expect_continue is None:
+            scope = self.scope
+            self.expect_continue = scope["http_version"] == "1.1" and any(
+                name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"]
+            )
+        return self.expect_continue
 
     async def _wait(self) -> None:
         self.waiter = self.conn.loop.create_future()
@@ -219,7 +230,7 @@ class Exchange:
                 extra += b"transfer-encoding: chunked\r\n"
         else:
             self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
-        if conn.closing or (self.expect_continue and not self.complete):
+        if conn.closing or (not self.complete and self._wants_continue()):
             # Answered without asking for the body: the client may never send it, so close after.
             self.keep_alive = False
         if not self.keep_alive:
@@ -437,14 +448,16 @@ class HttpProtocol(asyncio.Protocol):
             raise ValueError("head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Checked against the limit once the head is complete; a head that keeps growing is
+        # stopped in data_received (pending_head).
         self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.server.max_header_size:
-            self.head_size = -1
-            raise ValueError("head too large")  # httptools turns this into a parser error
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.head_size > self.server.max_header_size:
+            self.head_size = -1
+            raise ValueError("head too large")  # httptools turns this into a parser error
         parser = self.parser
         url = self.url
         raw_path, _, query = url.partition(b"?")
@@ -458,7 +471,8 @@ class HttpProtocol(asyncio.Protocol):
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
-        method = parser.get_method().decode("ascii")
+        method = parser.get_method()
+        method = METHODS.get(method) or method.decode("ascii")
         version = parser.get_http_version()
         headers = self.headers
         self.headers = self.url = None  # the scope holds them now; an idle connection holds nothing
@@ -500,12 +514,8 @@ class HttpProtocol(asyncio.Protocol):
         }
         if server.state is not None:
             scope["state"] = server.state.copy()
-        expect = False
-        for name, value in headers:
-            if name == b"expect" and value.lower() == b"100-continue":
-                expect = version == "1.1"
         keep_alive = parser.should_keep_alive() and not upgrade and not self.closing
-        exchange = Exchange(self, scope, keep_alive, expect)
+        exchange = Exchange(self, scope, keep_alive)
         self.parsing = exchange
         self.head_since = None
         if self.current is None:
