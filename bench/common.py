@@ -44,7 +44,7 @@ def free_port() -> int:
 class Procs:
     """Owns every process a benchmark starts; `stop_all` kills whole process groups.
 
-    Each child gets its own session (process group), so workers forked by nginx or granian
+    Each child gets its own session (process group), so workers forked by nginx or the gateway
     die with it, and Ctrl-C on the terminal reaches only us; we then clean up in `finally`.
     """
 

@@ -7,7 +7,7 @@ against a real nginx upstream, with C requests in flight on uvloop.
     PYTHONPATH=src python bench/hotpath.py --instructions --requests 2000  # callgrind: instructions
 
 What it measures is what the gateway's code costs per request (dispatch, head pass, auth, limits,
-balancer, breaker, the pooled upstream call and its two syscalls, metrics), not granian's share,
+balancer, breaker, the pooled upstream call and its two syscalls, metrics), not the HTTP server's share,
 so it moves little when other tenants load the machine: process CPU time, not wall time, over a
 fixed number of requests. Rows as in `security.py`: plain, an API key + per-key limit, an RS256
 JWT + per-key limit (in-process limiter). Rows interleave; the table shows each row's minimum and

@@ -143,7 +143,7 @@ async def measure(port: int, pid: int, n: int, batch: int, hold: float) -> Resul
 
 
 def raise_fd_limit(needed: int) -> None:
-    """Soft limit up to the hard one; children (nginx, granian) inherit it."""
+    """Soft limit up to the hard one; children (nginx, the gateway) inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -8,7 +8,7 @@ Rows (every one a non-streaming POST /v1/chat/completions with the same small Op
   direct           wrk -> the fake provider (what the load side and the fake can do)
   litellm          wrk -> LiteLLM proxy (its own virtualenv, 1 worker, master key, no database)
                         -> fake OpenAI
-  floor            wrk -> granian + one pooled upstream call (bench/llm_floor_app.py) -> fake
+  floor            wrk -> the server + one pooled upstream call (bench/llm_floor_app.py) -> fake
                         OpenAI: the server stack Bridgeway runs on, without Bridgeway's own work
   openai           wrk -> Bridgeway (1 worker, an API key) -> fake OpenAI: the pass-through
   openai+budget    the same through a second Bridgeway whose key's role has a budget it never
@@ -231,14 +231,14 @@ def start_litellm(procs: Procs, work: Path, python: str, port: int, up_port: int
 
 
 def start_floor(procs: Procs, work: Path, port: int, up_port: int) -> int:
-    """granian with bench/llm_floor_app.py, pinned and configured as `bridgeway serve` runs."""
+    """bench/llm_floor_app.py on bridgeway.serving (1 worker, pinned), the server `bridgeway serve` runs on."""
     env = dict(
         os.environ,
         BENCH_UPSTREAM_PORT=str(up_port),
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), str(ROOT / "src")]),
     )
-    argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--workers", "1"]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "llm_floor_app:app"]
+    argv = [sys.executable, "-m", "bridgeway.serving", "llm_floor_app:app", "--workers", "1"]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
     log(f"starting floor: {' '.join(argv)} (log: {work / 'floor.log'})")
     proc = procs.spawn(argv, cpu=CPU_PROXY, log_path=work / "floor.log", env=env)
     wait_http(port, "/v1/chat/completions", proc)

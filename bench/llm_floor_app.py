@@ -1,12 +1,12 @@
 """The `floor` row of bench/llm.py: the server stack Bridgeway runs on, without Bridgeway.
 
-An ASGI app under granian (1 worker, uvloop, as `bridgeway serve` runs) that reads the request
+An ASGI app on bridgeway.serving (1 worker, as `bridgeway serve` runs) that reads the request
 body, makes one call over the gateway's own pooled upstream client (`UpstreamPool`) to the fake
 OpenAI provider, and answers the provider's body as it came: no authentication, no routing, no
 JSON parsing, no translation. What Bridgeway's rows cost above this row is the gateway's own
-work; this row's cost is granian, the event loop and the socket system calls.
+work; this row's cost is the HTTP server, the event loop and the socket system calls.
 
-    BENCH_UPSTREAM_PORT=PORT granian --interface asgi --loop uvloop --workers 1 llm_floor_app:app
+    BENCH_UPSTREAM_PORT=PORT python -m bridgeway.serving --app-dir bench llm_floor_app:app
 """
 
 from __future__ import annotations

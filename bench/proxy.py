@@ -1,10 +1,11 @@
 """Data-plane throughput and latency: Bridgeway vs an nginx reverse proxy, same upstream, same run.
 
     python bench/proxy.py [--duration 10] [--connections 64] [--rounds 1] [--only direct,nginx]
-                          [--bridgeway-cmd "python -m bridgeway serve"] [--markdown]
+                          [--bridgeway-cmd "python -m bridgeway serve"] [--compare-cmd CMD] [--markdown]
 
 Rows: `direct` (wrk -> upstream nginx), `nginx` (wrk -> nginx proxy -> upstream),
-`bridgeway` (wrk -> gateway /bridge/bench/ -> upstream). See bench/README.md.
+`bridgeway` (wrk -> gateway /bridge/bench/ -> upstream), and with `--compare-cmd` a second gateway
+started by CMD the same way (e.g. another server or build) in the same run. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ from common import (  # noqa: E402
     wait_http,
 )
 
-TARGETS = ("direct", "nginx", "bridgeway")
-LABELS = {"direct": "direct (no proxy)", "nginx": "nginx proxy", "bridgeway": "bridgeway"}
+TARGETS = ("direct", "nginx", "bridgeway", "compare")
+LABELS = {
+    "direct": "direct (no proxy)",
+    "nginx": "nginx proxy",
+    "bridgeway": "bridgeway",
+    "compare": "bridgeway (--compare-cmd)",
+}
 MIN_THROUGHPUT_RATIO = 0.45  # bridgeway req/s >= 0.45 x nginx proxy
 MAX_P99_RATIO = 3.0  # bridgeway p99 <= 3 x nginx proxy
 WARMUP_S = 2.0
@@ -153,9 +159,15 @@ def parse_args() -> argparse.Namespace:
         default=DEFAULT_BRIDGEWAY_CMD,
         help="command to start the gateway; '--config <file> --workers 1' is appended",
     )
+    p.add_argument(
+        "--compare-cmd",
+        help="a second gateway command, measured the same way in the same run (the `compare` row)",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = p.parse_args()
     args.only = [t.strip() for t in args.only.split(",") if t.strip()]
+    if not args.compare_cmd and "compare" in args.only:
+        args.only.remove("compare")
     if bad := set(args.only) - set(TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(bad))}")
     return args
@@ -173,7 +185,7 @@ def main() -> int:
         upstream = start_nginx(procs, work, "upstream", upstream_server(up_port), cpu=CPU_LOAD)
         wait_http(up_port, "/", upstream)
         targets: dict[str, tuple[str, int]] = {}  # name -> (url, pid of the server wrk talks to)
-        for name in (t for t in TARGETS if t in args.only):  # fixed order: direct, nginx, bridgeway
+        for name in (t for t in TARGETS if t in args.only):  # fixed order: direct, nginx, bridgeway, compare
             port = free_port()
             if name == "direct":
                 targets[name] = (f"http://127.0.0.1:{up_port}/", upstream.pid)
@@ -182,10 +194,11 @@ def main() -> int:
                 wait_http(port, "/", proc)
                 targets[name] = (f"http://127.0.0.1:{port}/", proc.pid)
             else:
+                cmd = args.bridgeway_cmd if name == "bridgeway" else args.compare_cmd
                 try:
-                    proc = start_bridgeway(procs, work, port, up_port, args.bridgeway_cmd)
+                    proc = start_bridgeway(procs, work, port, up_port, cmd, name=name)
                 except (RuntimeError, TimeoutError) as e:
-                    log(f"bridgeway did not start: {e}\n{tail(work / 'bridgeway.log')}")
+                    log(f"{name} did not start: {e}\n{tail(work / f'{name}.log')}")
                     continue
                 targets[name] = (f"http://127.0.0.1:{port}/bridge/bench/", proc.pid)
 

@@ -2,7 +2,7 @@
 
 Serve it with::
 
-    granian --interface asgi --working-dir examples/services echo:app
+    python -m bridgeway.serving --app-dir examples/services echo:app
 
 Any path answers with JSON describing the request as received::
 

@@ -4,7 +4,7 @@ Question it answers: in a one-stop race, on which lap should the car pit?
 
 Serve it with::
 
-    granian --interface asgi --working-dir examples/services sim:app
+    python -m bridgeway.serving --app-dir examples/services sim:app
 
 Endpoints
     POST /simulate     JSON body (see ``SimParams``) -> result

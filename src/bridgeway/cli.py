@@ -93,9 +93,11 @@ def serve(
 
 
 def run_server(cfg: Config, config_path: Path, workers: int) -> None:
-    from bridgeway.supervisor import serve_forever
+    from bridgeway.workers import serve_gateway
 
-    serve_forever(cfg, str(config_path.resolve()), workers)
+    status = serve_gateway(cfg, str(config_path.resolve()), workers)
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()

@@ -54,19 +54,13 @@ def _start_sample(services: Path, module: str, port: int, env: dict[str, str]) -
     cmd = [
         sys.executable,
         "-m",
-        "granian",
-        "--interface",
-        "asgi",
+        "bridgeway.serving",
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
-        "--working-dir",
+        "--app-dir",
         str(services),
-        "--loop",
-        "uvloop",
-        "--log-level",
-        "warning",
         module,
     ]
     return subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
@@ -117,9 +111,9 @@ def run_demo(port: int) -> None:
         threading.Thread(
             target=lambda: _wait(f"{base}/health/ready") and _tour(base, token), daemon=True
         ).start()
-        from bridgeway.supervisor import serve_forever
+        from bridgeway.workers import serve_gateway
 
-        serve_forever(cfg, str(config_path), workers=1)
+        serve_gateway(cfg, str(config_path), workers=1)
     finally:
         for proc in procs:
             proc.terminate()

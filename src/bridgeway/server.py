@@ -520,6 +520,6 @@ async def send_error(send, exc: GatewayError, trace_id: str, headers: list) -> N
 
 
 def create_app() -> Gateway:
-    """Factory for granian: each worker builds its gateway from $BRIDGEWAY_CONFIG."""
+    """Each worker builds its gateway from $BRIDGEWAY_CONFIG."""
     path = os.environ["BRIDGEWAY_CONFIG"]
     return Gateway(load_config(path), path)

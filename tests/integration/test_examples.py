@@ -1,4 +1,4 @@
-"""The sample services (examples/services) as real granian processes on loopback."""
+"""The sample services (examples/services) as real processes on loopback (bridgeway.serving)."""
 
 from __future__ import annotations
 

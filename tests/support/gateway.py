@@ -124,7 +124,7 @@ class GatewayProc(Proc):
     # -- processes -------------------------------------------------------------------------
 
     def worker_pids(self) -> list[int]:
-        """Child processes of the supervisor running the gateway (granian workers)."""
+        """Child processes of the supervisor running the gateway (bridgeway.serving workers)."""
         pids = []
         for pid in _children(self.pid):
             try:

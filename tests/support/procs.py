@@ -3,7 +3,7 @@
     with start_service("echo") as echo:
         urllib.request.urlopen(echo.url + "/anything")
 
-Processes get their own process group (so granian's workers die with them), write stdout and
+Processes get their own process group (so a server's workers die with them), write stdout and
 stderr to files (so a chatty process never blocks on a full pipe), and are stopped with SIGTERM,
 then SIGKILL after a grace period. Log files live in one temporary directory per test session,
 removed at interpreter exit; ``Proc.logs()`` works after the process has stopped.
@@ -203,23 +203,19 @@ _NAME_ENV = {"echo": "ECHO_NAME", "sim": "SIM_NAME"}
 
 
 def service_command(name: str, port: int, *, workers: int = 1, extra_args: Sequence[str] = ()) -> list[str]:
-    """The granian command line that serves ``examples/services/{name}.py`` on loopback."""
+    """The command line that serves ``examples/services/{name}.py`` on loopback (bridgeway.serving)."""
     return [
         sys.executable,
         "-m",
-        "granian",
-        "--interface",
-        "asgi",
+        "bridgeway.serving",
         "--host",
         HOST,
         "--port",
         str(port),
-        "--working-dir",
+        "--app-dir",
         str(SERVICES),
         "--workers",
         str(workers),
-        "--loop",
-        "uvloop",
         *extra_args,
         f"{name}:app",
     ]
@@ -261,7 +257,7 @@ def start_service(
     timeout: float = 20.0,
     extra_args: Sequence[str] = (),
 ) -> Proc:
-    """Start ``echo`` or ``sim`` under granian on 127.0.0.1 and wait until ``/health`` answers.
+    """Start ``echo`` or ``sim`` under bridgeway.serving on 127.0.0.1 and wait until ``/health`` answers.
 
     ``instance`` sets ``ECHO_NAME`` / ``SIM_NAME`` (the ``X-Instance`` header and ``instance``
     field). On failure to start, the process is stopped and ``RuntimeError`` carries its log.

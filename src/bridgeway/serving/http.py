@@ -1,0 +1,604 @@
+"""HTTP/1.1 (and 1.0) on one connection: httptools parses, the ASGI app answers, in order.
+
+One `Exchange` per request carries its scope, `receive` and `send`; its app coroutine runs as the
+request's only task (the app's own coroutine, not one wrapped around it: every await level is
+passed through again each time the request resumes). Pipelined requests wait in a queue and start
+when the one before has answered. Reading pauses while a request body waits unconsumed above
+`READ_HIGH_WATER`; `send` awaits the transport's drain above its write limit. Time-outs are
+checked by the worker's once-a-second sweep against `head_since`, not by a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import httptools
+
+from bridgeway.errors import error_body
+from bridgeway.observability.tracing import new_trace_id
+
+log = logging.getLogger("bridgeway.serving")
+
+READ_HIGH_WATER = 256 * 1024  # request body buffered for the app before reading pauses
+WRITE_HIGH_WATER = 256 * 1024  # response bytes queued in the transport before `send` waits
+
+STATUS_LINES = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus if s.value >= 200
+}
+NO_BODY_STATUS = frozenset((204, 304))
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+DISCONNECT = {"type": "http.disconnect"}
+METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+EMPTY_BODY = {"type": "http.request", "body": b"", "more_body": False}
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    if line is None:
+        line = STATUS_LINES[status] = f"HTTP/1.1 {status} \r\n".encode("latin-1")
+    return line
+
+
+def plain_response(status: int, code: str, message: str, close: bool = True) -> bytes:
+    """A complete response the server itself sends (400, 431, 500), in the gateway's error shape."""
+    body = error_body(code, message, new_trace_id())
+    return b"".join(
+        (
+            status_line(status),
+            b"content-type: application/json\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n",
+            body,
+        )
+    )
+
+
+class Exchange:
+    """One request and its response: the ASGI `receive` and `send` of that request."""
+
+    __slots__ = (
+        "conn",
+        "scope",
+        "keep_alive",
+        "head",
+        "body",
+        "buffered",
+        "complete",
+        "delivered",
+        "waiter",
+        "expect_continue",
+        "started",
+        "finished",
+        "chunked",
+        "status",
+        "head_bytes",
+    )
+
+    def __init__(self, conn: HttpProtocol, scope: dict, keep_alive: bool):
+        self.conn = conn
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.head = scope["method"] == "HEAD"
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.complete = False  # the whole request body has arrived
+        self.delivered = False  # ... and the app has taken all of it
+        self.waiter: asyncio.Future | None = None
+        self.expect_continue: bool | None = None  # unknown until the body is waited for (see below)
+        self.started = False
+        self.finished = False
+        self.chunked = False
+        self.status = 0
+        self.head_bytes: bytes | None = None  # the response head, held to go out with the first body
+
+    # -- receive ------------------------------------------------------------------------------
+
+    async def receive(self) -> dict:
+        conn = self.conn
+        if self.delivered or self.finished:
+            # Nothing more to read: what is left to tell is that the client went away.
+            if not conn.lost and not self.finished:
+                await self._wait()
+            return DISCONNECT
+        if not self.body and not self.complete:
+            if conn.lost:
+                return DISCONNECT
+            if self._wants_continue():
+                self.expect_continue = False
+                if not self.started:
+                    conn.transport.write(CONTINUE)
+            await self._wait()
+            if conn.lost and not self.body:
+                return DISCONNECT
+        if not self.body and self.complete:
+            self.delivered = True
+            return EMPTY_BODY
+        chunks = self.body
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.body = []
+        self.buffered = 0
+        self.delivered = self.complete
+        if conn.reading_paused and conn.current is self:
+            conn.resume_reading()
+        return {"type": "http.request", "body": body, "more_body": not self.complete}
+
+    def _wants_continue(self) -> bool:
+        """`Expect: 100-continue` not yet answered. Looked up only when it matters (the app waits
+        for a body not yet sent), not on every request."""
+        if self.expect_continue is None:
+            scope = self.scope
+            self.expect_continue = scope["http_version"] == "1.1" and any(
+                name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"]
+            )
+        return self.expect_continue
+
+    async def _wait(self) -> None:
+        self.waiter = self.conn.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    # -- send -----------------------------------------------------------------------------------
+
+    async def send(self, message: dict) -> None:
+        kind = message["type"]
+        conn = self.conn
+        if kind == "http.response.body":
+            if not self.started or self.finished:
+                raise RuntimeError(
+                    f"http.response.body {'after the response' if self.started else 'before start'}"
+                )
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            head = self.head_bytes
+            if head is not None:
+                self.head_bytes = None
+                head = self._finish_head(head, body, more)
+            if conn.lost:
+                if not more:
+                    self.finished = True
+                return
+            if self.head or self.status in NO_BODY_STATUS:
+                body = b""
+            elif self.chunked and body:
+                body = b"%x\r\n%b\r\n" % (len(body), body)
+            if not more:
+                self.finished = True
+                if self.chunked:
+                    body += b"0\r\n\r\n"
+            if head is not None:
+                conn.transport.write(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    conn.transport.write(body)
+            elif body:
+                conn.transport.write(body)
+            if self.finished:
+                conn.response_done(self)
+            elif conn.write_paused:
+                await conn.drain()
+            return
+        if kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            self.started = True
+            self.status = status = message["status"]
+            self.head_bytes = self._head(status, message.get("headers", ()))
+            return
+        raise RuntimeError(f"unexpected ASGI message {kind!r} on an HTTP request")
+
+    def _head(self, status: int, headers) -> bytes:
+        """The status line and the app's headers, checked; framing headers come in `_finish_head`."""
+        parts = [status_line(status)]
+        lines = 1
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                self.chunked = None  # a length given: neither chunked nor added
+            elif lname == b"connection" and value.lower() == b"close":
+                self.keep_alive = False
+                continue  # written once below
+            elif lname == b"transfer-encoding":
+                continue  # the server frames the body itself
+            parts.append(b"%b: %b\r\n" % (name, value))
+            lines += 1
+        head = b"".join(parts)
+        # A CR or LF inside a name or value would split the response (header injection).
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
+            raise RuntimeError("response header with a CR or LF in it")
+        return head
+
+    def _finish_head(self, head: bytes, body: bytes, more: bool) -> bytes:
+        conn = self.conn
+        extra = conn.server.common_headers
+        if self.chunked is None:  # the app gave a length
+            self.chunked = False
+        elif self.status in NO_BODY_STATUS or self.status < 200:
+            pass
+        elif not more:
+            extra += b"content-length: %d\r\n" % len(body)
+        elif self.scope["http_version"] == "1.1":
+            self.chunked = not self.head
+            if self.chunked:
+                extra += b"transfer-encoding: chunked\r\n"
+        else:
+            self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+        if conn.closing or (not self.complete and self._wants_continue()):
+            # Answered without asking for the body: the client may never send it, so close after.
+            self.keep_alive = False
+        if not self.keep_alive:
+            extra += b"connection: close\r\n"
+        elif self.scope["http_version"] == "1.0":
+            extra += b"connection: keep-alive\r\n"
+        return head + extra + b"\r\n"
+
+    def app_done(self, task: asyncio.Task) -> None:
+        """The app's task ended: an unfinished response is answered 500 or cut."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("ASGI app raised on %s", self.scope.get("path"), exc_info=exc)
+        conn = self.conn
+        if not self.finished:
+            if not self.started and not conn.lost:
+                self.finished = True
+                self.keep_alive = False
+                conn.transport.write(plain_response(500, "INTERNAL", "internal error"))
+                conn.response_done(self)
+            elif not conn.lost:
+                if exc is None:
+                    log.error("ASGI app returned before finishing its response on %s", self.scope.get("path"))
+                conn.transport.close()  # a cut stream: the client sees it end early
+        if conn.task is task:
+            conn.task = None
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection: parse, dispatch to the app, write its answers in request order."""
+
+    # Slots: thousands of idle keep-alive connections each hold one of these.
+    __slots__ = (
+        "server",
+        "app",
+        "loop",
+        "transport",
+        "parser",
+        "client",
+        "local",
+        "scheme",
+        "lost",
+        "closing",
+        "reading_paused",
+        "write_paused",
+        "drain_waiter",
+        "current",
+        "pipeline",
+        "task",
+        "upgrade",
+        "ws",
+        "url",
+        "headers",
+        "head_size",
+        "parsing",
+        "head_since",
+        "head_started",
+        "in_head",
+        "pending_head",
+    )
+
+    def __init__(self, server):
+        self.server = server  # the worker's shared state: app, settings, connections, clock
+        self.app = server.app
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client = None
+        self.local = None
+        self.scheme = "http"
+        self.lost = False
+        self.closing = False  # shutting down: finish the current response, then close
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future | None = None
+        self.current: Exchange | None = None
+        self.pipeline: list[Exchange] = []  # pipelined requests waiting for the current one
+        self.task: asyncio.Task | None = None  # the current request's app
+        self.upgrade: dict | None = None  # the scope of a WebSocket upgrade being read
+        self.ws = None  # the WebSocketSession once upgraded
+        # the request being parsed
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.parsing: Exchange | None = None
+        self.head_since: float | None = None  # when the awaited head was first waited for
+        self.head_started = False  # some of that head has arrived
+        self.in_head = False  # the parser is inside a head
+        self.pending_head = 0  # bytes fed while inside one head (a header line never ending)
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.client = transport.get_extra_info("peername")
+        self.local = transport.get_extra_info("sockname")
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.head_since = self.server.now
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        if self.ws is not None:
+            self.ws.connection_lost()
+        for exchange in (self.current, *self.pipeline):
+            if exchange is not None:
+                exchange.wake()
+        self.pipeline.clear()
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.lost:
+            self.drain_waiter = self.loop.create_future()
+            await self.drain_waiter
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.lost:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.data_received(data)
+            return
+        try:
+            self.parser.feed_data(data)
+            if self.in_head:
+                self.pending_head += len(data)
+                # Bytes of this read before the head began count too: the bound is one read over.
+                if self.pending_head > self.server.max_header_size + len(data):
+                    self.head_size = -1
+                    raise httptools.HttpParserError("head too large")
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(data[exc.args[0] :] if exc.args else b"")
+        except httptools.HttpParserError as exc:
+            if self.head_size < 0:  # the head grew past the limit (see on_header)
+                self._refuse(431, "REQUEST_HEADER_FIELDS_TOO_LARGE", "request head too large")
+            else:
+                self._refuse(400, "BAD_REQUEST", f"malformed request: {_reason(exc)}")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """A request that cannot be parsed: answer it (unless another answer is under way), close."""
+        if self.lost:
+            return
+        current = self.current
+        if current is None or (current is self.parsing and not current.started):
+            # Nothing answered yet on this connection's current request (its body may be what broke).
+            if current is not None:
+                current.finished = True
+            self.transport.write(plain_response(status, code, message))
+            self.transport.close()
+        elif current is self.parsing:
+            self.transport.close()  # its body broke after the answer began: cut (the app sees a disconnect)
+        else:
+            # A pipelined request broke: the one in flight finishes, then the connection closes.
+            self.pipeline.clear()
+            current.keep_alive = False
+            self.pause_reading()
+
+    def timed_out(self, now: float) -> bool:
+        """Close when a head is awaited too long (idle keep-alive, or a head that trickles in)."""
+        since = self.head_since
+        if since is None or self.current is not None:
+            return False
+        limit = self.server.header_timeout if self.head_started else self.server.keepalive_timeout
+        if now - since < limit:
+            return False
+        self.transport.close()
+        return True
+
+    def shutdown(self) -> None:
+        """Stop taking requests: an idle connection closes now, a busy one after its answer."""
+        self.closing = True
+        if self.ws is not None:
+            self.ws.shutdown()
+        elif self.current is None:
+            self.transport.close()
+        else:
+            self.pipeline.clear()
+
+    # -- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        self.in_head = True
+        self.pending_head = 0
+        if not self.head_started:
+            self.head_started = True
+            self.head_since = self.server.now
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > self.server.max_header_size:
+            self.head_size = -1
+            raise ValueError("head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Checked against the limit once the head is complete; a head that keeps growing is
+        # stopped in data_received (pending_head).
+        self.head_size += len(name) + len(value) + 4
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.head_size > self.server.max_header_size:
+            self.head_size = -1
+            raise ValueError("head too large")  # httptools turns this into a parser error
+        parser = self.parser
+        url = self.url
+        raw_path, _, query = url.partition(b"?")
+        if not raw_path.startswith(b"/"):
+            if raw_path == b"*" or raw_path.startswith((b"http://", b"https://")):
+                parsed = httptools.parse_url(url)
+                raw_path, query = parsed.path or b"/", parsed.query or b""
+            else:
+                raise ValueError("bad request target")
+        raw_path, _, _ = raw_path.partition(b"#")
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        method = parser.get_method()
+        method = METHODS.get(method) or method.decode("ascii")
+        version = parser.get_http_version()
+        headers = self.headers
+        self.headers = self.url = None  # the scope holds them now; an idle connection holds nothing
+        server = self.server
+        upgrade = parser.should_upgrade()
+        if upgrade and method == "GET" and _is_websocket(headers):
+            scope = {
+                "type": "websocket",
+                "asgi": server.asgi_websocket,
+                "http_version": version,
+                "scheme": "wss" if self.scheme == "https" else "ws",
+                "path": path,
+                "raw_path": raw_path,
+                "query_string": query,
+                "root_path": "",
+                "headers": headers,
+                "client": self.client,
+                "server": self.local,
+                "subprotocols": _subprotocols(headers),
+            }
+            if server.state is not None:
+                scope["state"] = server.state.copy()
+            self.upgrade = scope
+            self.head_since = None
+            return
+        scope = {
+            "type": "http",
+            "asgi": server.asgi_http,
+            "http_version": version,
+            "server": self.local,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": method,
+            "root_path": "",
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": headers,
+        }
+        if server.state is not None:
+            scope["state"] = server.state.copy()
+        keep_alive = parser.should_keep_alive() and not upgrade and not self.closing
+        exchange = Exchange(self, scope, keep_alive)
+        self.parsing = exchange
+        self.head_since = None
+        if self.current is None:
+            self._start(exchange)
+        else:
+            self.pipeline.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        if exchange is None or exchange.finished:
+            return  # the app answered without reading: the rest of the body is dropped
+        exchange.body.append(body)
+        exchange.buffered += len(body)
+        if exchange.buffered > READ_HIGH_WATER:
+            self.pause_reading()
+        exchange.wake()
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        if exchange is None:
+            return  # a WebSocket upgrade request
+        self.parsing = None
+        exchange.complete = True
+        exchange.wake()
+        if self.current is None and not self.pipeline and exchange.finished:
+            self._await_head()
+
+    # -- dispatch ------------------------------------------------------------------------------------
+
+    def _start(self, exchange: Exchange) -> None:
+        self.current = exchange
+        self.task = task = self.loop.create_task(self.app(exchange.scope, exchange.receive, exchange.send))
+        task.add_done_callback(exchange.app_done)
+
+    def response_done(self, exchange: Exchange) -> None:
+        """The answer is written: the next pipelined request starts, or the connection closes."""
+        if exchange is not self.current:
+            return
+        self.current = None
+        exchange.wake()  # a receive() waiting for the disconnect: the request is over
+        if not exchange.keep_alive or self.closing:
+            self.transport.close()
+            return
+        if self.pipeline:
+            self._start(self.pipeline.pop(0))
+        elif exchange.complete:
+            self._await_head()
+        if self.reading_paused:
+            self.resume_reading()
+
+    def _await_head(self) -> None:
+        self.head_started = False
+        self.head_since = self.server.now
+
+    def _upgraded(self, rest: bytes) -> None:
+        scope = self.upgrade
+        if scope is None:
+            # Some other upgrade (h2c...): served as plain HTTP/1.1, then the connection closes.
+            for exchange in (self.current, *self.pipeline):
+                if exchange is not None:
+                    exchange.keep_alive = False
+            return
+        if self.current is not None:
+            self._refuse(400, "BAD_REQUEST", "WebSocket upgrade behind a pipelined request")
+            return
+        from bridgeway.serving.websocket import WebSocketSession
+
+        self.ws = WebSocketSession(self, scope)
+        self.ws.start(rest)
+
+
+def _is_websocket(headers) -> bool:
+    return any(name == b"upgrade" and value.lower() == b"websocket" for name, value in headers)
+
+
+def _subprotocols(headers) -> list[str]:
+    out = []
+    for name, value in headers:
+        if name == b"sec-websocket-protocol":
+            out.extend(p.strip() for p in value.decode("latin-1").split(",") if p.strip())
+    return out
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:100]
