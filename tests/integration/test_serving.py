@@ -357,6 +357,16 @@ async def test_websocket_refused_before_accept_is_403(serve):
     assert refused.value.response.status_code == 403
 
 
+async def test_websocket_refused_with_the_apps_own_response(serve):
+    _, port = await serve()
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(f"ws://127.0.0.1:{port}/ws?deny")
+    response = refused.value.response
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "7" and response.headers["Content-Type"] == "application/json"
+    assert bytes(response.body) == b'{"error":"busy"}'
+
+
 async def test_websocket_message_size_limit(serve):
     _, port = await serve(ws_max_message_size=1000)
     async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:

@@ -112,6 +112,12 @@ async def _websocket(scope, receive, send) -> None:
     if scope["query_string"] == b"refuse":
         await send({"type": "websocket.close", "code": 4403})
         return
+    if scope["query_string"] == b"deny":  # a refusal with a response of the app's own
+        headers = [(b"content-type", b"application/json"), (b"retry-after", b"7")]
+        await send({"type": "websocket.http.response.start", "status": 429, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": b'{"error":', "more_body": True})
+        await send({"type": "websocket.http.response.body", "body": b'"busy"}'})
+        return
     chosen = scope["subprotocols"][0] if scope["subprotocols"] else None
     await send({"type": "websocket.accept", "subprotocol": chosen})
     while True:

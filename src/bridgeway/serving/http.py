@@ -492,6 +492,8 @@ class HttpProtocol(asyncio.Protocol):
                 "client": self.client,
                 "server": self.local,
                 "subprotocols": _subprotocols(headers),
+                # The app may refuse the handshake with a real HTTP response (status, body).
+                "extensions": {"websocket.http.response": {}},
             }
             if server.state is not None:
                 scope["state"] = server.state.copy()

@@ -2,7 +2,8 @@
 `websockets` library's sans-I/O `ServerProtocol` (it does the handshake checks, the framing,
 ping/pong and the close handshake; this module moves bytes and ASGI messages).
 
-The app's accept answers the handshake (101); a close before it refuses it (403). Received
+The app's accept answers the handshake (101); a close before it refuses it (403), and so does a
+response of its own through the `websocket.http.response` extension (any status and body). Received
 messages wait in a queue for the app's `receive`; reading pauses while that queue holds more than
 `QUEUE_HIGH_WATER` messages. A message over `max_message_size` closes with 1009.
 """
@@ -18,6 +19,8 @@ from websockets.frames import Close, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+from bridgeway.serving.http import status_line
 
 log = logging.getLogger("bridgeway.serving")
 
@@ -44,6 +47,7 @@ class WebSocketSession:
         self.disconnect_code: int | None = None
         self.task: asyncio.Task | None = None
         self.close_timer = False
+        self.denial: tuple[int, list, list[bytes]] | None = None  # a refusal's status, headers, body
 
     def start(self, rest: bytes) -> None:
         # The library parses the request itself before it reads frames: it is given the head again.
@@ -207,6 +211,16 @@ class WebSocketSession:
             if self.accepted:
                 raise RuntimeError("websocket.accept sent twice")
             self._accept(message)
+        elif kind == "websocket.http.response.start":
+            if self.accepted or self.denial is not None:
+                raise RuntimeError("websocket.http.response.start after the handshake was answered")
+            self.denial = (message["status"], list(message.get("headers") or ()), [])
+        elif kind == "websocket.http.response.body":
+            if self.denial is None:
+                raise RuntimeError("websocket.http.response.body before its start")
+            self.denial[2].append(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._deny()
         elif kind == "websocket.close":
             code = message.get("code", 1000)
             if not self.accepted:
@@ -222,6 +236,24 @@ class WebSocketSession:
             self.closed = True
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} on a WebSocket")
+
+    def _deny(self) -> None:
+        """The app's own refusal of the handshake, sent whole, then the connection closes."""
+        status, headers, parts = self.denial
+        self.closed = True
+        if self.conn.lost:
+            return
+        body = b"".join(parts)
+        lines = [
+            b"%b: %b\r\n" % (name, value) for name, value in headers if name.lower() != b"content-length"
+        ]
+        if any(b"\r" in line[:-2] or b"\n" in line[:-2] for line in lines):
+            raise RuntimeError("response header with a CR or LF in it")  # it would split the response
+        data = b"".join(
+            [status_line(status), *lines, b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
+        )
+        self.conn.transport.write(data + body)
+        self.conn.transport.close()
 
     def _accept(self, message: dict) -> None:
         response = self.handshake
@@ -254,7 +286,9 @@ class WebSocketSession:
         if conn.lost:
             return
         if not self.accepted:
-            if not self.closed:  # ended without accepting: refused
+            if self.denial is not None and not self.closed:  # a refusal the app left unfinished
+                self._deny()
+            elif not self.closed:  # ended without accepting: refused
                 self.protocol.send_response(self.protocol.reject(500 if exc else 403, "WebSocket refused\n"))
                 self._flush()
             conn.transport.close()

@@ -46,7 +46,10 @@ class Worker:
         self.header_timeout = settings.header_timeout
         self.keepalive_timeout = settings.keepalive_timeout
         self.ws_max_message_size = settings.ws_max_message_size
-        self.asgi_http = {"version": "3.0", "spec_version": "2.4"}
+        # 2.3, not 2.4: `send` after the client left returns quietly instead of raising OSError,
+        # and the client's leaving reaches the app as `http.disconnect` from `receive` (the proxy
+        # and Starlette's streaming responses both watch for it there).
+        self.asgi_http = {"version": "3.0", "spec_version": "2.3"}
         self.asgi_websocket = {"version": "3.0", "spec_version": "2.4"}
         self.state: dict | None = None  # the lifespan's state, copied into each scope when the app set some
         self.connections: set[HttpProtocol] = set()
