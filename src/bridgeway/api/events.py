@@ -222,8 +222,8 @@ async def websocket(
 
 
 async def _refuse_handshake(ws: WebSocket, exc: GatewayError) -> None:
-    """The standard error as the handshake's HTTP answer where the server can send one (granian
-    can), with its status and Retry-After; else a close before accepting (seen as a 403)."""
+    """The standard error as the handshake's HTTP answer where the server can send one (ours
+    can: bridgeway.serving), with its status and Retry-After; else a close before accepting (a 403)."""
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         body = error_body(exc.code, exc.message, new_trace_id())
         headers = {k.decode(): v.decode() for k, v in exc.headers}
