@@ -7,6 +7,9 @@ errors name the field (`jobs[3].delay: ...`). Payloads go back out as they were 
 are dispatched to these same handlers without FastAPI's per-request machinery
 (`api.app.serve_queue_call`): measured in-process, that machinery was ~1.5 ms of a 2 ms
 single-job enqueue, which an idle queue's latency pays twice; a batch of 500 hardly notices it.
+A settle may also claim the next jobs (`"claim"`), so a busy pull worker makes one call per
+batch; and a settle of leases this process's claims handed out reads nothing before it writes
+(`Queues.held`).
 
 Who may call: admins; and roles granted queues in config (`roles.X.queues`): `produce` enqueues
 and reads jobs, `consume` also claims, settles and lists dead letters. Replay and purge are admin
