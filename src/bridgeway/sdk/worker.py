@@ -63,6 +63,10 @@ class _QueueRunner:
         w = self.worker
         return w.concurrency - len(self.running) - len(self.pending) - self.settling - self.claiming
 
+    def least(self) -> int:
+        """The fewest jobs worth a claim while busy: a quarter of a batch, not one per job."""
+        return max(1, min(self.worker.batch, self.worker.concurrency) // 4)
+
     def start(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
         for job in jobs:
@@ -75,7 +79,7 @@ class _QueueRunner:
             # Busy: wait for a quarter of the room, so claims come in batches, not one per
             # finished job; the settle calls claim the room their outcomes leave as they go.
             busy = self.running or self.pending or self.sends
-            if free <= 0 or (busy and free < max(1, min(w.batch, w.concurrency) // 4)):
+            if free <= 0 or (busy and free < self.least()):
                 self.room.clear()
                 await self.room.wait()
                 continue
@@ -138,7 +142,10 @@ class _QueueRunner:
         while self.pending and (len(self.pending) >= w.batch or not self.sends):
             batch, self.pending = self.pending[: w.batch], self.pending[w.batch :]
             # The batch is out of `pending` and not yet in `settling`: its room is in `free()`.
-            want = 0 if w._stopping else max(0, min(w.batch, self.free()))
+            # Less room than a claim is worth (an idle queue's long poll holds it): settle only.
+            want = min(w.batch, self.free())
+            if w._stopping or want < self.least():
+                want = 0
             self.settling += len(batch)
             self.claiming += want
             task = asyncio.get_running_loop().create_task(self.send(batch, want))
