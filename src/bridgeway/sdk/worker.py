@@ -11,9 +11,10 @@
 
 Per queue, one loop long-polls a claim for as many jobs as it has room for (never more than
 `concurrency` in memory), runs each handler in its own task, and a settler sends outcomes back
-in batches, each settle call claiming the next jobs in the same round trip while there are
-some (a busy queue costs one call per batch, and several batches can be in flight). Jobs held for more than half their lease are extended, so a long handler keeps its
-job; a killed worker's leases simply expire and the jobs go to another claim.
+in batches, each settle call claiming the next jobs in the same round trip (a busy queue costs
+one call per batch, and several batches can be in flight). Jobs held for more than half their
+lease are extended, so a long handler keeps its job; a killed worker's leases simply expire and
+the jobs go to another claim.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class _QueueRunner:
                 next_extend = time.monotonic() + w.lease / 4
                 await self.extend()
             if w._stopping and not self.running and not self.pending:
-                await asyncio.gather(*self.sends)
+                await asyncio.gather(*self.sends, return_exceptions=True)
                 if not self.pending:
                     return
 
