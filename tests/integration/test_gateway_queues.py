@@ -192,6 +192,67 @@ def test_extend_and_nack_with_delay(gw: GatewayProc):
     assert post(gw, "/queues/work/claim", {"max": 1}).json()["jobs"] == []
 
 
+def test_settle_then_claim_in_one_call(gw: GatewayProc):
+    ids = [
+        j["id"]
+        for j in post(gw, "/queues/work/jobs", {"jobs": [{"payload": i} for i in range(5)]}).json()["jobs"]
+    ]
+    (first,) = post(gw, "/queues/work/claim", {"max": 1}).json()["jobs"]
+    ack = {"id": first["id"], "lease": first["lease"], "action": "ack"}
+    r = post(gw, "/queues/work/settle", {"jobs": [ack], "claim": {"max": 3, "lease": "20s"}})
+    assert r.status == 200, r
+    assert r.json()["results"] == [{"id": first["id"], "status": 200, "state": "done", "attempts": 1}]
+    claimed = r.json()["jobs"]
+    assert [j["id"] for j in claimed] == ids[1:4] and {j["attempts"] for j in claimed} == {1}
+    assert all(j["lease_until"] - time.time() > 15 for j in claimed)  # the claim's own lease
+    assert gw.api("GET", f"/jobs/{ids[1]}").json()["state"] == "leased"
+    # Settling the last one claims what is left, and an empty queue answers no jobs, at once.
+    r = post(
+        gw,
+        "/queues/work/settle",
+        {
+            "jobs": [{"id": j["id"], "lease": j["lease"], "action": "ack"} for j in claimed],
+            "claim": {"max": 10},
+        },
+    )
+    assert [x["state"] for x in r.json()["results"]] == ["done"] * 3
+    (last,) = r.json()["jobs"]
+    started = time.monotonic()
+    r = post(
+        gw,
+        "/queues/work/settle",
+        {"jobs": [{"id": last["id"], "lease": last["lease"], "action": "ack"}], "claim": {"max": 10}},
+    )
+    assert r.json()["jobs"] == [] and time.monotonic() - started < 2
+    assert {gw.api("GET", f"/jobs/{i}").json()["state"] for i in ids} == {"done"}
+
+
+def test_a_lease_settles_only_on_its_own_queue(gw: GatewayProc):
+    """The gateway remembers the leases its claims handed out; one of another queue is refused
+    as the backend's copy would refuse it."""
+    job_id = post(gw, "/queues/metered/jobs", {"payload": 1}).json()["id"]
+    (job,) = post(gw, "/queues/metered/claim", {"max": 1}).json()["jobs"]
+    item = {"id": job_id, "lease": job["lease"], "action": "ack"}
+    r = post(gw, "/queues/work/settle", {"jobs": [item]})
+    assert r.json()["results"][0]["status"] == 409
+    assert gw.api("GET", f"/jobs/{job_id}").json()["state"] == "leased"
+    assert post(gw, "/queues/metered/settle", {"jobs": [item]}).json()["results"][0]["state"] == "done"
+
+
+def test_a_bad_claim_refuses_the_whole_settle(gw: GatewayProc):
+    once(gw, "input is checked before the backend sees it")
+    job_id = post(gw, "/queues/work/jobs", {"payload": 1}).json()["id"]
+    (job,) = post(gw, "/queues/work/claim", {"max": 1}).json()["jobs"]
+    ack = {"id": job_id, "lease": job["lease"], "action": "ack"}
+    for claim, field in (({"max": 0}, "claim.max"), ({"wait": 31}, "claim.wait"), ([], "claim")):
+        r = post(gw, "/queues/work/settle", {"jobs": [ack], "claim": claim})
+        assert (r.status, code(r)) == (422, "VALIDATION_ERROR") and field in r.json()["error"]["message"], r
+    r = post(gw, "/queues/work/settle", {"jobs": [ack], "colour": "red"})
+    assert r.status == 422 and "colour" in r.json()["error"]["message"]
+    assert gw.api("GET", f"/jobs/{job_id}").json()["state"] == "leased"  # nothing was settled
+    assert post(gw, "/queues/work/settle", {"jobs": [ack]}).json()["results"][0]["state"] == "done"
+
+
 def test_errors_name_the_problem(gw: GatewayProc):
     once(gw, "input is checked before the backend sees it")
     r = post(gw, "/queues/nope/jobs", {"payload": 1})

@@ -10,6 +10,7 @@ import json
 import sqlite3
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -171,3 +172,51 @@ def _pull_worker_killed(tmp_path: Path, extra: dict) -> None:
         for proc in workers:
             proc.stop()
         gw.stop()
+
+
+def test_gateway_killed_while_settles_claim(tmp_path: Path):
+    """Settles that claim the next jobs in the same call, the gateway killed while it serves
+    them: every outcome it answered is in the file, no job is lost, and after a restart the
+    leases it held expire and every job is settled."""
+    db = tmp_path / "calls.db"
+    config = {"state": f"sqlite:///{db}", "queues": {"calls": {"lease": "1s"}}}
+    gw = start_gateway(config)
+    answered: set[str] = set()  # outcomes the gateway answered as applied
+
+    def consume(gw: GatewayProc, stop: threading.Event) -> None:
+        def call(path: str, body: dict) -> dict:
+            r = gw.api("POST", f"/queues/calls/{path}", body)
+            assert r.status == 200, r
+            return r.json()
+
+        jobs = call("claim", {"max": 100, "wait": 2})["jobs"]
+        while jobs and not stop.is_set():
+            outcomes = [{"id": j["id"], "lease": j["lease"], "action": "ack"} for j in jobs]
+            answer = call("settle", {"jobs": outcomes, "claim": {"max": 100, "wait": 2}})
+            answered.update(r["id"] for r in answer["results"] if r["status"] == 200)
+            jobs = answer["jobs"]
+
+    stop = threading.Event()
+    try:
+        ids = enqueue_all(gw, "calls")
+
+        def until_killed() -> None:
+            with contextlib.suppress(OSError):  # the kill cuts a call short
+                consume(gw, stop)
+
+        consumer = threading.Thread(target=until_killed)
+        consumer.start()
+        wait_until(lambda: len(answered) >= N // 5, timeout=60, what="settles under way")
+        gw.kill()
+        stop.set()
+        consumer.join(10)
+        jobs = jobs_in(db)
+        assert set(jobs) == set(ids)  # nothing lost
+        assert {i for i in answered if jobs[i][0] != "done"} == set()  # nothing answered undone
+        assert any(state != "done" for state, _ in jobs.values()), "the crash came too late"
+        gw = start_gateway(config)
+        consume(gw, threading.Event())
+        assert all_done(gw, "calls")
+    finally:
+        gw.stop()
+    assert {state for state, _ in jobs_in(db).values()} == {"done"}

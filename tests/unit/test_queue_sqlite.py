@@ -97,3 +97,34 @@ def test_backend_urls():
         open_queue_backend("redis://127.0.0.1/0?prefix=a:b")
     with pytest.raises(ValueError, match="unknown option"):
         open_queue_backend("nats://127.0.0.1?stream=x")
+
+
+async def test_counts_follow_every_move_and_a_file_from_before_them_is_counted(tmp_path):
+    path = tmp_path / "q.db"
+    q = SqliteQueue(path, retention=0.0)
+    now = time.time()
+    await q.enqueue([new(), new(), new(max_attempts=1), new("other")], now)
+    with q._conn:  # a file written before the counts existed
+        q._conn.executescript(
+            "DROP TRIGGER job_counts_insert; DROP TRIGGER job_counts_delete; "
+            "DROP TRIGGER job_counts_move; DROP TABLE job_counts;"
+        )
+    await q.close()
+
+    q = SqliteQueue(path, retention=0.0)
+    assert (await q.stats("q", now)).queued == 3 and (await q.stats("other", now)).queued == 1
+    a, b, c = await q.claim("q", 3, 30.0, now)
+    await q.settle([Outcome(a.id, a.lease, "ack"), Outcome(b.id, b.lease, "bury", error="x")], now)
+    stats = await q.stats("q", now)
+    assert (stats.queued, stats.leased, stats.dead) == (0, 1, 1)
+    await q.claim("q", 1, 30.0, now + 60)  # c's lease ran out on its last attempt: dead
+    assert (await q.replay("q", None, now + 60)) == 2
+    stats = await q.stats("q", now + 60)
+    assert (stats.queued, stats.leased, stats.dead) == (2, 0, 0)
+    (d, e) = await q.claim("q", 2, 30.0, now + 61)
+    await q.settle([Outcome(d.id, d.lease, "bury"), Outcome(e.id, e.lease, "bury")], now + 61)
+    assert await q.purge("q") == 2
+    counted = dict(q._conn.execute("SELECT state, n FROM job_counts WHERE queue = 'q'").fetchall())
+    actual = dict(q._conn.execute("SELECT state, count(*) FROM jobs WHERE queue = 'q' GROUP BY state"))
+    assert {s: n for s, n in counted.items() if n} == actual  # done jobs too, until swept
+    await q.close()

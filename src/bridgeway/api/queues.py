@@ -7,6 +7,9 @@ errors name the field (`jobs[3].delay: ...`). Payloads go back out as they were 
 are dispatched to these same handlers without FastAPI's per-request machinery
 (`api.app.serve_queue_call`): measured in-process, that machinery was ~1.5 ms of a 2 ms
 single-job enqueue, which an idle queue's latency pays twice; a batch of 500 hardly notices it.
+A settle may also claim the next jobs (`"claim"`), so a busy pull worker makes one call per
+batch; and a settle of leases this process's claims handed out reads nothing before it writes
+(`Queues.held`).
 
 Who may call: admins; and roles granted queues in config (`roles.X.queues`): `produce` enqueues
 and reads jobs, `consume` also claims, settles and lists dead letters. Replay and purge are admin
@@ -147,24 +150,30 @@ async def get_job(request: Request, job_id: Annotated[str, Path(max_length=64)])
     return _json(job_view(job))
 
 
+def _claim_args(body: Any, where: str) -> tuple[int, float, float | None]:
+    """(max, wait, lease) of a claim: its body, or a settle's `claim` field."""
+    if not isinstance(body, dict):
+        raise GatewayError("VALIDATION_ERROR", f'{where}: expected an object like {{"max": 100, "wait": 5}}')
+    prefix = "" if where == "body" else f"{where}."
+    unknown = body.keys() - {"max", "wait", "lease"}
+    if unknown:
+        raise GatewayError("VALIDATION_ERROR", f"{prefix}{sorted(unknown)[0][:40]}: unknown field")
+    limit = body.get("max", 1)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_CLAIM:
+        raise GatewayError("VALIDATION_ERROR", f"{prefix}max: expected an integer from 1 to {MAX_CLAIM}")
+    wait = parse_seconds(body.get("wait", 0), f"{prefix}wait")
+    if wait > MAX_WAIT:
+        raise GatewayError("VALIDATION_ERROR", f"{prefix}wait: at most {MAX_WAIT:g} seconds")
+    lease = parse_seconds(body["lease"], f"{prefix}lease") if body.get("lease") is not None else None
+    if lease is not None and not 0 < lease <= 86400:
+        raise GatewayError("VALIDATION_ERROR", f"{prefix}lease: between 0 and one day")
+    return limit, wait, lease
+
+
 @router.post("/queues/{queue}/claim", summary="Lease up to max jobs, waiting up to wait seconds for one")
 async def claim(request: Request, queue: QueueName) -> Response:
     await _allow(request, queue, True)
-    body = await _json_body(request) or {}
-    if not isinstance(body, dict):
-        raise GatewayError("VALIDATION_ERROR", 'body: expected an object like {"max": 100, "wait": 5}')
-    unknown = body.keys() - {"max", "wait", "lease"}
-    if unknown:
-        raise GatewayError("VALIDATION_ERROR", f"{sorted(unknown)[0][:40]}: unknown field")
-    limit = body.get("max", 1)
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_CLAIM:
-        raise GatewayError("VALIDATION_ERROR", f"max: expected an integer from 1 to {MAX_CLAIM}")
-    wait = parse_seconds(body.get("wait", 0), "wait")
-    if wait > MAX_WAIT:
-        raise GatewayError("VALIDATION_ERROR", f"wait: at most {MAX_WAIT:g} seconds")
-    lease = parse_seconds(body["lease"], "lease") if body.get("lease") is not None else None
-    if lease is not None and not 0 < lease <= 86400:
-        raise GatewayError("VALIDATION_ERROR", "lease: between 0 and one day")
+    limit, wait, lease = _claim_args(await _json_body(request) or {}, "body")
     jobs = await _queues(request).claim(queue, limit, wait, lease)
     return _json({"jobs": [job_view(j, lease=True) for j in jobs]})
 
@@ -193,7 +202,8 @@ def _settle_item(item: Any, where: str) -> dict:
 
 @router.post(
     "/queues/{queue}/settle",
-    summary='Ack, nack (retry per policy, or after "delay"), bury or extend leased jobs, in a batch',
+    summary='Ack, nack (retry per policy, or after "delay"), bury or extend leased jobs, in a batch; '
+    'with "claim", then lease the next jobs in the same call',
 )
 async def settle(request: Request, queue: QueueName) -> Response:
     await _allow(request, queue, True)
@@ -202,31 +212,36 @@ async def settle(request: Request, queue: QueueName) -> Response:
         raise GatewayError("VALIDATION_ERROR", f"jobs: expected a list of 1 to {MAX_BATCH} outcomes")
     if len(body["jobs"]) > MAX_BATCH:
         raise GatewayError("VALIDATION_ERROR", f"jobs: at most {MAX_BATCH} outcomes per call")
+    unknown = body.keys() - {"jobs", "claim"}
+    if unknown:
+        raise GatewayError("VALIDATION_ERROR", f"{sorted(unknown)[0][:40]}: unknown field")
+    # The next claim is checked with the rest, before anything is written.
+    then_claim = _claim_args(body["claim"], "claim") if body.get("claim") is not None else None
     items = [_settle_item(item, f"jobs[{i}]") for i, item in enumerate(body["jobs"])]
     queues = _queues(request)
     compiled = queues.get_queue(queue)
-    jobs = await queues.backend.get_many([item["id"] for item in items])
+    leases = await queues.held(queue, [(item["id"], item["lease"]) for item in items])
     now = queues.clock()
     outcomes: list[Outcome] = []
     callbacks: dict[str, tuple[str, Any]] = {}
     slots: list[int | None] = []  # per item: its index in outcomes, or None (lease lost)
-    for item, job in zip(items, jobs, strict=True):
-        if job is None or job.queue != queue or job.state != "leased" or job.lease != item["lease"]:
+    for item, lease in zip(items, leases, strict=True):
+        if lease is None:
             slots.append(None)
             continue
         action = item["action"]
         if action == "extend":
             lease_for = item.get("lease_for") or compiled.config.lease
-            outcome = Outcome(job.id, item["lease"], "extend", at=now + lease_for)
+            outcome = Outcome(lease.job_id, lease.token, "extend", at=now + lease_for)
         elif action == "bury":
             outcome = Outcome(
-                job.id, item["lease"], "bury", error=(item.get("error") or "buried by a worker")[:1000]
+                lease.job_id, lease.token, "bury", error=(item.get("error") or "buried by a worker")[:1000]
             )
         else:
             ok = action == "ack"
-            outcome = queues.outcome(compiled, job, ok, item.get("error"), item.get("delay"), now)
-        if job.callback_url:
-            callbacks[job.id] = (job.callback_url, item.get("result"))
+            outcome = queues.outcome(compiled, lease, ok, item.get("error"), item.get("delay"), now)
+        if lease.callback_url:
+            callbacks[lease.job_id] = (lease.callback_url, item.get("result"))
         slots.append(len(outcomes))
         outcomes.append(outcome)
     settled = await queues.settle(queue, outcomes, callbacks) if outcomes else []
@@ -251,7 +266,12 @@ async def settle(request: Request, queue: QueueName) -> Response:
             elif done.state == "leased":
                 entry["lease_until"] = done.lease_until
             results.append(entry)
-    return _json({"results": results})
+    if then_claim is None:
+        return _json({"results": results})
+    # Settled first, then claimed: a crash in between leaves the outcomes applied and the next
+    # jobs queued, so nothing is lost; the worker saves a round trip per batch.
+    jobs = await queues.claim(queue, *then_claim)
+    return _json({"results": results, "jobs": [job_view(j, lease=True) for j in jobs]})
 
 
 @router.get("/queues/{queue}/dead", summary="Dead letters of a queue, in id order, with cursor paging")

@@ -129,6 +129,22 @@ class Job:
     lease_until: float
 
 
+def _jobs(views: list[dict]) -> list[Job]:
+    return [
+        Job(
+            j["id"],
+            j["queue"],
+            j["payload"],
+            j["headers"],
+            j["attempts"],
+            j["max_attempts"],
+            j["lease"],
+            j["lease_until"],
+        )
+        for j in views
+    ]
+
+
 class Queues:
     """Producing and consuming jobs under /api/v1/queues; the Worker (sdk/worker.py) is the
     easy way to consume."""
@@ -181,19 +197,7 @@ class Queues:
             body,
             timeout=aiohttp.ClientTimeout(total=wait + 30),
         )
-        return [
-            Job(
-                j["id"],
-                j["queue"],
-                j["payload"],
-                j["headers"],
-                j["attempts"],
-                j["max_attempts"],
-                j["lease"],
-                j["lease_until"],
-            )
-            for j in answer["jobs"]
-        ]
+        return _jobs(answer["jobs"])
 
     async def settle(self, queue: str, outcomes: list[dict]) -> list[dict]:
         """Outcomes as {"id", "lease", "action": ack|nack|bury|extend, ...}; a result per item
@@ -201,6 +205,19 @@ class Queues:
         return (await self._post(f"/api/v1/queues/{quote(queue, safe='')}/settle", {"jobs": outcomes}))[
             "results"
         ]
+
+    async def settle_and_claim(
+        self, queue: str, outcomes: list[dict], max: int, *, lease: float | None = None
+    ) -> tuple[list[dict], list[Job]]:
+        """`settle`, then claim up to `max` jobs without waiting, in one call: (results, jobs).
+        The outcomes are applied before the claim, so a failure between loses nothing."""
+        claim: dict[str, Any] = {"max": max}
+        if lease is not None:
+            claim["lease"] = lease
+        answer = await self._post(
+            f"/api/v1/queues/{quote(queue, safe='')}/settle", {"jobs": outcomes, "claim": claim}
+        )
+        return answer["results"], _jobs(answer["jobs"])
 
     async def _post(self, path: str, body: Any, **kwargs: Any) -> Any:
         async with self._client._request(

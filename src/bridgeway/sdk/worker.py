@@ -11,8 +11,10 @@
 
 Per queue, one loop long-polls a claim for as many jobs as it has room for (never more than
 `concurrency` in memory), runs each handler in its own task, and a settler sends outcomes back
-in batches. Jobs held for more than half their lease are extended, so a long handler keeps its
-job; a killed worker's leases simply expire and the jobs go to another claim.
+in batches, each settle call claiming the next jobs in the same round trip (a busy queue costs
+one call per batch, and several batches can be in flight). Jobs held for more than half their
+lease are extended, so a long handler keeps its job; a killed worker's leases simply expire and
+the jobs go to another claim.
 """
 
 from __future__ import annotations
@@ -50,30 +52,51 @@ class _QueueRunner:
         self.running: dict[str, tuple[asyncio.Task, Job]] = {}
         self.pending: list[dict] = []  # outcomes not yet sent
         self.settling = 0  # outcomes sent, not yet answered
+        self.claiming = 0  # jobs asked for by calls not yet answered
+        self.sends: set[asyncio.Task] = set()  # settle calls in flight
         self.room = asyncio.Event()
         self.flush_now = asyncio.Event()
         self.lost = 0  # outcomes refused: the lease had been lost
 
+    def free(self) -> int:
+        """Jobs this runner may still ask for. Done jobs hold their leases until settled, and
+        jobs asked for count from the asking: the worker never holds more than `concurrency`."""
+        w = self.worker
+        return w.concurrency - len(self.running) - len(self.pending) - self.settling - self.claiming
+
+    def least(self) -> int:
+        """The fewest jobs worth a claim while busy: a quarter of a batch, not one per job."""
+        return max(1, min(self.worker.batch, self.worker.concurrency) // 4)
+
+    def start(self, jobs: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            self.running[job.id] = (loop.create_task(self.run_one(job)), job)
+
     async def claim_loop(self) -> None:
         w = self.worker
         while not w._stopping:
-            # Jobs done but not yet settled still hold leases: they count until they are settled.
-            free = w.concurrency - len(self.running) - len(self.pending) - self.settling
-            if free <= 0:
+            free = self.free()
+            # Busy: wait for a quarter of the room, so claims come in batches, not one per
+            # finished job; the settle calls claim the room their outcomes leave as they go.
+            busy = self.running or self.pending or self.sends
+            if free <= 0 or (busy and free < self.least()):
                 self.room.clear()
                 await self.room.wait()
                 continue
+            want = min(free, w.batch)
+            self.claiming += want
             try:
-                jobs = await w.client.queues.claim(self.queue, min(free, w.batch), wait=w.poll, lease=w.lease)
+                jobs = await w.client.queues.claim(self.queue, want, wait=w.poll, lease=w.lease)
             except BridgewayError as exc:
                 if w._stopping:
                     return
                 log.warning("claim on %s failed: %s", self.queue, exc)
                 await asyncio.sleep(1.0)
                 continue
-            for job in jobs:
-                task = asyncio.get_running_loop().create_task(self.run_one(job))
-                self.running[job.id] = (task, job)
+            finally:
+                self.claiming -= want
+            self.start(jobs)
 
     async def run_one(self, job: Job) -> None:
         outcome: dict[str, Any] = {"id": job.id, "lease": job.lease}
@@ -90,7 +113,6 @@ class _QueueRunner:
             outcome |= {"action": "nack", "error": f"{exc.__class__.__name__}: {exc}"[:500]}
         finally:
             self.running.pop(job.id, None)
-            self.room.set()
         self.pending.append(outcome)
         if len(self.pending) in (1, self.worker.batch):
             self.flush_now.set()
@@ -104,26 +126,53 @@ class _QueueRunner:
             self.flush_now.clear()
             if 0 < len(self.pending) < w.batch and not w._stopping:
                 await asyncio.sleep(w.settle_every)  # let the jobs finishing now join the batch
-            await self.flush()
+            self.flush()
             if time.monotonic() >= next_extend:
                 next_extend = time.monotonic() + w.lease / 4
                 await self.extend()
             if w._stopping and not self.running and not self.pending:
-                return
+                await asyncio.gather(*self.sends, return_exceptions=True)
+                if not self.pending:
+                    return
 
-    async def flush(self) -> None:
-        while self.pending:
-            batch, self.pending = self.pending[: self.worker.batch], self.pending[self.worker.batch :]
-            self.settling = len(batch)
-            try:
-                results = await self.worker.client.queues.settle(self.queue, batch)
-            except BridgewayError as exc:
-                log.warning("settle on %s failed (%s); the leases will expire", self.queue, exc)
-                continue
-            finally:
-                self.settling = 0
+    def flush(self) -> None:
+        """Send the outcomes waiting, a batch per call, each call also claiming the room its
+        outcomes leave (one round trip per batch, not two). A part batch waits while a call is
+        in flight, so outcomes that trickle in still go in batches; full ones go at once."""
+        w = self.worker
+        while self.pending and (len(self.pending) >= w.batch or not self.sends):
+            batch, self.pending = self.pending[: w.batch], self.pending[w.batch :]
+            # The batch is out of `pending` and not yet in `settling`: its room is in `free()`.
+            # Less room than a claim is worth (an idle queue's long poll holds it): settle only.
+            want = min(w.batch, self.free())
+            if w._stopping or want < self.least():
+                want = 0
+            self.settling += len(batch)
+            self.claiming += want
+            task = asyncio.get_running_loop().create_task(self.send(batch, want))
+            self.sends.add(task)
+            task.add_done_callback(self.sends.discard)
+
+    async def send(self, batch: list[dict], want: int) -> None:
+        queues = self.worker.client.queues
+        jobs: list[Job] = []
+        try:
+            if want:
+                results, jobs = await queues.settle_and_claim(
+                    self.queue, batch, want, lease=self.worker.lease
+                )
+            else:
+                results = await queues.settle(self.queue, batch)
             self.lost += sum(1 for r in results if r["status"] == 409)
+        except BridgewayError as exc:
+            log.warning("settle on %s failed (%s); the leases will expire", self.queue, exc)
+        finally:
+            self.settling -= len(batch)
+            self.claiming -= want
+        self.start(jobs)  # after a stop too: `Worker.run` waits for the calls in flight first
         self.room.set()
+        if self.pending:
+            self.flush_now.set()
 
     async def extend(self) -> None:
         """Extend the leases of jobs that have used half of theirs."""
@@ -190,6 +239,9 @@ class Worker:
         for task in claims:
             task.cancel()  # a long-polled claim may be in flight: its jobs' leases expire
         await asyncio.gather(*claims, return_exceptions=True)
+        # Settle calls in flight claim no more once stopping, but jobs they claimed before join
+        # the running ones, to finish with them.
+        await asyncio.gather(*(t for r in self.runners.values() for t in r.sends), return_exceptions=True)
         running = [task for r in self.runners.values() for task, _ in r.running.values()]
         if running:
             _, late = await asyncio.wait(running, timeout=self.grace)

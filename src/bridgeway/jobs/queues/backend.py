@@ -111,9 +111,8 @@ class QueueBackend(Protocol):
 
     async def get_many(self, job_ids: list[str]) -> list[Job | None]:
         """`get` for a batch, in order, in one round trip: a settle reads the jobs it settles
-        (their attempts for the policy, their callback URLs) before it writes. A backend may
-        answer a lease it issued in this process as it issued it, without a read (NATS does): if
-        the job has moved on since, the settle that follows finds the token stale."""
+        (their attempts for the policy, their callback URLs) before it writes, when another
+        process's claim leased them (`Queues.held`)."""
         ...
 
     async def dead(self, queue: str, limit: int = 100, after: str | None = None) -> list[Job]:

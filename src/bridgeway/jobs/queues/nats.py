@@ -29,9 +29,9 @@ redelivery (an expired lease, a delayed job coming due) reads the record and wri
 = base + deliveries - naks (the delays' naks are counted in the record).
 
 A claim leaves a lease note l.{id} per job, sent together with only the batch's last answer
-awaited, so `get` and `get_many` on another replica show the lease. This process answers
-`get_many` for its own leases from memory (the API's settle reads the jobs it settles first; if
-one moved on since, the settle's compare-and-set refuses it). A batch's messages, notes,
+awaited, so `get` and `get_many` on another replica show the lease. This process settles its
+own leases from memory (`_held`: no read of the message or record; if one moved on since, the
+settle's compare-and-set refuses it). A batch's messages, notes,
 compare-and-sets and acks are written as one buffer of protocol commands (`_send`).
 
 What JetStream does not have, and what is done instead (the limits to know):
@@ -864,22 +864,9 @@ class NatsQueueBackend:
         return job
 
     async def get_many(self, job_ids: list[str]) -> list[Job | None]:
-        """This process's leases from memory (a settle reads the jobs it settles first); the rest
-        as `get`, their reads written together."""
         if self._kv is None:
             await self.open()
-        out: list[Job | None] = [None] * len(job_ids)
-        rest: list[int] = []
-        for k, job_id in enumerate(job_ids):
-            held = self._held.get(job_id)
-            if held is not None:
-                out[k] = held.job
-            else:
-                rest.append(k)
-        if rest:
-            for k, job in zip(rest, await self._lookup([job_ids[k] for k in rest]), strict=True):
-                out[k] = job
-        return out
+        return await self._lookup(job_ids)
 
     def _dead_subject(self, queue: str, job_id: str) -> str:
         return f"{self.prefix}.queue-dead.{_token(queue)}.{job_id}"

@@ -48,6 +48,7 @@ _RESERVED = frozenset(
 )
 _JOB_FIELDS = frozenset({"payload", "headers", "delay", "priority", "idempotency_key", "callback_url"})
 STATS_EVERY = 2.0  # seconds between refreshes of the gauges /metrics shows
+MAX_HELD = 100_000  # leases remembered from this process's claims (see Queues.held)
 
 
 class JobIds:
@@ -69,6 +70,19 @@ class JobIds:
             if self._seq > 0xFFFFFF:
                 self._ms, self._seq = self._ms + 1, 0
         return f"{self._ms:012x}{self._seq:06x}{self._node}"
+
+
+@dataclass(slots=True, frozen=True)
+class Lease:
+    """What a settle needs to know of a leased job, fixed for the life of its lease token: a new
+    claim issues a new token, and the queue, max_attempts and callback_url never change."""
+
+    job_id: str
+    token: str
+    queue: str
+    attempts: int
+    max_attempts: int
+    callback_url: str | None
 
 
 @dataclass(slots=True)
@@ -161,6 +175,10 @@ class Queues:
         self.queues = compile_queues(config)
         self.stats: dict[str, QueueStats] = {}  # last refresh, for /metrics
         self._stats_task: asyncio.Task | None = None
+        # Job id -> the lease this process's claims handed out: a settle that comes back here
+        # (the common case) needs no read of its jobs before it writes. Not the truth: the
+        # backend's settle still matches every token; see `held`.
+        self._held: dict[str, Lease] = {}
 
     def configure(self, config: Config) -> None:
         self.queues = compile_queues(config)
@@ -242,20 +260,60 @@ class Queues:
             jobs = await self.backend.claim(name, limit, lease, self.clock())
             left = deadline - time.monotonic()
             if jobs or left <= 0:
+                self._remember(jobs)
                 return jobs
             await self.backend.wait(name, left)
 
+    def _remember(self, jobs: list[Job]) -> None:
+        held = self._held
+        if len(held) + len(jobs) > MAX_HELD:
+            held.clear()  # leases that expired unsettled pile up otherwise; a miss reads the backend
+        for job in jobs:
+            held[job.id] = Lease(
+                job.id, job.lease or "", job.queue, job.attempts, job.max_attempts, job.callback_url
+            )
+
+    async def held(self, name: str, items: list[tuple[str, str]]) -> list[Lease | None]:
+        """Per (job id, lease token): the lease, or None where `name` has no such leased job.
+        Leases this process handed out are known without a read; the others are read from the
+        backend in one round trip (a claim answered by another worker or replica). A lease
+        known here may have expired since: the backend's settle matches the token and says so."""
+        held = self._held
+        out: list[Lease | None] = []
+        missing: list[int] = []
+        for i, (job_id, token) in enumerate(items):
+            lease = held.get(job_id)
+            if lease is not None and lease.token == token:
+                out.append(lease if lease.queue == name else None)
+            else:
+                out.append(None)
+                missing.append(i)
+        if missing:
+            jobs = await self.backend.get_many([items[i][0] for i in missing])
+            for i, job in zip(missing, jobs, strict=True):
+                token = items[i][1]
+                if job is not None and job.queue == name and job.state == "leased" and job.lease == token:
+                    out[i] = Lease(job.id, token, name, job.attempts, job.max_attempts, job.callback_url)
+        return out
+
     def outcome(
-        self, queue: CompiledQueue, job: Job, ok: bool, error: str | None, delay: float | None, now: float
+        self,
+        queue: CompiledQueue,
+        job: Job | Lease,
+        ok: bool,
+        error: str | None,
+        delay: float | None,
+        now: float,
     ) -> Outcome:
         """A finished attempt as the backend action the policy makes of it."""
+        job_id, token = (job.id, job.lease or "") if isinstance(job, Job) else (job.job_id, job.token)
         if ok:
-            return Outcome(job.id, job.lease or "", "ack")
+            return Outcome(job_id, token, "ack")
         decision = queue.policy.after_failure(job.attempts, job.max_attempts, now, self.draw(), delay)
         if isinstance(decision, Bury):
             reason = f"{decision.reason}; last: {error}" if error else decision.reason
-            return Outcome(job.id, job.lease or "", "bury", error=reason[:1000])
-        return Outcome(job.id, job.lease or "", "retry", at=decision.at, error=(error or "failed")[:1000])
+            return Outcome(job_id, token, "bury", error=reason[:1000])
+        return Outcome(job_id, token, "retry", at=decision.at, error=(error or "failed")[:1000])
 
     async def settle(
         self, name: str, outcomes: list[Outcome], callbacks: dict[str, tuple[str, Any]] | None = None
@@ -274,7 +332,10 @@ class Queues:
                 await self.backend.enqueue(notes, now)
         settled = await self.backend.settle(outcomes, now)
         counters = queue_metrics.for_queue(name)
+        held = self._held
         for o, job in zip(outcomes, settled, strict=True):
+            if o.action != "extend" or job is None:
+                held.pop(o.job_id, None)  # the lease is over (or was lost)
             if job is None:
                 counters.lost_leases += 1
             elif o.action == "ack":

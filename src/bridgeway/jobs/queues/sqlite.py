@@ -56,6 +56,33 @@ CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (queue, id) WHERE state = 3;
 CREATE INDEX IF NOT EXISTS jobs_done ON jobs (finished_at) WHERE state = 2;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (queue, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- Jobs per queue and state, kept by triggers in the same transactions as the jobs (any process,
+-- any version that writes the file keeps them): `stats` reads a row instead of counting a
+-- backlog (a count(*) of 50,000 queued jobs took ~30 ms of this thread, every /queues call).
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS job_counts (
+    queue TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (queue, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS job_counts_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO job_counts VALUES (NEW.queue, NEW.state, 1)
+        ON CONFLICT (queue, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS job_counts_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS job_counts_move AFTER UPDATE OF state ON jobs
+    WHEN OLD.state != NEW.state BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+    INSERT INTO job_counts VALUES (NEW.queue, NEW.state, 1)
+        ON CONFLICT (queue, state) DO UPDATE SET n = n + 1;
+END;
+-- A file from before the counts: count once, in the transaction that made the triggers.
+INSERT INTO job_counts SELECT queue, state, count(*) FROM jobs
+    WHERE NOT EXISTS (SELECT 1 FROM job_counts) GROUP BY queue, state;
+COMMIT;
 """
 
 COLUMNS = (
@@ -339,17 +366,31 @@ class SqliteQueue:
 
     def _stats(self, queue: str, now: float) -> QueueStats:
         conn = self._conn
-        # One count per state: each one walks only its partial index, never the done jobs.
-        queued, leased, dead = (
-            conn.execute(
-                f"SELECT count(*) FROM jobs WHERE queue = ? AND state = {state}", (queue,)
-            ).fetchone()[0]
-            for state in (QUEUED, LEASED, DEAD)
-        )
-        oldest = conn.execute(
-            "SELECT min(run_at) FROM jobs WHERE queue = ? AND state = 0 AND run_at <= ?", (queue, now)
+        counts = dict(conn.execute("SELECT state, n FROM job_counts WHERE queue = ?", (queue,)).fetchall())
+        # The oldest due job: the first of each priority level in the due index, found level by
+        # level (a few seeks; min(run_at) over the queue would walk every queued job).
+        oldest = None
+        level = conn.execute(
+            "SELECT max(priority) FROM jobs WHERE queue = ? AND state = 0", (queue,)
         ).fetchone()[0]
-        return QueueStats(queued, leased, dead, max(0.0, now - oldest) if oldest is not None else 0.0)
+        while level is not None:
+            first = conn.execute(
+                "SELECT run_at FROM jobs WHERE queue = ? AND state = 0 AND priority = ? "
+                "ORDER BY run_at LIMIT 1",
+                (queue, level),
+            ).fetchone()[0]
+            if first <= now and (oldest is None or first < oldest):
+                oldest = first
+            level = conn.execute(
+                "SELECT max(priority) FROM jobs WHERE queue = ? AND state = 0 AND priority < ?",
+                (queue, level),
+            ).fetchone()[0]
+        return QueueStats(
+            counts.get(QUEUED, 0),
+            counts.get(LEASED, 0),
+            counts.get(DEAD, 0),
+            max(0.0, now - oldest) if oldest is not None else 0.0,
+        )
 
     async def stats(self, queue: str, now: float) -> QueueStats:
         return await self._run(self._stats, queue, now)
