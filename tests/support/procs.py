@@ -202,7 +202,7 @@ SERVICE_NAMES = ("echo", "sim")
 _NAME_ENV = {"echo": "ECHO_NAME", "sim": "SIM_NAME"}
 
 
-def service_command(name: str, port: int, *, workers: int = 1, extra_args: Sequence[str] = ()) -> list[str]:
+def service_command(name: str, port: int, *, workers: int = 1) -> list[str]:
     """The command line that serves ``examples/services/{name}.py`` on loopback (bridgeway.serving)."""
     return [
         sys.executable,
@@ -216,7 +216,6 @@ def service_command(name: str, port: int, *, workers: int = 1, extra_args: Seque
         str(SERVICES),
         "--workers",
         str(workers),
-        *extra_args,
         f"{name}:app",
     ]
 
@@ -228,7 +227,6 @@ def spawn_service(
     *,
     instance: str | None = None,
     workers: int = 1,
-    extra_args: Sequence[str] = (),
 ) -> Proc:
     """Start a sample service without waiting for it (see ``start_service``)."""
     if name not in SERVICE_NAMES:
@@ -239,7 +237,7 @@ def spawn_service(
         env[_NAME_ENV[name]] = instance
     label = env.get(_NAME_ENV[name], name)
     return Proc(
-        service_command(name, port, workers=workers, extra_args=extra_args),
+        service_command(name, port, workers=workers),
         port=port,
         env=env,
         cwd=SERVICES,
@@ -255,14 +253,13 @@ def start_service(
     instance: str | None = None,
     workers: int = 1,
     timeout: float = 20.0,
-    extra_args: Sequence[str] = (),
 ) -> Proc:
     """Start ``echo`` or ``sim`` under bridgeway.serving on 127.0.0.1 and wait until ``/health`` answers.
 
     ``instance`` sets ``ECHO_NAME`` / ``SIM_NAME`` (the ``X-Instance`` header and ``instance``
     field). On failure to start, the process is stopped and ``RuntimeError`` carries its log.
     """
-    proc = spawn_service(name, port, env, instance=instance, workers=workers, extra_args=extra_args)
+    proc = spawn_service(name, port, env, instance=instance, workers=workers)
     try:
         proc.wait_ready("/health", timeout=timeout)
     except BaseException:
