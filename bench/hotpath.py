@@ -10,7 +10,9 @@ What it measures is what the gateway's code costs per request (dispatch, head pa
 balancer, breaker, the pooled upstream call and its two syscalls, metrics), not the HTTP server's share,
 so it moves little when other tenants load the machine: process CPU time, not wall time, over a
 fixed number of requests. Rows as in `security.py`: plain, an API key + per-key limit, an RS256
-JWT + per-key limit (in-process limiter). Rows interleave; the table shows each row's minimum and
+JWT + per-key limit (in-process limiter); and `llm`, a POST /v1/chat/completions with an API key
+passed through to a fake OpenAI provider (nginx with `llm.py`'s fixed answer), the LLM router's
+own cost (issue 4's latency target is about 8 x this plus the server's share). Rows interleave; the table shows each row's minimum and
 median over the rounds (the minimum is the least disturbed round).
 """
 
@@ -26,13 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from common import CPU_LOAD, Procs, free_port, log, print_table, start_nginx, upstream_server, wait_http  # noqa: E402
+from llm import REQUEST, fake_provider_server  # noqa: E402
+from llm import bridgeway_config as llm_config  # noqa: E402
 from security import _config, _jwt  # noqa: E402
 
-ROWS = ("plain", "key+limit", "jwt+limit")
+ROWS = ("plain", "key+limit", "jwt+limit", "llm")
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,9 +62,12 @@ async def _gateway(work: Path, row: str, up_port: int, public_pem: str):
     from bridgeway.server import Gateway
 
     path = work / f"{row.replace('+', '-')}.yaml"
-    path.write_text(
-        _config(free_port(), up_port, row, public_pem).replace("redis://127.0.0.1:6379/0", "memory://")
-    )
+    if row == "llm":  # up_port is the fake provider's
+        path.write_text(llm_config(free_port(), up_port))
+    else:
+        path.write_text(
+            _config(free_port(), up_port, row, public_pem).replace("redis://127.0.0.1:6379/0", "memory://")
+        )
     gw = Gateway(load_config(str(path)), str(path))
     await gw.startup()
     return gw
@@ -69,24 +78,29 @@ async def _key(gw) -> str:
     return token
 
 
-def _driver(gw, credential: str | None):
+def _driver(gw, credential: str | None, row: str):
     """One request's scope, and a coroutine function that sends `n` of them."""
     headers = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk"), (b"accept", b"*/*")]
     if credential:
         headers.append((b"authorization", b"Bearer " + credential.encode()))
+    method, path, body = "GET", "/bridge/bench/", b""
+    if row == "llm":
+        method, path = "POST", "/v1/chat/completions"
+        body = orjson.dumps({**REQUEST, "model": "bench-openai"})
+        headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     scope = {
         "type": "http",
         "http_version": "1.1",
-        "method": "GET",
+        "method": method,
         "scheme": "http",
-        "path": "/bridge/bench/",
-        "raw_path": b"/bridge/bench/",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "headers": headers,
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8080),
     }
-    request = {"type": "http.request", "body": b"", "more_body": False}
+    request = {"type": "http.request", "body": body, "more_body": False}
     statuses: dict[int, int] = {}
 
     async def receive():
@@ -103,8 +117,8 @@ def _driver(gw, credential: str | None):
     return worker, statuses
 
 
-async def _measure(gw, credential, requests: int, concurrency: int) -> tuple[float, dict]:
-    worker, statuses = _driver(gw, credential)
+async def _measure(gw, credential, row: str, requests: int, concurrency: int) -> tuple[float, dict]:
+    worker, statuses = _driver(gw, credential, row)
     per = requests // concurrency
     await asyncio.gather(*(worker(50) for _ in range(concurrency)))  # warm the pool and caches
     statuses.clear()
@@ -122,20 +136,22 @@ def _callgrind(state: str) -> None:
         subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True, capture_output=True)
 
 
-async def _run(args, work: Path, up_port: int) -> dict[str, list[float]]:
+async def _run(args, work: Path, up_port: int, provider_port: int) -> dict[str, list[float]]:
     token, public_pem = _jwt()
     rows = [r for r in args.only.split(",") if r]
-    gateways = {row: await _gateway(work, row, up_port, public_pem) for row in rows}
+    gateways = {
+        row: await _gateway(work, row, provider_port if row == "llm" else up_port, public_pem) for row in rows
+    }
     credentials = {}
     for row, gw in gateways.items():
-        credentials[row] = None if row == "plain" else await _key(gw) if row == "key+limit" else token
+        credentials[row] = None if row == "plain" else token if row == "jwt+limit" else await _key(gw)
     results: dict[str, list[float]] = {row: [] for row in rows}
     rounds, requests = (1, args.requests * 10) if args.profile else (args.rounds, args.requests)
     if args.profile:
         log(f"profiling: pid {os.getpid()}")
     for rnd in range(rounds):
         for row in rows:
-            us, statuses = await _measure(gateways[row], credentials[row], requests, args.concurrency)
+            us, statuses = await _measure(gateways[row], credentials[row], row, requests, args.concurrency)
             if set(statuses) != {200}:
                 raise SystemExit(f"{row}: unexpected statuses {statuses}")
             results[row].append(us)
@@ -173,7 +189,7 @@ def _instructions(args) -> int:
         per = totals / (args.requests // args.concurrency * args.concurrency)
         plain = per if row == "plain" else plain
         table.append([row, f"{per / 1000:,.1f} k", f"{per / plain:.2f}x" if plain else "-"])
-    title = f"instructions per /bridge request, in-process, callgrind, {args.requests} requests"
+    title = f"instructions per request, in-process, callgrind, {args.requests} requests"
     print_table(title, ["row", "instructions/request", "vs plain"], table, args.markdown)
     return 0
 
@@ -189,8 +205,11 @@ def main() -> int:
         up_port = free_port()
         upstream = start_nginx(procs, work, "upstream", upstream_server(up_port), cpu=CPU_LOAD)
         wait_http(up_port, "/", upstream)
+        provider_port = free_port()
+        provider = start_nginx(procs, work, "provider", fake_provider_server(provider_port), cpu=CPU_LOAD)
+        wait_http(provider_port, "/v1/chat/completions", provider)
         os.sched_setaffinity(0, {1})  # the gateway's core, as in proxy.py
-        results = uvloop.run(_run(args, work, up_port))
+        results = uvloop.run(_run(args, work, up_port, provider_port))
     plain = min(results["plain"]) if "plain" in results else None
     table = []
     for row, values in results.items():
@@ -205,7 +224,7 @@ def main() -> int:
             ]
         )
     title = (
-        f"gateway CPU per /bridge request, in-process (no server), {args.requests} requests x "
+        f"gateway CPU per request, in-process (no server), {args.requests} requests x "
         f"{len(next(iter(results.values())))} round(s), {args.concurrency} in flight"
     )
     print_table(title, ["row", "min", "median", "vs plain", "plain/row"], table, args.markdown)
