@@ -21,7 +21,7 @@ import pytest
 import websockets
 
 from bridgeway.serving import Settings
-from bridgeway.serving.http import READ_HIGH_WATER, WRITE_HIGH_WATER
+from bridgeway.serving.http import PIPELINE_HIGH_WATER, READ_HIGH_WATER, WRITE_HIGH_WATER
 from bridgeway.serving.worker import STARTUP_FAILED, Lifespan, Worker
 from tests.support import asgi_app
 from tests.support.asgi_app import EVENTS, GATES
@@ -107,6 +107,25 @@ async def test_keep_alive_and_pipelined_requests_answer_in_order(serve):
     assert b2 == b"3 " + hashlib.sha256(b"abc").hexdigest().encode()
     assert (s3, b3) == (200, b"hello")
     assert h1["server"] == "bridgeway" and "date" in h1 and "connection" not in h3
+
+
+async def test_a_client_pipelining_faster_than_answers_is_held_in_its_socket(serve):
+    worker, port = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    n = 400
+    writer.write(b"GET /sleep?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.05)  # the slow one is in flight; now many small ones, a few per write
+    for _ in range(n // 8):
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n" * 8)
+        await asyncio.sleep(0.001)
+    [conn] = worker.connections
+    assert conn.reading_paused and len(conn.pipeline) < n  # bounded, the rest not read yet
+    assert len(conn.pipeline) >= PIPELINE_HIGH_WATER
+    first = await asyncio.wait_for(read_response(reader), 10)
+    assert first[2] == b"slept"
+    for _ in range(n):  # every one answered, in order, once reading resumed
+        assert (await asyncio.wait_for(read_response(reader), 10))[2] == b"hello"
+    writer.close()
 
 
 async def test_connection_close_and_http10(serve):

@@ -24,6 +24,7 @@ log = logging.getLogger("bridgeway.serving")
 
 READ_HIGH_WATER = 256 * 1024  # request body buffered for the app before reading pauses
 WRITE_HIGH_WATER = 256 * 1024  # response bytes queued in the transport before `send` waits
+PIPELINE_HIGH_WATER = 16  # pipelined requests waiting for the one in flight before reading pauses
 
 STATUS_LINES = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus if s.value >= 200
@@ -524,6 +525,10 @@ class HttpProtocol(asyncio.Protocol):
             self._start(exchange)
         else:
             self.pipeline.append(exchange)
+            if len(self.pipeline) >= PIPELINE_HIGH_WATER:
+                # A client pipelining faster than it is answered waits in its socket, not in
+                # our memory (one read's worth of requests may still land past the mark).
+                self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         exchange = self.parsing
@@ -565,7 +570,7 @@ class HttpProtocol(asyncio.Protocol):
             self._start(self.pipeline.pop(0))
         elif exchange.complete:
             self._await_head()
-        if self.reading_paused:
+        if self.reading_paused and len(self.pipeline) < PIPELINE_HIGH_WATER:
             self.resume_reading()
 
     def _await_head(self) -> None:
