@@ -84,11 +84,6 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        # A SIGHUP before the reload handler is in place (the supervisor passing one on while
-        # this worker still opens its backends) must not end the worker, as the default action
-        # would: it is ignored, and the file's time is checked again once the handler is in.
-        with contextlib.suppress(ValueError):  # outside the main thread (an embedding test)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         logs.configure(self.config.logging.level)
         outbound.install(outbound.OutboundPolicy.of(self.config.outbound.allow, self.config.outbound.deny))
         self.state = self.registry.state = open_state(self.config.state)
@@ -119,7 +114,9 @@ class Gateway:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         if _mtime(self.config_path) != self._loaded_mtime:
-            self.reload()  # a SIGHUP may have come before the handler was in place
+            # A SIGHUP that came before the handler was in place was ignored (the supervisor
+            # starts workers that way, so it cannot end one still starting): the file tells.
+            self.reload()
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # generations, so a collection's pause does not grow with the size of the gateway.
         gc.collect()

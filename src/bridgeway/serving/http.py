@@ -43,6 +43,14 @@ def status_line(status: int) -> bytes:
     return line
 
 
+def checked_head(head: bytes, lines: int) -> bytes:
+    """`head` as joined from `lines` CRLF-ended lines, refused if a CR or LF sat inside a name or
+    value: it would split the response (header injection)."""
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise RuntimeError("response header with a CR or LF in it")
+    return head
+
+
 def plain_response(status: int, code: str, message: str, close: bool = True) -> bytes:
     """A complete response the server itself sends (400, 431, 500), in the gateway's error shape."""
     body = error_body(code, message, new_trace_id())
@@ -210,11 +218,7 @@ class Exchange:
                 continue  # the server frames the body itself
             parts.append(b"%b: %b\r\n" % (name, value))
             lines += 1
-        head = b"".join(parts)
-        # A CR or LF inside a name or value would split the response (header injection).
-        if head.count(b"\n") != lines or head.count(b"\r") != lines:
-            raise RuntimeError("response header with a CR or LF in it")
-        return head
+        return checked_head(b"".join(parts), lines)
 
     def _finish_head(self, head: bytes, body: bytes, more: bool) -> bytes:
         conn = self.conn

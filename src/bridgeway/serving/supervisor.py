@@ -83,6 +83,9 @@ class Supervisor:
         if pid == 0:  # the worker
             status = 1
             try:
+                # SIGHUP is relayed to every worker; an app that reloads on it installs its own
+                # handler. Ignored before the mask lifts, so one already pending is dropped, not fatal.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)

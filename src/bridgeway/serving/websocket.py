@@ -20,7 +20,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from bridgeway.serving.http import status_line
+from bridgeway.serving.http import checked_head, status_line
 
 log = logging.getLogger("bridgeway.serving")
 
@@ -244,14 +244,12 @@ class WebSocketSession:
         if self.conn.lost:
             return
         body = b"".join(parts)
-        lines = [
+        lines = [status_line(status)]
+        lines += [
             b"%b: %b\r\n" % (name, value) for name, value in headers if name.lower() != b"content-length"
         ]
-        if any(b"\r" in line[:-2] or b"\n" in line[:-2] for line in lines):
-            raise RuntimeError("response header with a CR or LF in it")  # it would split the response
-        data = b"".join(
-            [status_line(status), *lines, b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
-        )
+        data = checked_head(b"".join(lines), len(lines))
+        data += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         self.conn.transport.write(data + body)
         self.conn.transport.close()
 

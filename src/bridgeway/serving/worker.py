@@ -164,8 +164,6 @@ class Lifespan:
 def run_worker(load_app: Callable[[], object], sock: socket.socket, settings: Settings) -> int:
     """The body of a worker process: load the app, serve until told to stop. Returns the exit status."""
     log_to_stderr()
-    # SIGHUP is relayed to every worker; an app that reloads on it installs its own handler.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         app = load_app()
     except Exception as exc:
