@@ -127,8 +127,7 @@ class Spending:
         self._writer = asyncio.get_running_loop().create_task(self._write_forever())
 
     async def reserve(self, limits: list[Limit], nano: int, tokens_: int, hold_for: float) -> Hold:
-        one = len(limits) == 1
-        scopes = (limits[0].scope,) if one else tuple(dict.fromkeys(limit.scope for limit in limits))
+        scopes = tuple(dict.fromkeys(limit.scope for limit in limits))
         hold = Hold(f"{self._id_prefix}{next(self._ids):x}", scopes, nano, tokens_, self.clock() + hold_for)
         try:
             refused = await self.store.reserve(limits, hold)

@@ -73,7 +73,7 @@ from bridgeway.jobs.queues.backend import Job, NewJob, Outcome, QueueStats
 # A request to the broker: (subject, body, the subject's expected last sequence or None).
 Request = tuple[str, bytes, int | None]
 
-# Jobs this process leased, kept for their settle and `get_many`: at most this many, of payloads
+# Jobs this process leased, kept for their settle: at most this many, of payloads
 # up to LEASED_PAYLOAD bytes (80 MB at worst; a larger job's settle reads its message).
 LEASED_KEPT = 10_000
 LEASED_PAYLOAD = 8192
@@ -181,10 +181,9 @@ def _fields(meta: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
 class _Held:
     """A job this process leased: what its settle writes from, without a read."""
 
-    job: Job  # as the claim returned it (`get_many` answers with it)
     meta: dict[str, Any]  # the job as leased (state "leased")
     payload: bytes
-    token: str  # f"{rev}|{reply}"
+    token: str  # the lease token the claim gave out: f"{rev}|{reply}"
     rev: int
     reply: str
 
@@ -751,7 +750,7 @@ class NatsQueueBackend:
             return
         if len(self._held) >= LEASED_KEPT:  # leases never settled here: forget the oldest
             del self._held[next(iter(self._held))]
-        self._held[job.id] = _Held(job, meta, payload, job.lease or "", rev, reply)
+        self._held[job.id] = _Held(meta, payload, job.lease or "", rev, reply)
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[Job | None]:
         if self._kv is None:
