@@ -241,6 +241,8 @@ class Registry:
         for service in self.services.values():
             for inst in service.instances:
                 if inst.source == "registered" and (service.name, inst.url) not in live:
+                    if inst.expires_at is not None and inst.expires_at <= now:
+                        continue  # its lease ran out here too: `expire` drops it, and says so
                     service.deregister(inst.url)
 
     def snapshot(self, now: float) -> list[dict]:
