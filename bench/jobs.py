@@ -1,10 +1,14 @@
 """Job queues through Bridgeway's own HTTP API: enqueue rate in batches, end-to-end rate with a
 batching pull worker (the SDK's Worker, no-op handler, in its own process), and the latency of
-a single job on an idle queue, pulled and pushed.
+a single job on an idle queue, pulled and pushed; beside them, in the same run, Celery 5 on the
+same Redis with the same no-op task (bench/celery_peer.py, from its own venv: `--celery-python`).
 
     python bench/jobs.py                      # SQLite (the embedded default)
     python bench/jobs.py --backend redis --markdown
     python bench/jobs.py --backend sqlite,redis,nats --markdown   # one table, a column each
+
+Celery's venv: python3 -m venv /tmp/venv-celery && /tmp/venv-celery/bin/pip install 'celery[redis]'
+(without it the Celery row is left out, and the run says so).
 
 `--backend` names `sqlite` (the gateway's file), `redis` or `nats` (the loopback brokers, under
 a fresh `?prefix=` dropped afterwards), or is any `jobs.backend` URL; several, comma-separated,
@@ -29,6 +33,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from celery_peer import celery_rate  # noqa: E402
 from common import CPU_LOAD, ROOT, Procs, free_port, log, print_table, start_bridgeway  # noqa: E402
 
 TOKEN = "bench-admin-token-0123456789"
@@ -203,7 +208,8 @@ def ms(values: list[float], q: float) -> str:
     return f"{statistics.quantiles(values, n=100)[int(q) - 1] * 1000:.1f}" if len(values) > 2 else "-"
 
 
-async def run(args, backend: str, workdir: Path, procs: Procs) -> list[list[str]]:
+async def run(args, backend: str, workdir: Path, procs: Procs) -> tuple[list[list[str]], float]:
+    """The table's rows for one backend, and its end to end rate."""
     target = PushTarget()
     push_server = await asyncio.start_server(target.handle, "127.0.0.1", 0)
     push_port = push_server.sockets[0].getsockname()[1]
@@ -259,7 +265,7 @@ async def run(args, backend: str, workdir: Path, procs: Procs) -> list[list[str]
             ]
         )
     push_server.close()
-    return rows
+    return rows, both
 
 
 def main() -> None:
@@ -282,20 +288,34 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=100, help="single jobs for each latency figure")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the worker to core 0")
+    parser.add_argument("--celery-python", default="/tmp/venv-celery/bin/python")
+    parser.add_argument("--celery-jobs", type=int, default=5_000)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     names = args.backend.split(",")
     columns: list[list[list[str]]] = []
+    end_to_end: list[float] = []
     for name in names:
         prefix = f"bwbench-{os.urandom(4).hex()}"
         procs = Procs()
         with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
             try:
-                columns.append(asyncio.run(run(args, backend_url(name, prefix), Path(tmp), procs)))
+                rows, both = asyncio.run(run(args, backend_url(name, prefix), Path(tmp), procs))
+                columns.append(rows)
+                end_to_end.append(both)
             finally:
                 procs.stop_all()
                 if name in BROKERS:
                     asyncio.run(drop_prefix(name, prefix))
+    if Path(args.celery_python).exists():
+        log(f"celery: {args.celery_jobs} no-op jobs on the same Redis, one worker of 2 processes")
+        celery = celery_rate(args.celery_python, args.celery_jobs, "prefork", 2)["e2e"]
+        for rows, both in zip(columns, end_to_end, strict=True):
+            rows.append(
+                [f"end to end vs Celery 5 on Redis ({celery:,.0f} jobs/s)", f"{both / celery:.1f}x", ""]
+            )
+    else:
+        log(f"celery left out: no interpreter at {args.celery_python}")
     if len(columns) == 1:
         header, rows = ["measure", "result", ""], columns[0]
     else:  # one column per backend: the result, and the p99 beside a latency's p50

@@ -25,11 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
+from celery_peer import celery_rate  # noqa: E402
 from common import log, print_table  # noqa: E402
 
 from bridgeway.jobs.queues import open_queue_backend  # noqa: E402
@@ -116,88 +113,6 @@ async def _drop(name: str, prefix: str) -> None:
     await (drop_redis_prefix if name == "redis" else drop_nats_prefix)(prefix)
 
 
-CELERY_APP = """
-from celery import Celery
-app = Celery("bwbench", broker="redis://127.0.0.1:6379/15")
-app.conf.update(task_ignore_result=True, worker_hijack_root_logger=False,
-                broker_connection_retry_on_startup=True)
-
-@app.task(name="noop")
-def noop(n):
-    return None
-
-if __name__ == "__main__":
-    import sys, time
-    queue, n = sys.argv[1], int(sys.argv[2])
-    started = time.perf_counter()
-    for i in range(n):
-        noop.apply_async((i,), queue=queue)
-    print(time.perf_counter() - started)
-"""
-
-
-def _bench_celery(python: str, n: int, pool: str, concurrency: int) -> dict[str, float]:
-    import redis  # redis-py, only to watch the queue drain
-
-    r = redis.Redis(host="127.0.0.1", port=6379, db=15)
-    queue = f"bwbench-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "bwbench_celery.py").write_text(textwrap.dedent(CELERY_APP))
-        env = {**os.environ, "PYTHONPATH": tmp}
-        sent = subprocess.run(
-            [python, str(Path(tmp, "bwbench_celery.py")), queue, str(n)],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        enq = float(sent.stdout.strip().splitlines()[-1])
-        log(f"celery: sent {n} in {enq:.2f}s; queue length {r.llen(queue)}")
-        cmd = [
-            python,
-            "-m",
-            "celery",
-            "-A",
-            "bwbench_celery",
-            "worker",
-            "-Q",
-            queue,
-            "-P",
-            pool,
-            "-c",
-            str(concurrency),
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "warning",
-        ]
-        started = time.perf_counter()
-        worker = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=tmp,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            while r.llen(queue) or r.hlen("unacked"):
-                if worker.poll() is not None:
-                    raise RuntimeError("celery worker exited")
-                if time.perf_counter() - started > 300:
-                    raise TimeoutError("celery did not drain its queue in 300 s")
-                time.sleep(0.02)
-            drain = time.perf_counter() - started
-        finally:
-            os.killpg(worker.pid, 15)
-            worker.wait(timeout=30)
-            r.delete(queue)
-    log(f"celery: drained {n} in {drain:.2f}s")
-    return {"enqueue": n / enq, "drain": n / drain, "e2e": n / drain}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=50_000)
@@ -221,7 +136,7 @@ def main() -> None:
     for name in [b for b in args.backends.split(",") if b]:
         results[name] = asyncio.run(_bench_backend(name, args.jobs, args.workers, args.inflight))
     if args.celery_python and Path(args.celery_python).exists():
-        results["celery (redis)"] = _bench_celery(
+        results["celery (redis)"] = celery_rate(
             args.celery_python, args.celery_jobs, args.celery_pool, args.celery_concurrency
         )
     else:
