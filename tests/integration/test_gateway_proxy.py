@@ -142,6 +142,15 @@ def test_hop_by_hop_headers_are_removed(gw: GatewayProc):
     assert header_values(r.json(), "x-end-to-end") == ["passes"]
 
 
+def test_an_answer_has_one_server_and_one_date_header(gw: GatewayProc):
+    # The echo upstream is served by bridgeway.serving too: its own Server and Date come back.
+    raw = raw_request(gw.port, b"GET /bridge/echo/one HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert status_of(raw) == 200
+    names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
+    assert names.count(b"server") == 1 and names.count(b"date") == 1
+
+
 def test_forwarded_headers_and_host_rewrite(gw: GatewayProc, echo: Proc):
     r = gw.request("GET", "/bridge/echo/fwd", headers={"Host": "api.example.com:8443"})
     e = r.json()

@@ -109,6 +109,20 @@ async def test_keep_alive_and_pipelined_requests_answer_in_order(serve):
     assert h1["server"] == "bridgeway" and "date" in h1 and "connection" not in h3
 
 
+async def test_an_apps_own_date_is_written_instead_of_the_servers(serve):
+    _, port = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /dated HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while data.count(b"\r\n\r\n") < 2 or not data.endswith(b"hello"):
+        data += await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    dated, plain = (part.lower() for part in data.split(b"dated", 1))
+    assert dated.count(b"\r\ndate: ") == 1 and asgi_app.ORIGIN_DATE.lower().encode() in dated
+    assert dated.count(b"\r\nserver: bridgeway\r\n") == 1
+    assert plain.count(b"\r\ndate: ") == 1 and asgi_app.ORIGIN_DATE.lower().encode() not in plain
+
+
 async def test_a_client_pipelining_faster_than_answers_is_held_in_its_socket(serve):
     worker, port = await serve()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

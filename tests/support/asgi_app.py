@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from urllib.parse import parse_qs
 
+ORIGIN_DATE = "Tue, 01 Dec 2026 08:00:00 GMT"
 EVENTS: dict[str, list[str]] = defaultdict(list)
 GATES: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
@@ -60,6 +61,8 @@ async def _http(scope, receive, send) -> None:
         await _reply(send, 200, b"hello")
     elif path == "/echo":
         await _reply(send, 200, await _digest(receive))
+    elif path == "/dated":  # an app that names its own Date (as a proxied answer does)
+        await _reply(send, 200, b"dated", [(b"date", ORIGIN_DATE.encode())])
     elif path.startswith("/gate/"):
         await GATES[path[6:]].wait()
         await _reply(send, 200, await _digest(receive))

@@ -40,6 +40,10 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# Not relayed from an upstream's answer: hop-by-hop headers, and its Server (the gateway answers
+# as itself, as nginx and Envoy do). Its Date is kept: the origin's time, which the server then
+# writes instead of its own, and which a cached answer keeps beside its Age (RFC 9111 4).
+NOT_RELAYED = HOP_BY_HOP | {b"server"}
 BRIDGE = "/bridge/"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Small bodies are read whole: they can be retried and go upstream in one write.
@@ -217,12 +221,12 @@ class StreamCut(Exception):
 
 
 def response_headers(resp: UpstreamResponse, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The upstream's headers, lowercased, without hop-by-hop ones, plus the gateway's own."""
+    """The upstream's headers, lowercased, without those `NOT_RELAYED`, plus the gateway's own."""
     out = []
     connection = None
     for name, value in resp.headers:
         name = name.lower()
-        if name not in HOP_BY_HOP:
+        if name not in NOT_RELAYED:
             out.append((name, value))
         elif name == b"connection":
             connection = value

@@ -34,6 +34,8 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT = {"type": "http.disconnect"}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 EMPTY_BODY = {"type": "http.request", "body": b"", "more_body": False}
+# Response headers the server writes unless the app gave its own (a proxied answer's Date, say).
+GIVEN_SERVER, GIVEN_DATE = 1, 2
 
 
 def status_line(status: int) -> bytes:
@@ -84,6 +86,7 @@ class Exchange:
         "chunked",
         "status",
         "head_bytes",
+        "given",
     )
 
     def __init__(self, conn: HttpProtocol, scope: dict, keep_alive: bool):
@@ -102,6 +105,7 @@ class Exchange:
         self.chunked = False
         self.status = 0
         self.head_bytes: bytes | None = None  # the response head, held to go out with the first body
+        self.given = 0  # GIVEN_SERVER | GIVEN_DATE: the app's own, written instead of the server's
 
     # -- receive ------------------------------------------------------------------------------
 
@@ -216,13 +220,24 @@ class Exchange:
                 continue  # written once below
             elif lname == b"transfer-encoding":
                 continue  # the server frames the body itself
+            elif lname == b"date":
+                self.given |= GIVEN_DATE
+            elif lname == b"server":
+                self.given |= GIVEN_SERVER
             parts.append(b"%b: %b\r\n" % (name, value))
             lines += 1
         return checked_head(b"".join(parts), lines)
 
     def _finish_head(self, head: bytes, body: bytes, more: bool) -> bytes:
         conn = self.conn
-        extra = conn.server.common_headers
+        server = conn.server
+        given = self.given
+        if not given:
+            extra = server.common_headers
+        else:
+            extra = (b"" if given & GIVEN_SERVER else server.server_header) + (
+                b"" if given & GIVEN_DATE else server.date_header
+            )
         if self.chunked is None:  # the app gave a length
             self.chunked = False
         elif self.status in NO_BODY_STATUS or self.status < 200:

@@ -54,14 +54,17 @@ class Worker:
         self.state: dict | None = None  # the lifespan's state, copied into each scope when the app set some
         self.connections: set[HttpProtocol] = set()
         self.now = loop.time()
-        self.common_headers = b""
+        self.server_header = b"server: bridgeway\r\n"
+        self.date_header = b""
+        self.common_headers = b""  # both
         self.ticker: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None
 
     def _tick(self) -> None:
         """Once a second: the coarse clock the connections read, the `date` header, time-outs."""
         self.now = now = self.loop.time()
-        self.common_headers = b"server: bridgeway\r\ndate: %b\r\n" % formatdate(usegmt=True).encode()
+        self.date_header = b"date: %b\r\n" % formatdate(usegmt=True).encode()
+        self.common_headers = self.server_header + self.date_header
         for conn in [c for c in self.connections if c.head_since is not None]:
             conn.timed_out(now)
         self.ticker = self.loop.call_later(1.0, self._tick)
