@@ -37,7 +37,6 @@ from bridgeway.llm.ledger import open_ledger
 from bridgeway.llm.spend import Spending
 from bridgeway.observability import logs, metrics
 from bridgeway.observability.tracing import new_span_id, new_trace_id, parse_traceparent, traceparent
-from bridgeway.security import outbound
 from bridgeway.security.access import Access
 from bridgeway.security.jwt import JwtVerifier, SigningKeys
 from bridgeway.security.keys import KeyStore, public_id
@@ -75,6 +74,8 @@ class Gateway:
         self.delivery: Delivery | None = None
         self._publisher: asyncio.Task | None = None
         self.started_at = time.time()
+        # Where the gateway itself may post (webhooks, job callbacks): refused URLs are SSRF.
+        self.outbound = config.outbound.policy
         self.admin_token_sha256 = _token_hash(config)
         self.log = logs.get_logger()
         # Recording works from the start; the writer starts with the state, in the worker's loop.
@@ -85,7 +86,6 @@ class Gateway:
 
     async def startup(self) -> None:
         logs.configure(self.config.logging.level)
-        outbound.install(outbound.OutboundPolicy.of(self.config.outbound.allow, self.config.outbound.deny))
         self.state = self.registry.state = open_state(self.config.state)
         self.keys = KeyStore(self.state)
         self.audit.start(self.state)
@@ -129,7 +129,7 @@ class Gateway:
         retention = Retention(events.retention.max_age, events.retention.max_count, events.dedupe_window)
         self.event_log = open_event_log(self.config.jobs_backend, events.log, retention)
         self.webhooks = WebhookDelivery(self.event_log, self.state, events.delivery)
-        self.webhooks.configure(events.webhooks, events.delivery)
+        self.webhooks.configure(events.webhooks, events.delivery, self.outbound)
         await self.webhooks.start()
 
     def _build_auth(self, config: Config) -> None:
@@ -217,12 +217,12 @@ class Gateway:
             if getattr(config, field) != getattr(self.config, field):
                 self.log.warning("change_needs_restart", field=field)
         self.registry.apply(config)
-        outbound.install(outbound.OutboundPolicy.of(config.outbound.allow, config.outbound.deny))
+        self.outbound = config.outbound.policy
         self._build_auth(config)
         self._apply_queues(config)
         self.llm = LLMEndpoint(config, self.llm)
         if self.webhooks is not None:
-            self.webhooks.configure(config.events.webhooks, config.events.delivery)
+            self.webhooks.configure(config.events.webhooks, config.events.delivery, self.outbound)
         self.config = config
         self.access_log = config.logging.access
         self._loaded_mtime = mtime

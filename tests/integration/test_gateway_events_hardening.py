@@ -135,6 +135,29 @@ def test_metadata_addresses_are_refused_at_registration(gw):
     assert r.status == 201, r  # loopback stays allowed by default
 
 
+def test_a_reload_changes_the_outbound_policy_for_webhooks_and_callbacks():
+    config = {
+        "events": {"log": unique_name(), "delivery": QUICK},
+        "queues": {"pulled": {"callback_secret": SECRET}},
+    }
+    gateway = start_gateway(config)
+    hook = {"types": ["*"], "url": "http://127.0.0.1:9/hook", "secret": SECRET}
+    job = {"payload": {}, "callback_url": "http://127.0.0.1:9/cb"}
+    try:
+        assert gateway.api("PUT", "/events/webhooks/before", hook).status == 201
+        assert gateway.api("POST", "/queues/pulled/jobs", job).status == 201
+        gateway.rewrite({**config, "outbound": {"deny": ["127.0.0.0/8"]}})
+        assert gateway.api("POST", "/admin/reload").status == 200
+        for r in (
+            gateway.api("PUT", "/events/webhooks/after", hook),
+            gateway.api("POST", "/queues/pulled/jobs", job),
+        ):
+            assert r.status == 400 and r.json()["error"]["code"] == "URL_NOT_ALLOWED", r
+            assert "127.0.0.1 is in outbound.deny" in r.json()["error"]["message"]
+    finally:
+        gateway.stop()
+
+
 def test_a_name_resolving_to_a_denied_address_is_refused_at_connect_time(tmp_path):
     """`localhost` passes registration (a name); it resolves to 127.0.0.1, which the deny list
     refuses when the gateway connects: nothing reaches the receiver, the event is dead-lettered

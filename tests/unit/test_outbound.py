@@ -142,18 +142,18 @@ async def test_a_name_resolving_to_a_refused_address_is_refused_at_connect_time(
     try:
         # the name resolves to the sink on loopback: allowed, and the post arrives
         async with (
-            client_session(5, PolicyResolver(lambda: DEFAULT, FixedResolver("127.0.0.1"))) as s,
+            client_session(PolicyResolver(lambda: DEFAULT, FixedResolver("127.0.0.1")), 5) as s,
             s.post(f"http://hooks.example:{port}/ok", data=b"{}") as resp,
         ):
             assert resp.status == 200
         # rebound to metadata: refused before any connection is made
-        async with client_session(5, PolicyResolver(lambda: DEFAULT, FixedResolver("169.254.169.254"))) as s:
+        async with client_session(PolicyResolver(lambda: DEFAULT, FixedResolver("169.254.169.254")), 5) as s:
             with pytest.raises(aiohttp.ClientError) as refused:
                 await s.post(f"http://hooks.example:{port}/metadata", data=b"{}")
         assert "169.254.169.254 is link-local" in describe(refused.value)
         # the same address, refused by the deny list read at resolution time
         deny_loopback = OutboundPolicy.of(deny=["127.0.0.0/8"])
-        async with client_session(5, PolicyResolver(lambda: deny_loopback, FixedResolver("127.0.0.1"))) as s:
+        async with client_session(PolicyResolver(lambda: deny_loopback, FixedResolver("127.0.0.1")), 5) as s:
             with pytest.raises(aiohttp.ClientError) as refused:
                 await s.post(f"http://hooks.example:{port}/denied", data=b"{}")
         assert "outbound.deny" in describe(refused.value)

@@ -305,7 +305,7 @@ async def put_webhook(request: Request, name: WebhookName) -> Response:
             for err in exc.errors()
         ]
         raise GatewayError("VALIDATION_ERROR", "; ".join(problems)) from None
-    if not (verdict := outbound.check_url(config.url, outbound.current())).allowed:
+    if not (verdict := outbound.check_url(config.url, gateway.outbound)).allowed:
         raise GatewayError("URL_NOT_ALLOWED", f"url: refused by the outbound policy: {verdict.reason}")
     stored = config.model_dump(mode="json") | {"secret": config.secret.get_secret_value()}
     existed = await gateway.state.get(WEBHOOKS_NS, name) is not None

@@ -583,6 +583,11 @@ class OutboundConfig(Model):
         OutboundPolicy.of(self.allow, self.deny)  # raises naming a bad entry
         return self
 
+    @property
+    def policy(self) -> OutboundPolicy:
+        """The lists compiled (once: `OutboundPolicy.of` keeps what it compiled)."""
+        return OutboundPolicy.of(self.allow, self.deny)
+
 
 class SpendConfig(Model):
     """How LLM spend is estimated before a call and held against budgets."""
@@ -623,7 +628,7 @@ class Config(Model):
 
     @model_validator(mode="after")
     def _webhooks_allowed(self) -> Config:
-        policy = OutboundPolicy.of(self.outbound.allow, self.outbound.deny)
+        policy = self.outbound.policy
         for name, hook in self.events.webhooks.items():
             if not (verdict := check_url(hook.url, policy)).allowed:
                 raise ValueError(

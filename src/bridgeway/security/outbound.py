@@ -183,10 +183,8 @@ class PolicyResolver(AbstractResolver):
     none left is a refusal. (aiohttp skips the resolver for IP literals: `check_url` covers them,
     right before each post.)"""
 
-    def __init__(
-        self, policy: Callable[[], OutboundPolicy] | None = None, inner: AbstractResolver | None = None
-    ) -> None:
-        self.policy = policy or current  # read on each resolution: a reload applies at once
+    def __init__(self, policy: Callable[[], OutboundPolicy], inner: AbstractResolver | None = None) -> None:
+        self.policy = policy  # read on each resolution: a reload applies at once
         self.inner = inner or DefaultResolver()
 
     async def resolve(
@@ -208,20 +206,6 @@ class PolicyResolver(AbstractResolver):
         await self.inner.close()
 
 
-_current = OutboundPolicy()
-
-
-def install(policy: OutboundPolicy) -> None:
-    """The policy this process applies from now on (the gateway installs the config's, at start
-    and on each reload); the senders read it on every post."""
-    global _current
-    _current = policy
-
-
-def current() -> OutboundPolicy:
-    return _current
-
-
 def describe(exc: BaseException) -> str:
     """A failed post in a few words for logs and records: the policy's reason when it refused
     the connection (aiohttp wraps it), else the exception's kind (never its URL)."""
@@ -233,10 +217,8 @@ def describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def client_session(
-    timeout: float | None = None, resolver: AbstractResolver | None = None
-) -> aiohttp.ClientSession:
-    """An aiohttp session whose connections the policy vets: names resolved through
-    `PolicyResolver` on every new connection (no DNS cache that would outlive a reload)."""
-    connector = aiohttp.TCPConnector(resolver=resolver or PolicyResolver(), use_dns_cache=False)
+def client_session(resolver: PolicyResolver, timeout: float | None = None) -> aiohttp.ClientSession:
+    """An aiohttp session whose connections the policy vets: names resolved through `resolver`
+    on every new connection (no DNS cache that would outlive a reload)."""
+    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))

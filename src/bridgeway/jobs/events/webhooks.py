@@ -190,16 +190,23 @@ class WebhookDelivery:
         self._running: dict[str, tuple[Subscription, asyncio.Task]] = {}
         self._loop: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.policy = outbound.OutboundPolicy()  # the config's, from `configure`
         self.logger = logs.get_logger()
 
-    def configure(self, webhooks: dict[str, WebhookConfig], delivery: EventDeliveryConfig) -> None:
+    def configure(
+        self,
+        webhooks: dict[str, WebhookConfig],
+        delivery: EventDeliveryConfig,
+        policy: outbound.OutboundPolicy,
+    ) -> None:
         self.configured = {name: Subscription.of(name, w) for name, w in webhooks.items()}
         self.delivery = delivery
+        self.policy = policy
 
     async def start(self) -> None:
         for sub in self.configured.values():
             await start_cursor(self.state, self.log, sub)
-        self._session = outbound.client_session()
+        self._session = outbound.client_session(outbound.PolicyResolver(lambda: self.policy))
         self._loop = asyncio.create_task(self._reconcile_forever())
 
     async def stop(self) -> None:
@@ -348,7 +355,7 @@ class WebhookDelivery:
 
     async def _post(self, sub: Subscription, event: StoredEvent) -> str | None:
         """None when the receiver accepted the event, else what went wrong."""
-        if not (verdict := outbound.check_url(sub.url, outbound.current())).allowed:
+        if not (verdict := outbound.check_url(sub.url, self.policy)).allowed:
             return f"refused by the outbound policy: {verdict.reason}"
         headers = {
             "Content-Type": "application/json",

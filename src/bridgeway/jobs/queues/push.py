@@ -235,14 +235,16 @@ class CallbackLoop(_Loop):
 
     async def deliver(self, job: Job) -> None:
         if self._session is None:
-            self._session = outbound.client_session(CALLBACK_TIMEOUT)  # connections vetted (SSRF)
+            # connections vetted (SSRF), by the policy of the config serving at the time
+            resolver = outbound.PolicyResolver(lambda: self.queues.outbound)
+            self._session = outbound.client_session(resolver, CALLBACK_TIMEOUT)
         url, source = job.headers.get("url", ""), job.headers.get("queue", "")
         queue = self.queues.queues.get(source)
         secret = queue.callback_secret if queue is not None else None
         ok, error = False, None
         if secret is None:
             error = f"queue {source!r} has no callback_secret now"
-        elif not (verdict := outbound.check_url(url, outbound.current())).allowed:
+        elif not (verdict := outbound.check_url(url, self.queues.outbound)).allowed:
             error = f"callback refused by the outbound policy: {verdict.reason}"
         else:
             headers = {

@@ -144,14 +144,14 @@ def _headers(value: Any, where: str) -> dict[str, str]:
     return out
 
 
-def _callback_url(value: Any, where: str) -> str:
+def _callback_url(value: Any, where: str, policy: outbound.OutboundPolicy) -> str:
     if not isinstance(value, str) or len(value) > 2048:
         raise _invalid(where, "expected an http(s) URL")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _invalid(where, "expected an http(s) URL")
     # the gateway posts there for the caller: the outbound policy decides where it may (SSRF)
-    if not (verdict := outbound.check_url(value, outbound.current())).allowed:
+    if not (verdict := outbound.check_url(value, policy)).allowed:
         raise GatewayError("URL_NOT_ALLOWED", f"{where}: refused by the outbound policy: {verdict.reason}")
     return value
 
@@ -173,6 +173,7 @@ class Queues:
         self.ids = JobIds()
         self.log = logs.get_logger()
         self.queues = compile_queues(config)
+        self.outbound = config.outbound.policy
         self.stats: dict[str, QueueStats] = {}  # last refresh, for /metrics
         self._stats_task: asyncio.Task | None = None
         # Job id -> the lease this process's claims handed out: a settle that comes back here
@@ -182,6 +183,7 @@ class Queues:
 
     def configure(self, config: Config) -> None:
         self.queues = compile_queues(config)
+        self.outbound = config.outbound.policy
 
     def get_queue(self, name: str) -> CompiledQueue:
         queue = self.queues.get(name)
@@ -222,7 +224,7 @@ class Queues:
                 raise _invalid(f"{where}.idempotency_key", "expected a string of 1 to 256 characters")
             job.idempotency_key = key
         if (url := item.get("callback_url")) is not None:
-            job.callback_url = _callback_url(url, f"{where}.callback_url")
+            job.callback_url = _callback_url(url, f"{where}.callback_url", self.outbound)
             if queue.callback_secret is None:
                 raise _invalid(
                     f"{where}.callback_url",
