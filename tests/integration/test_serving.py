@@ -355,6 +355,49 @@ async def test_idle_and_slow_heads_time_out(serve):
     assert 0.9 < time.monotonic() - started < 4
 
 
+async def test_a_body_still_due_after_an_early_answer_times_out(serve):
+    # /hello answers without reading the body (as a 401 to a POST does); the client then stalls.
+    _, port = await serve(body_timeout=1.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+    status, headers, body = await asyncio.wait_for(read_response(reader), 5)
+    assert status == 200 and body == b"hello" and "connection" not in headers
+    started = time.monotonic()
+    assert await closed_by_server(reader, 4)
+    assert 0.5 < time.monotonic() - started < 3.5
+    # The rest of the body arriving in time keeps the connection for the next request.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+    assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"hello"
+    writer.write(b"def" + b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"hello"
+    writer.close()
+
+
+async def test_a_body_the_app_waits_for_times_out_between_reads(serve):
+    _, port = await serve(body_timeout=2.0)
+    # A body that arrives in pieces, each well within the time-out, is read whole ...
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
+    for _ in range(8):  # 3.2 s in all, longer than the time-out
+        await asyncio.sleep(0.4)
+        writer.write(b"a")
+    status, _, body = await asyncio.wait_for(read_response(reader), 5)
+    assert status == 200 and body == b"8 " + hashlib.sha256(b"a" * 8).hexdigest().encode()
+    writer.close()
+    # ... one that stops is cut, and the app sees the client go.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /partial/stall HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+    started = time.monotonic()
+    assert await closed_by_server(reader, 5)
+    assert 1.0 < time.monotonic() - started < 4.5
+    for _ in range(50):
+        if EVENTS["stall"][-1:] == ["http.disconnect"]:
+            break
+        await asyncio.sleep(0.02)
+    assert EVENTS["stall"] == ["http.request", "http.disconnect"]
+
+
 # -- WebSocket ---------------------------------------------------------------------------------
 
 

@@ -5,7 +5,8 @@ request's only task (the app's own coroutine, not one wrapped around it: every a
 passed through again each time the request resumes). Pipelined requests wait in a queue and start
 when the one before has answered. Reading pauses while a request body waits unconsumed above
 `READ_HIGH_WATER`; `send` awaits the transport's drain above its write limit. Time-outs are
-checked by the worker's once-a-second sweep against `head_since`, not by a timer per request.
+checked by the worker's once-a-second sweep against `head_since` (when the server began waiting
+for the client), not by a timer per request.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class Exchange:
                 self.expect_continue = False
                 if not self.started:
                     conn.transport.write(CONTINUE)
+            conn.head_since = conn.server.now  # the body is waited for: see `timed_out`
             await self._wait()
             if conn.lost and not self.body:
                 return DISCONNECT
@@ -336,7 +338,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.parsing: Exchange | None = None
-        self.head_since: float | None = None  # when the awaited head was first waited for
+        self.head_since: float | None = None  # when the awaited head (or body) was first waited for
         self.head_started = False  # some of that head has arrived
         self.in_head = False  # the parser is inside a head
         self.pending_head = 0  # bytes fed while inside one head (a header line never ending)
@@ -428,11 +430,27 @@ class HttpProtocol(asyncio.Protocol):
             self.pause_reading()
 
     def timed_out(self, now: float) -> bool:
-        """Close when a head is awaited too long (idle keep-alive, or a head that trickles in)."""
+        """Close when the client is waited for too long: a head (idle keep-alive, or a head that
+        trickles in), or a body the server wants. A body is timed only while it is wanted, so a
+        slow app or a paused read never counts against the client: while the app waits in
+        `receive` (`body_timeout` between reads: each wait stamps `head_since`), and after an
+        answer that came before the whole body (`body_timeout` for all the rest, stamped in
+        `response_done`). The rest is read and dropped rather than the connection closed at once:
+        closing with unread bytes sends a reset that can destroy the answer before the client
+        reads it (nginx drains it too, bounded, for the same reason); a body that ends in time
+        leaves the connection kept alive."""
         since = self.head_since
-        if since is None or self.current is not None:
+        if since is None:
             return False
-        limit = self.server.header_timeout if self.head_started else self.server.keepalive_timeout
+        current = self.current
+        if current is not None:
+            if current.complete or current.waiter is None:
+                return False  # a request in flight whose app is not waiting for its body
+            limit = self.server.body_timeout
+        elif self.parsing is not None:
+            limit = self.server.body_timeout  # the rest of the body of a request already answered
+        else:
+            limit = self.server.header_timeout if self.head_started else self.server.keepalive_timeout
         if now - since < limit:
             return False
         self.transport.close()
@@ -589,6 +607,8 @@ class HttpProtocol(asyncio.Protocol):
             self._start(self.pipeline.pop(0))
         elif exchange.complete:
             self._await_head()
+        else:
+            self.head_since = self.server.now  # answered before its body arrived: see `timed_out`
         if self.reading_paused and len(self.pipeline) < PIPELINE_HIGH_WATER:
             self.resume_reading()
 

@@ -30,6 +30,7 @@ class Settings:
     max_header_size: int = 64 * 1024  # request line + headers; more is answered 431
     header_timeout: float = 60.0  # a head that started must be complete within this
     keepalive_timeout: float = 60.0  # an idle connection waiting for its next request
+    body_timeout: float = 60.0  # a request body the server waits for that sends nothing this long
     grace: float = 10.0  # on SIGTERM, how long requests in flight get to finish
     ws_max_message_size: int = 16 * 1024 * 1024
     backlog: int = 2048
@@ -45,6 +46,7 @@ class Worker:
         self.max_header_size = settings.max_header_size
         self.header_timeout = settings.header_timeout
         self.keepalive_timeout = settings.keepalive_timeout
+        self.body_timeout = settings.body_timeout
         self.ws_max_message_size = settings.ws_max_message_size
         # 2.3, not 2.4: `send` after the client left returns quietly instead of raising OSError,
         # and the client's leaving reaches the app as `http.disconnect` from `receive` (the proxy
