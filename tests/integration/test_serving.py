@@ -515,6 +515,19 @@ def test_a_worker_that_dies_is_replaced():
         assert f"worker {victim} died unexpectedly" in proc.logs()
 
 
+def test_a_worker_that_keeps_dying_at_start_is_restarted_with_a_growing_delay(tmp_path):
+    starts = tmp_path / "starts"
+    with start_server(env={"CRASH_LOG": str(starts)}) as proc:
+        time.sleep(2.5)
+        assert proc.alive
+    times = [float(line) for line in starts.read_text().split()]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # Restarts after 0.1, 0.2, 0.4, 0.8 s ... (plus each worker's own short life): not a fork loop.
+    assert 3 <= len(times) <= 7, gaps
+    assert all(gap >= 0.1 * 2**i for i, gap in enumerate(gaps)), gaps
+    assert "after starting (exit status 1); starting a new one in 0.4s" in proc.logs()
+
+
 def test_sighup_reaches_every_worker(tmp_path):
     with start_server(workers=2, env={"HUP_DIR": str(tmp_path)}) as proc:
         proc.wait_ready("/hello")

@@ -13,7 +13,8 @@ WebSockets, a lifespan, and a SIGHUP handler. In-process tests read `EVENTS` and
     GET  /pid                   the worker's pid
     GET  /boom                  raises before answering
     WS   /ws                    echo; "close:CODE" closes with CODE; "?refuse" refuses
-$STARTUP_FAIL makes the start-up fail; $HUP_DIR gets a file per worker pid on each SIGHUP.
+$STARTUP_FAIL makes the start-up fail; $HUP_DIR gets a file per worker pid on each SIGHUP;
+$CRASH_LOG makes each worker note its start's time there and exit at once (a crash, status 1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import time
 from collections import defaultdict
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -148,6 +150,10 @@ async def _lifespan(receive, send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            if os.environ.get("CRASH_LOG"):
+                with open(os.environ["CRASH_LOG"], "a") as log:
+                    log.write(f"{time.monotonic()}\n")
+                os._exit(1)
             if os.environ.get("STARTUP_FAIL"):
                 await send({"type": "lifespan.startup.failed", "message": os.environ["STARTUP_FAIL"]})
                 return

@@ -1,6 +1,7 @@
 """The supervisor: binds the listening socket once, forks N workers that share it, relays SIGHUP
 to each (every worker reloads in place), starts a new worker when one dies, and stops them all on
-SIGTERM/SIGINT.
+SIGTERM/SIGINT. A worker that dies soon after it started is restarted after a back-off that
+doubles each time its replacement dies soon too (a crash at start-up does not become a fork loop).
 
 The socket is bound before any worker exists, so "port in use" fails the start loudly. Workers
 are forked before any event loop exists in this process; the kernel hands each new connection to
@@ -23,6 +24,9 @@ from bridgeway.serving.worker import STARTUP_FAILED, Settings, log_to_stderr, ru
 log = logging.getLogger("bridgeway.serving")
 
 HANDLED = {signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+QUICK_DEATH = 5.0  # a worker dying within this many seconds of its start is restarted after a back-off
+BACKOFF_FIRST = 0.1  # seconds before the first restart after a quick death; doubles with each one after
+BACKOFF_MAX = 5.0
 
 
 def raise_fd_limit() -> int:
@@ -54,7 +58,8 @@ class Supervisor:
         self.load_app = load_app
         self.settings = settings
         self.count = workers
-        self.workers: dict[int, float] = {}  # pid -> when it started
+        self.workers: dict[int, tuple[float, int]] = {}  # pid -> (when it started, quick deaths before it)
+        self.pending: list[tuple[float, int]] = []  # restarts backing off: (when due, quick deaths so far)
         self.sock: socket.socket | None = None
 
     def run(self) -> int:
@@ -78,7 +83,7 @@ class Supervisor:
             self.sock.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
-    def _spawn(self) -> None:
+    def _spawn(self, quick_deaths: int = 0) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
@@ -95,11 +100,14 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        self.workers[pid] = time.monotonic()
+        self.workers[pid] = (time.monotonic(), quick_deaths)
 
     def _watch(self) -> int:
         while True:
-            info = signal.sigtimedwait(HANDLED, 1.0)
+            wait = 1.0
+            if self.pending:
+                wait = min(wait, max(0.0, min(due for due, _ in self.pending) - time.monotonic()))
+            info = signal.sigtimedwait(HANDLED, wait)
             sig = info.si_signo if info is not None else None
             if sig == signal.SIGHUP:
                 for pid in self.workers:
@@ -109,13 +117,30 @@ class Supervisor:
             for pid, status in _reap():
                 if pid not in self.workers:
                     continue
-                del self.workers[pid]
+                started, quick_deaths = self.workers.pop(pid)
                 code = os.waitstatus_to_exitcode(status)
                 if code == STARTUP_FAILED:
                     log.error("worker %d could not start; stopping", pid)
                     return STARTUP_FAILED
-                log.warning("worker %d died unexpectedly (exit status %d); starting a new one", pid, code)
-                self._spawn()
+                lived = time.monotonic() - started
+                if lived >= QUICK_DEATH:
+                    log.warning("worker %d died unexpectedly (exit status %d); starting a new one", pid, code)
+                    self._spawn()
+                    continue
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**quick_deaths)
+                log.warning(
+                    "worker %d died unexpectedly %.1fs after starting (exit status %d); "
+                    "starting a new one in %.1fs",
+                    pid,
+                    lived,
+                    code,
+                    delay,
+                )
+                self.pending.append((time.monotonic() + delay, quick_deaths + 1))
+            now = time.monotonic()
+            for restart in [r for r in self.pending if r[0] <= now]:
+                self.pending.remove(restart)
+                self._spawn(restart[1])
 
     def _stop_all(self) -> None:
         """SIGTERM to every worker, then wait for their graceful stop (SIGKILL past it)."""
