@@ -123,6 +123,20 @@ async def test_an_apps_own_date_is_written_instead_of_the_servers(serve):
     assert plain.count(b"\r\ndate: ") == 1 and asgi_app.ORIGIN_DATE.lower().encode() not in plain
 
 
+async def test_the_respond_extension_answers_whole_and_keeps_the_connection(serve):
+    _, port = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /whole HTTP/1.1\r\nHost: x\r\n\r\nHEAD /whole HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await asyncio.wait_for(read_response(reader), 5)
+    assert (status, body) == (201, b"whole")
+    assert headers["content-length"] == "5" and headers["server"] == "bridgeway" and "date" in headers
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # HEAD: the head alone
+    assert head.startswith(b"HTTP/1.1 201 ") and b"content-length: 5\r\n" in head
+    assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"hello"  # kept alive, in order
+    writer.close()
+
+
 async def test_a_client_pipelining_faster_than_answers_is_held_in_its_socket(serve):
     worker, port = await serve()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -65,6 +65,8 @@ async def _http(scope, receive, send) -> None:
         await _reply(send, 200, await _digest(receive))
     elif path == "/dated":  # an app that names its own Date (as a proxied answer does)
         await _reply(send, 200, b"dated", [(b"date", ORIGIN_DATE.encode())])
+    elif path == "/whole":  # the server's RESPOND extension: the answer in one call, no messages
+        scope["extensions"]["bridgeway.respond"](send, 201, [(b"content-type", b"text/plain")], b"whole")
     elif path.startswith("/gate/"):
         await GATES[path[6:]].wait()
         await _reply(send, 200, await _digest(receive))

@@ -13,7 +13,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 
 from bridgeway.dataplane.cache import MISS, Flight, Lookup, RouteCache
 from bridgeway.dataplane.instance import Instance
@@ -25,6 +25,7 @@ from bridgeway.observability.tracing import new_trace_id, parse_traceparent
 from bridgeway.security.access import UNKNOWN, Access, Principal
 from bridgeway.security.budgets import Budgets, Held, Tightest
 from bridgeway.security.limits import ratelimit_headers
+from bridgeway.serving.http import RESPOND
 
 # RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
 HOP_BY_HOP = frozenset(
@@ -46,6 +47,7 @@ HOP_BY_HOP = frozenset(
 NOT_RELAYED = HOP_BY_HOP | {b"server"}
 BRIDGE = "/bridge/"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+NO_EXTENSIONS: dict = {}
 # Small bodies are read whole: they can be retried and go upstream in one write.
 BUFFER_LIMIT = 1 << 20
 
@@ -339,12 +341,24 @@ _MESSAGES = {
 }
 
 
-async def proxy_http(
+def proxy_http(
+    service: Service, scope: dict, receive, send, call: Call, reply_headers: list, access: Access
+) -> Coroutine[None, None, int]:
+    """Forward one HTTP request to `service`: the coroutine to await, which returns the status
+    sent. Errors before the response starts are raised as GatewayError; after it starts, the
+    stream is cut. A plain function: a request with nothing to check, draw or look up goes
+    straight to `_forward`, one coroutine (and one level to pass on each resume) fewer."""
+    call.target = parse_target(scope, len(BRIDGE) + len(service.name))
+    if call.credential is None and not access.required and service.limits is None and service.cache is None:
+        return _forward(service, scope, receive, send, call, reply_headers)  # (no caller: no budgets)
+    return _admitted(service, scope, receive, send, call, reply_headers, access)
+
+
+async def _admitted(
     service: Service, scope: dict, receive, send, call: Call, reply_headers: list, access: Access
 ) -> int:
-    """Forward one HTTP request to `service`; returns the status sent. Errors before the
-    response starts are raised as GatewayError; after it starts, the stream is cut."""
-    call.target = parse_target(scope, len(BRIDGE) + len(service.name))
+    """`proxy_http` with its checks: authenticate, authorise, draw from the limits, then the
+    route's cache or `_forward`."""
     caller = None
     if call.credential is not None or access.required:  # anonymous traffic to open routes skips this
         caller = access.check_now(call.credential, service.name, scope["method"], call.target)
@@ -424,8 +438,12 @@ async def _forward(
             await evict.invalidate(call.target)  # before the answer goes out: the next read is fresh
         headers = response_headers(resp, reply_headers)
         if resp.complete:  # `_relay`'s first case, inline: no coroutine for the common answer
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            await send({"type": "http.response.body", "body": resp.body()})
+            respond = scope.get("extensions", NO_EXTENSIONS).get(RESPOND)
+            if respond is not None:  # our server: the whole answer in one call, no messages
+                respond(send, resp.status, headers, resp.body())
+            else:
+                await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+                await send({"type": "http.response.body", "body": resp.body()})
         else:
             await _relay(service, resp, inst, send, headers, receive if isinstance(body, bytes) else None)
     finally:

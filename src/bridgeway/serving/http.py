@@ -35,8 +35,18 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT = {"type": "http.disconnect"}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 EMPTY_BODY = {"type": "http.request", "body": b"", "more_body": False}
+# An extension of this server's HTTP scopes: `scope["extensions"][RESPOND](send, status, headers,
+# body)` answers the request of that `send` whole, as `http.response.start` and a final
+# `http.response.body` would, without a coroutine and a message for each (the proxy's common
+# answer). One shared dict for every scope: nothing per request, and no reference from the scope
+# back to its exchange (a cycle only the garbage collector would free).
+RESPOND = "bridgeway.respond"
 # Response headers the server writes unless the app gave its own (a proxied answer's Date, say).
 GIVEN_SERVER, GIVEN_DATE = 1, 2
+# The lengths of the response header names the server acts on (a cheap test before lowercasing).
+_NOTED_LENGTHS = frozenset(
+    map(len, (b"content-length", b"connection", b"transfer-encoding", b"date", b"server"))
+)
 
 
 def status_line(status: int) -> bytes:
@@ -190,9 +200,7 @@ class Exchange:
                 if self.chunked:
                     body += b"0\r\n\r\n"
             if head is not None:
-                conn.transport.write(head + body if len(body) < 65536 else head)
-                if len(body) >= 65536:
-                    conn.transport.write(body)
+                self._write_head(head, body)
             elif body:
                 conn.transport.write(body)
             if self.finished:
@@ -209,26 +217,50 @@ class Exchange:
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r} on an HTTP request")
 
+    def respond(self, status: int, headers, body: bytes) -> None:
+        """The `RESPOND` extension: the whole response in one write."""
+        if self.started:
+            raise RuntimeError("a whole response after the response started")
+        self.started = self.finished = True
+        self.status = status
+        head = self._finish_head(self._head(status, headers), body, False)
+        conn = self.conn
+        if conn.lost:
+            return
+        self._write_head(head, b"" if self.head or status in NO_BODY_STATUS else body)
+        conn.response_done(self)
+
+    def _write_head(self, head: bytes, body: bytes) -> None:
+        """The head and the first body bytes: one write, unless the body is large (no copy)."""
+        if len(body) < 65536:
+            self.conn.transport.write(head + body)
+        else:
+            self.conn.transport.write(head)
+            self.conn.transport.write(body)
+
     def _head(self, status: int, headers) -> bytes:
         """The status line and the app's headers, checked; framing headers come in `_finish_head`."""
-        parts = [status_line(status)]
-        lines = 1
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                self.chunked = None  # a length given: neither chunked nor added
-            elif lname == b"connection" and value.lower() == b"close":
-                self.keep_alive = False
-                continue  # written once below
-            elif lname == b"transfer-encoding":
-                continue  # the server frames the body itself
-            elif lname == b"date":
-                self.given |= GIVEN_DATE
-            elif lname == b"server":
-                self.given |= GIVEN_SERVER
-            parts.append(b"%b: %b\r\n" % (name, value))
-            lines += 1
-        return checked_head(b"".join(parts), lines)
+        lines = []
+        for header in headers:
+            name = header[0]
+            if len(name) in _NOTED_LENGTHS:  # only these can be a header the server acts on
+                lname = name.lower()
+                if lname == b"content-length":
+                    self.chunked = None  # a length given: neither chunked nor added
+                elif lname == b"connection" and header[1].lower() == b"close":
+                    self.keep_alive = False
+                    continue  # written once in `_finish_head`
+                elif lname == b"transfer-encoding":
+                    continue  # the server frames the body itself
+                elif lname == b"date":
+                    self.given |= GIVEN_DATE
+                elif lname == b"server":
+                    self.given |= GIVEN_SERVER
+            lines.append(b": ".join(header))
+        if not lines:
+            return status_line(status)
+        lines.append(b"")  # the last header's CRLF
+        return checked_head(status_line(status) + b"\r\n".join(lines), len(lines))
 
     def _finish_head(self, head: bytes, body: bytes, more: bool) -> bytes:
         conn = self.conn
@@ -279,6 +311,14 @@ class Exchange:
                 conn.transport.close()  # a cut stream: the client sees it end early
         if conn.task is task:
             conn.task = None
+
+
+def respond(send, status: int, headers, body: bytes) -> None:
+    """The `RESPOND` extension: `send` is the one this server gave with the scope."""
+    send.__self__.respond(status, headers, body)
+
+
+HTTP_EXTENSIONS = {RESPOND: respond}
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -551,6 +591,7 @@ class HttpProtocol(asyncio.Protocol):
             "raw_path": raw_path,
             "query_string": query,
             "headers": headers,
+            "extensions": HTTP_EXTENSIONS,
         }
         if server.state is not None:
             scope["state"] = server.state.copy()

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
+from types import FunctionType
 
 import uvloop
 
@@ -40,7 +41,9 @@ class Worker:
     """What one worker's connections share (read by `HttpProtocol` on every request)."""
 
     def __init__(self, app, settings: Settings, loop: asyncio.AbstractEventLoop):
-        self.app = app
+        # An app object is called through its bound __call__: calling the instance looks the
+        # method up again on every request.
+        self.app = app.__call__ if isinstance(vars(type(app)).get("__call__"), FunctionType) else app
         self.settings = settings
         self.loop = loop
         self.max_header_size = settings.max_header_size
