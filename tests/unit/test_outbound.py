@@ -111,6 +111,15 @@ def test_by_default_only_the_special_ranges_are_refused(address):
         ("https://other.example/x", OutboundPolicy.of(allow=["hooks.example.com"]), False, "allow"),
         # a name with an allow list of CIDRs: its addresses decide, at connect time
         ("https://other.example/x", OutboundPolicy.of(allow=["10.0.0.0/8"]), True, ""),
+        # decided on the host as aiohttp connects to it: Unicode digits and dots are an IP literal
+        ("http://１６９.２５４.１６９.２５４/", DEFAULT, False, "169.254.169.254 is link-local"),
+        ("http://①⑥⑨.②⑤④.①⑥⑨.②⑤④/", DEFAULT, False, "169.254.169.254 is link-local"),
+        ("http://169。254。169。254/", DEFAULT, False, "169.254.169.254 is link-local"),
+        ("http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/", OutboundPolicy.of(deny=["localhost"]), False, "localhost is in outbound.deny"),
+        ("https://bücher.example/", OutboundPolicy.of(deny=["xn--bcher-kva.example"]), False, "deny"),
+        ("https://bücher.example/", DEFAULT, True, ""),
+        ("http://169%2e254%2e169%2e254/", DEFAULT, False, "neither an IP address nor a host name"),
+        ("http://127.0.0.1\\@a.example/", OutboundPolicy.of(deny=["127.0.0.0/8"]), False, "not a valid URL"),
     ],
 )
 def test_check_url(url, policy, allowed, why):
@@ -121,6 +130,24 @@ def test_check_url(url, policy, allowed, why):
 def test_bad_list_entries_are_named():
     with pytest.raises(ValueError, match='outbound.allow: "not a host!"'):
         OutboundPolicy.of(allow=["not a host!"])
+
+
+async def test_check_url_decides_on_the_address_aiohttp_connects_to():
+    """A host in Unicode digits and dots is posted by aiohttp to the IP literal it stands for,
+    past any resolver: the refusal names that address."""
+    sink = Sink()
+    port = sink.url.rpartition(":")[2]
+    deny_loopback = OutboundPolicy.of(deny=["127.0.0.0/8"])
+    try:
+        async with client_session(PolicyResolver(lambda: deny_loopback), 5) as s:
+            for host in ("１２７.０.０.１", "127。0。0。1"):
+                url = f"http://{host}:{port}/{len(sink.requests)}"
+                assert check_url(url, deny_loopback).reason == "127.0.0.1 is in outbound.deny (127.0.0.0/8)"
+                async with s.post(url, data=b"{}") as resp:  # unchecked, it lands on 127.0.0.1
+                    assert resp.status == 200
+        assert [r.path for r in sink.requests] == ["/0", "/1"]
+    finally:
+        sink.close()
 
 
 class FixedResolver(AbstractResolver):

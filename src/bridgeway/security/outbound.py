@@ -27,11 +27,11 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,9 +51,9 @@ SPECIAL: tuple[tuple[Network, str], ...] = tuple(
         ("255.255.255.255/32", "broadcast, not a host"),
     )
 )
-_HOST_NAME = re.compile(
-    r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$"
-)
+_NAME = r"([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"^{_NAME}\.?$")  # a URL's host, in its ASCII (IDNA) form
+_HOST_PATTERN = re.compile(rf"^(\*\.)?{_NAME}$")  # a list entry
 # Hosts that are numbers but not canonical dotted quads (2130706433, 0x7f.1, 127.1): the system
 # resolver maps them onto addresses, so they are no names to match against the lists.
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+))*\.?$")
@@ -104,7 +104,7 @@ def _split(entries: tuple[str, ...], where: str) -> tuple[tuple[Network, ...], t
             continue
         except ValueError:
             pass
-        if not _HOST_NAME.match(text) or _NUMERIC_HOST.match(text):
+        if not _HOST_PATTERN.match(text) or _NUMERIC_HOST.match(text):
             raise ValueError(f'outbound.{where}: "{entry}" is neither a CIDR (10.0.0.0/8) nor a host name')
         hosts.append(text)
     return tuple(nets), tuple(hosts)
@@ -150,13 +150,16 @@ def decide(address: Address, host: str | None, policy: OutboundPolicy) -> Verdic
 
 def check_url(url: str, policy: OutboundPolicy) -> Verdict:
     """What can be decided when a URL is registered: the scheme, an IP literal host, a host name
-    against the lists. A name's addresses are decided at connect time."""
+    against the lists. A name's addresses are decided at connect time.
+
+    The URL is parsed as aiohttp parses it (yarl) and the host decided on is the one it connects
+    to: yarl maps a host's Unicode form to ASCII (IDNA), so `１２７.０.０.１` or `127。0。0。1`
+    is 127.0.0.1 and `ⓛⓞⓒⓐⓛⓗⓞⓢⓣ` is localhost, and an IP literal never reaches the resolver."""
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
+        parts = URL(url)
+    except (ValueError, TypeError):
         return Verdict(False, "not a valid URL")
+    host = parts.raw_host
     if parts.scheme not in ("http", "https") or not host:
         return Verdict(False, "expected an http(s) URL with a host")
     try:
@@ -167,6 +170,8 @@ def check_url(url: str, policy: OutboundPolicy) -> Verdict:
         return decide(address, None, policy)
     if _NUMERIC_HOST.match(host):
         return Verdict(False, f"{host} is not a canonical IP address")
+    if not _HOST_NAME.match(host):
+        return Verdict(False, "the host is neither an IP address nor a host name")
     if _host_matches(host, policy.deny_hosts):
         return Verdict(False, f"{host} is in outbound.deny")
     if policy.has_allow_list and not policy.allow_nets and not _host_matches(host, policy.allow_hosts):
