@@ -59,6 +59,20 @@ ip = ipaddress.ip_address
         ("192.168.1.1", None, OutboundPolicy.of(allow=["10.0.0.0/8"]), False, "not in outbound.allow"),
         ("192.168.1.1", "a.hooks.example", OutboundPolicy.of(allow=["*.hooks.example"]), True, ""),
         ("192.168.1.1", "hooks.example", OutboundPolicy.of(allow=["*.hooks.example"]), False, "allow"),
+        # an IPv6 address carrying an IPv4 one is refused as either
+        ("::169.254.169.254", None, DEFAULT, False, "::a9fe:a9fe (169.254.169.254) is link-local"),
+        ("64:ff9b::169.254.169.254", None, DEFAULT, False, "(169.254.169.254) is link-local"),
+        ("2002:a9fe:a9fe::1", None, DEFAULT, False, "(169.254.169.254) is link-local"),
+        ("64:ff9b::7f00:1", None, OutboundPolicy.of(deny=["127.0.0.0/8"]), False, "outbound.deny"),
+        ("2002:a9fe:a9fe::1", None, OutboundPolicy.of(deny=["2002::/16"]), False, "outbound.deny"),
+        ("2001:db8::1", None, OutboundPolicy.of(deny=["127.0.0.0/8"]), True, ""),
+        # loopback is one range in both families: denying 127.0.0.0/8 denies ::1
+        ("::1", None, DEFAULT, True, ""),
+        ("::1", None, OutboundPolicy.of(deny=["127.0.0.0/8"]), False, "::1 (127.0.0.1) is in outbound.deny"),
+        ("::1", None, OutboundPolicy.of(deny=["::1/128"]), False, "::1 is in outbound.deny"),
+        # ... but the carried address never widens an allow list
+        ("64:ff9b::a00:5", None, OutboundPolicy.of(allow=["10.0.0.0/8"]), False, "not in outbound.allow"),
+        ("64:ff9b::a00:5", None, OutboundPolicy.of(allow=["64:ff9b::/96"]), True, ""),
     ],
 )
 def test_decide(address, host, policy, allowed, why):
@@ -75,9 +89,14 @@ cidrs = st.sampled_from(["0.0.0.0/0", "10.0.0.0/8", "169.0.0.0/8", "::/0", "hook
 @given(link_local, st.lists(cidrs, max_size=3))
 def test_link_local_is_refused_whatever_broad_allow_list(address, allow):
     assert not decide(address, "hooks.example", OutboundPolicy.of(allow=allow)).allowed
-    assert not decide(
-        ipaddress.IPv6Address(f"::ffff:{address}"), None, OutboundPolicy.of(allow=allow)
-    ).allowed
+    v4 = int(address)
+    for carrier in (  # IPv4-mapped, IPv4-compatible, NAT64, 6to4
+        ipaddress.IPv6Address(0xFFFF_0000_0000 | v4),
+        ipaddress.IPv6Address(v4),
+        ipaddress.IPv6Address(0x64_FF9B << 96 | v4),
+        ipaddress.IPv6Address(0x2002 << 112 | v4 << 80 | 1),
+    ):
+        assert not decide(carrier, None, OutboundPolicy.of(allow=allow)).allowed, carrier
 
 
 @given(ipv4)
@@ -119,6 +138,8 @@ def test_by_default_only_the_special_ranges_are_refused(address):
         ("https://bücher.example/", OutboundPolicy.of(deny=["xn--bcher-kva.example"]), False, "deny"),
         ("https://bücher.example/", DEFAULT, True, ""),
         ("http://169%2e254%2e169%2e254/", DEFAULT, False, "neither an IP address nor a host name"),
+        ("http://[64:ff9b::a9fe:a9fe]/", DEFAULT, False, "(169.254.169.254) is link-local"),
+        ("http://[::1]:8080/", OutboundPolicy.of(deny=["127.0.0.0/8"]), False, "outbound.deny"),
         ("http://127.0.0.1\\@a.example/", OutboundPolicy.of(deny=["127.0.0.0/8"]), False, "not a valid URL"),
     ],
 )

@@ -115,33 +115,63 @@ def _host_matches(host: str, patterns: tuple[str, ...]) -> bool:
     return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)
 
 
-def _plain(address: Address) -> Address:
-    """An IPv4-mapped IPv6 address (::ffff:169.254.169.254) is the IPv4 address it carries."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+_LOOPBACK6 = ipaddress.ip_network("::1/128")
+
+
+def _forms(address: Address) -> tuple[Address, ...]:
+    """The address, and the IPv4 address an IPv6 one carries: NAT64 (64:ff9b::a.b.c.d), 6to4
+    (2002:aabb:ccdd::/48), IPv4-compatible (::a.b.c.d), and ::1 as 127.0.0.1 (loopback is one
+    thing in both families). An IPv4-mapped address (::ffff:a.b.c.d) is its IPv4 address only:
+    the connection is IPv4."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return (address,)
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address in _LOOPBACK6:
+        carried = ipaddress.IPv4Address("127.0.0.1")
+    elif address.sixtofour is not None:
+        carried = address.sixtofour
+    elif address in _NAT64 or address in _V4_COMPATIBLE:
+        carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    else:
+        return (address,)
+    return (address, carried)
+
+
+def _in(address: Address, net: Network) -> bool:
+    return address.version == net.version and address in net
+
+
+def _named(form: Address, address: Address) -> str:
+    return str(form) if form == address else f"{address} ({form})"
 
 
 def decide(address: Address, host: str | None, policy: OutboundPolicy) -> Verdict:
-    """May the gateway connect to `address` (reached through the name `host`, if any)?"""
-    address = _plain(address)
-    for net in policy.deny_nets:
-        if address.version == net.version and address in net:
-            return Verdict(False, f"{address} is in outbound.deny ({net})")
+    """May the gateway connect to `address` (reached through the name `host`, if any)?
+
+    An IPv6 address carrying an IPv4 one is refused when either is (deny list, special ranges);
+    the allow list admits it by the address itself, so an embedded form never widens it."""
+    forms = _forms(address)
+    address = forms[0]
+    for form in forms:
+        for net in policy.deny_nets:
+            if _in(form, net):
+                return Verdict(False, f"{_named(form, address)} is in outbound.deny ({net})")
     if host is not None and _host_matches(host, policy.deny_hosts):
         return Verdict(False, f"{host} is in outbound.deny")
-    for special, why in SPECIAL:
-        if address.version == special.version and address in special:
-            explicit = any(
-                net.version == special.version and address in net and net.subnet_of(special)
-                for net in policy.allow_nets
-            )
-            if not explicit:
-                return Verdict(False, f"{address} is {why}; allow it explicitly in outbound.allow")
-            return ALLOWED
+    for form in forms:
+        for special, why in SPECIAL:
+            if _in(form, special) and not any(
+                _in(form, net) and net.subnet_of(special) for net in policy.allow_nets
+            ):
+                return Verdict(
+                    False, f"{_named(form, address)} is {why}; allow it explicitly in outbound.allow"
+                )
     if not policy.has_allow_list:
         return ALLOWED
-    if any(address.version == net.version and address in net for net in policy.allow_nets):
+    if any(_in(address, net) for net in policy.allow_nets):
         return ALLOWED
     if host is not None and _host_matches(host, policy.allow_hosts):
         return ALLOWED
