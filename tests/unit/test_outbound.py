@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from bridgeway.security.outbound import (
     OutboundPolicy,
     PolicyResolver,
+    PolicySession,
     check_url,
     client_session,
     decide,
@@ -207,4 +208,26 @@ async def test_a_name_resolving_to_a_refused_address_is_refused_at_connect_time(
         assert "outbound.deny" in describe(refused.value)
         assert [r.path for r in sink.requests] == ["/ok"]
     finally:
+        sink.close()
+
+
+async def test_a_changed_policy_closes_the_connections_kept_open():
+    """A pooled keep-alive connection is reused without resolving again: after the policy
+    changes, the next post to the same name opens (and vets) a new one."""
+    sink = Sink()
+    url = f"http://localhost:{sink.url.rpartition(':')[2]}/hook"
+    policy = DEFAULT
+    http = PolicySession(lambda: policy, 5)
+    try:
+        first = await http.get()
+        async with first.post(url, data=b"{}") as resp:
+            assert resp.status == 200
+        assert await http.get() is first  # same policy: the connection stays in the pool
+        policy = OutboundPolicy.of(deny=["127.0.0.0/8"])
+        with pytest.raises(aiohttp.ClientError) as refused:
+            await (await http.get()).post(url, data=b"{}")
+        assert "127.0.0.1 is in outbound.deny" in describe(refused.value)
+        assert first.closed and len(sink.requests) == 1
+    finally:
+        await http.close()
         sink.close()

@@ -257,3 +257,30 @@ def client_session(resolver: PolicyResolver, timeout: float | None = None) -> ai
     on every new connection (no DNS cache that would outlive a reload)."""
     connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+class PolicySession:
+    """The aiohttp session for the policy `policy()` returns, made anew when that changes: a
+    pooled keep-alive connection is reused without resolving its host again, so one opened under
+    the old policy would go on posting where the new one refuses."""
+
+    def __init__(self, policy: Callable[[], OutboundPolicy], timeout: float | None = None) -> None:
+        self.policy, self.timeout = policy, timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._made_for: OutboundPolicy | None = None
+
+    async def get(self) -> aiohttp.ClientSession:
+        policy = self.policy()
+        if self._session is None or policy != self._made_for:
+            # swapped before the await, so concurrent posts all take the new session
+            old = self._session
+            self._session = client_session(PolicyResolver(self.policy), self.timeout)
+            self._made_for = policy
+            if old is not None:
+                await old.close()  # a post in flight on it fails, and is retried under the new policy
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
