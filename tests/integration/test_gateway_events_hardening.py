@@ -158,6 +158,52 @@ def test_a_reload_changes_the_outbound_policy_for_webhooks_and_callbacks():
         gateway.stop()
 
 
+def test_a_reloaded_deny_list_refuses_posts_on_connections_already_open():
+    """`localhost` is a name: vetted when a connection to it is made. A webhook and a callback
+    are posted there, over keep-alive connections; after a reload denies 127.0.0.0/8 the next
+    ones are refused, not posted on the connections still open."""
+    sink = Sink()
+    port = sink.url.rpartition(":")[2]
+    config = {
+        "events": {"log": unique_name(), "delivery": QUICK},
+        "services": {"worker": {"instances": [sink.url]}},  # a service route: not an outbound post
+        "queues": {"noted": {"deliver": {"service": "worker", "path": "/run"}, "callback_secret": SECRET}},
+    }
+    gateway = start_gateway(config)
+    hook = {"types": ["*"], "url": f"http://localhost:{port}/hook", "secret": SECRET}
+    job = {"payload": {}, "callback_url": f"http://localhost:{port}/cb"}
+
+    def posted(path: str) -> int:
+        with sink.lock:
+            return sum(r.path == path for r in sink.requests)
+
+    try:
+        assert gateway.api("PUT", "/events/webhooks/kept", hook).status == 201
+        publish(gateway, [ev("job.done", 1)])
+        assert gateway.api("POST", "/queues/noted/jobs", job).status == 201
+        wait_until(lambda: posted("/hook") == 1 and posted("/cb") == 1, timeout=10, what="both posted")
+
+        gateway.rewrite({**config, "outbound": {"deny": ["127.0.0.0/8"]}})
+        assert gateway.api("POST", "/admin/reload").status == 200
+        publish(gateway, [ev("job.done", 2)])
+        assert gateway.api("POST", "/queues/noted/jobs", job).status == 201
+        dead = wait_until(
+            lambda: gateway.api("GET", "/events/webhooks/kept/dead-letters").json()["dead_letters"],
+            timeout=15,
+            what="the webhook refused",
+        )
+        assert "127.0.0.1 is in outbound.deny" in dead[0]["problem"]
+        wait_until(
+            lambda: "callback failed: refused by the outbound policy" in gateway.logs(),
+            timeout=10,
+            what="the callback refused",
+        )
+        assert (posted("/hook"), posted("/cb"), posted("/run")) == (1, 1, 2)
+    finally:
+        gateway.stop()
+        sink.close()
+
+
 def test_a_name_resolving_to_a_denied_address_is_refused_at_connect_time(tmp_path):
     """`localhost` passes registration (a name); it resolves to 127.0.0.1, which the deny list
     refuses when the gateway connects: nothing reaches the receiver, the event is dead-lettered

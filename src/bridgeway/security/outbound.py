@@ -27,11 +27,11 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,9 +51,9 @@ SPECIAL: tuple[tuple[Network, str], ...] = tuple(
         ("255.255.255.255/32", "broadcast, not a host"),
     )
 )
-_HOST_NAME = re.compile(
-    r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$"
-)
+_NAME = r"([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"^{_NAME}\.?$")  # a URL's host, in its ASCII (IDNA) form
+_HOST_PATTERN = re.compile(rf"^(\*\.)?{_NAME}$")  # a list entry
 # Hosts that are numbers but not canonical dotted quads (2130706433, 0x7f.1, 127.1): the system
 # resolver maps them onto addresses, so they are no names to match against the lists.
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+))*\.?$")
@@ -104,7 +104,7 @@ def _split(entries: tuple[str, ...], where: str) -> tuple[tuple[Network, ...], t
             continue
         except ValueError:
             pass
-        if not _HOST_NAME.match(text) or _NUMERIC_HOST.match(text):
+        if not _HOST_PATTERN.match(text) or _NUMERIC_HOST.match(text):
             raise ValueError(f'outbound.{where}: "{entry}" is neither a CIDR (10.0.0.0/8) nor a host name')
         hosts.append(text)
     return tuple(nets), tuple(hosts)
@@ -115,33 +115,63 @@ def _host_matches(host: str, patterns: tuple[str, ...]) -> bool:
     return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)
 
 
-def _plain(address: Address) -> Address:
-    """An IPv4-mapped IPv6 address (::ffff:169.254.169.254) is the IPv4 address it carries."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+_LOOPBACK6 = ipaddress.ip_network("::1/128")
+
+
+def _forms(address: Address) -> tuple[Address, ...]:
+    """The address, and the IPv4 address an IPv6 one carries: NAT64 (64:ff9b::a.b.c.d), 6to4
+    (2002:aabb:ccdd::/48), IPv4-compatible (::a.b.c.d), and ::1 as 127.0.0.1 (loopback is one
+    thing in both families). An IPv4-mapped address (::ffff:a.b.c.d) is its IPv4 address only:
+    the connection is IPv4."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return (address,)
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address in _LOOPBACK6:
+        carried = ipaddress.IPv4Address("127.0.0.1")
+    elif address.sixtofour is not None:
+        carried = address.sixtofour
+    elif address in _NAT64 or address in _V4_COMPATIBLE:
+        carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    else:
+        return (address,)
+    return (address, carried)
+
+
+def _in(address: Address, net: Network) -> bool:
+    return address.version == net.version and address in net
+
+
+def _named(form: Address, address: Address) -> str:
+    return str(form) if form == address else f"{address} ({form})"
 
 
 def decide(address: Address, host: str | None, policy: OutboundPolicy) -> Verdict:
-    """May the gateway connect to `address` (reached through the name `host`, if any)?"""
-    address = _plain(address)
-    for net in policy.deny_nets:
-        if address.version == net.version and address in net:
-            return Verdict(False, f"{address} is in outbound.deny ({net})")
+    """May the gateway connect to `address` (reached through the name `host`, if any)?
+
+    An IPv6 address carrying an IPv4 one is refused when either is (deny list, special ranges);
+    the allow list admits it by the address itself, so an embedded form never widens it."""
+    forms = _forms(address)
+    address = forms[0]
+    for form in forms:
+        for net in policy.deny_nets:
+            if _in(form, net):
+                return Verdict(False, f"{_named(form, address)} is in outbound.deny ({net})")
     if host is not None and _host_matches(host, policy.deny_hosts):
         return Verdict(False, f"{host} is in outbound.deny")
-    for special, why in SPECIAL:
-        if address.version == special.version and address in special:
-            explicit = any(
-                net.version == special.version and address in net and net.subnet_of(special)
-                for net in policy.allow_nets
-            )
-            if not explicit:
-                return Verdict(False, f"{address} is {why}; allow it explicitly in outbound.allow")
-            return ALLOWED
+    for form in forms:
+        for special, why in SPECIAL:
+            if _in(form, special) and not any(
+                _in(form, net) and net.subnet_of(special) for net in policy.allow_nets
+            ):
+                return Verdict(
+                    False, f"{_named(form, address)} is {why}; allow it explicitly in outbound.allow"
+                )
     if not policy.has_allow_list:
         return ALLOWED
-    if any(address.version == net.version and address in net for net in policy.allow_nets):
+    if any(_in(address, net) for net in policy.allow_nets):
         return ALLOWED
     if host is not None and _host_matches(host, policy.allow_hosts):
         return ALLOWED
@@ -150,13 +180,16 @@ def decide(address: Address, host: str | None, policy: OutboundPolicy) -> Verdic
 
 def check_url(url: str, policy: OutboundPolicy) -> Verdict:
     """What can be decided when a URL is registered: the scheme, an IP literal host, a host name
-    against the lists. A name's addresses are decided at connect time."""
+    against the lists. A name's addresses are decided at connect time.
+
+    The URL is parsed as aiohttp parses it (yarl) and the host decided on is the one it connects
+    to: yarl maps a host's Unicode form to ASCII (IDNA), so `１２７.０.０.１` or `127。0。0。1`
+    is 127.0.0.1 and `ⓛⓞⓒⓐⓛⓗⓞⓢⓣ` is localhost, and an IP literal never reaches the resolver."""
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
+        parts = URL(url)
+    except (ValueError, TypeError):
         return Verdict(False, "not a valid URL")
+    host = parts.raw_host
     if parts.scheme not in ("http", "https") or not host:
         return Verdict(False, "expected an http(s) URL with a host")
     try:
@@ -167,6 +200,8 @@ def check_url(url: str, policy: OutboundPolicy) -> Verdict:
         return decide(address, None, policy)
     if _NUMERIC_HOST.match(host):
         return Verdict(False, f"{host} is not a canonical IP address")
+    if not _HOST_NAME.match(host):
+        return Verdict(False, "the host is neither an IP address nor a host name")
     if _host_matches(host, policy.deny_hosts):
         return Verdict(False, f"{host} is in outbound.deny")
     if policy.has_allow_list and not policy.allow_nets and not _host_matches(host, policy.allow_hosts):
@@ -222,3 +257,30 @@ def client_session(resolver: PolicyResolver, timeout: float | None = None) -> ai
     on every new connection (no DNS cache that would outlive a reload)."""
     connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+class PolicySession:
+    """The aiohttp session for the policy `policy()` returns, made anew when that changes: a
+    pooled keep-alive connection is reused without resolving its host again, so one opened under
+    the old policy would go on posting where the new one refuses."""
+
+    def __init__(self, policy: Callable[[], OutboundPolicy], timeout: float | None = None) -> None:
+        self.policy, self.timeout = policy, timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._made_for: OutboundPolicy | None = None
+
+    async def get(self) -> aiohttp.ClientSession:
+        policy = self.policy()
+        if self._session is None or policy != self._made_for:
+            # swapped before the await, so concurrent posts all take the new session
+            old = self._session
+            self._session = client_session(PolicyResolver(self.policy), self.timeout)
+            self._made_for = policy
+            if old is not None:
+                await old.close()  # a post in flight on it fails, and is retried under the new policy
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

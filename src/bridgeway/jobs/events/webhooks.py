@@ -189,8 +189,8 @@ class WebhookDelivery:
         self.owner = uuid.uuid4().hex.encode()
         self._running: dict[str, tuple[Subscription, asyncio.Task]] = {}
         self._loop: asyncio.Task | None = None
-        self._session: aiohttp.ClientSession | None = None
         self.policy = outbound.OutboundPolicy()  # the config's, from `configure`
+        self._http = outbound.PolicySession(lambda: self.policy)
         self.logger = logs.get_logger()
 
     def configure(
@@ -206,7 +206,6 @@ class WebhookDelivery:
     async def start(self) -> None:
         for sub in self.configured.values():
             await start_cursor(self.state, self.log, sub)
-        self._session = outbound.client_session(outbound.PolicyResolver(lambda: self.policy))
         self._loop = asyncio.create_task(self._reconcile_forever())
 
     async def stop(self) -> None:
@@ -219,8 +218,7 @@ class WebhookDelivery:
         for _, task in list(self._running.values()):
             with contextlib.suppress(BaseException):
                 await task
-        if self._session is not None:
-            await self._session.close()
+        await self._http.close()
 
     async def subscriptions(self) -> dict[str, Subscription]:
         subs = dict(self.configured)
@@ -365,8 +363,9 @@ class WebhookDelivery:
             "X-Bridgeway-Event-Type": event.event_type,
             "X-Bridgeway-Subscription": sub.name,
         }
+        session = await self._http.get()
         try:
-            async with self._session.post(
+            async with session.post(
                 sub.url,
                 data=event.body,
                 headers=headers,

@@ -225,7 +225,8 @@ class CallbackLoop(_Loop):
 
     def __init__(self, queues: Queues):
         super().__init__(queues, CALLBACKS)
-        self._session: aiohttp.ClientSession | None = None
+        # connections vetted (SSRF), by the policy of the config serving at the time
+        self._http = outbound.PolicySession(lambda: queues.outbound, CALLBACK_TIMEOUT)
 
     def concurrency(self) -> int:
         return CALLBACK_CONCURRENCY
@@ -234,10 +235,6 @@ class CallbackLoop(_Loop):
         return CALLBACK_LEASE
 
     async def deliver(self, job: Job) -> None:
-        if self._session is None:
-            # connections vetted (SSRF), by the policy of the config serving at the time
-            resolver = outbound.PolicyResolver(lambda: self.queues.outbound)
-            self._session = outbound.client_session(resolver, CALLBACK_TIMEOUT)
         url, source = job.headers.get("url", ""), job.headers.get("queue", "")
         queue = self.queues.queues.get(source)
         secret = queue.callback_secret if queue is not None else None
@@ -252,10 +249,9 @@ class CallbackLoop(_Loop):
                 signing.HEADER: signing.sign(secret, job.payload, time.time()),
                 "X-Bridgeway-Callback-Attempt": str(job.attempts),
             }
+            session = await self._http.get()
             try:
-                async with self._session.post(
-                    url, data=job.payload, headers=headers, allow_redirects=False
-                ) as r:
+                async with session.post(url, data=job.payload, headers=headers, allow_redirects=False) as r:
                     await r.read()
                     ok = 200 <= r.status < 300
                     error = None if ok else f"callback answered {r.status}"
@@ -276,8 +272,7 @@ class CallbackLoop(_Loop):
 
     async def stop(self) -> None:
         await super().stop()
-        if self._session is not None:
-            await self._session.close()
+        await self._http.close()
 
 
 class Delivery:
