@@ -38,6 +38,7 @@ from bridgeway.jobs.events.webhooks import (
 )
 from bridgeway.observability.tracing import new_trace_id
 from bridgeway.security import outbound
+from bridgeway.state import VersionMismatch
 
 router = APIRouter(tags=["events"])
 WebhookName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -377,7 +378,9 @@ async def _replay(gateway, name: str, key: str, entry) -> None:
     """Hand a dead letter to the subscription's deliverer: in the replay list first, then out
     of the dead letters, so a crash in between leaves it in both, never in neither."""
     await gateway.state.put(REPLAY_NS + name, key, entry.value)
-    await gateway.state.delete(DEAD_NS + name, key)
+    # only the version copied: the deliverer may already have replayed it and buried it again
+    with contextlib.suppress(VersionMismatch):
+        await gateway.state.delete(DEAD_NS + name, key, if_version=entry.version)
 
 
 @router.post(

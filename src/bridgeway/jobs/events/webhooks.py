@@ -311,7 +311,10 @@ class WebhookDelivery:
                 self.logger.info("webhook_replayed", subscription=sub.name, seq=letter.event.seq)
             else:
                 await self._bury(sub, dead)
-            await self.state.delete(REPLAY_NS + sub.name, key)
+            # only the entry posted: the API may have moved the letter just buried back in
+            # meanwhile, and that request is still to be served
+            with contextlib.suppress(VersionMismatch):
+                await self.state.delete(REPLAY_NS + sub.name, key, if_version=entry.version)
 
     async def _bury(self, sub: Subscription, dead: DeadLetter) -> None:
         await self.state.put(DEAD_NS + sub.name, dead_key(dead.event.seq), dead.encode())
