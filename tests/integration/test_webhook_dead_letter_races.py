@@ -6,11 +6,17 @@ step in between its requests and its deliverer."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import types
 
+import aiohttp
+import orjson
 import pytest
+import yaml
 
 from bridgeway.api import events as api
+from bridgeway.config.loader import load_config
 from bridgeway.config.models import EventDeliveryConfig
 from bridgeway.jobs.events.log import StoredEvent
 from bridgeway.jobs.events.webhooks import (
@@ -22,6 +28,11 @@ from bridgeway.jobs.events.webhooks import (
     _Lease,
     dead_key,
 )
+from bridgeway.server import Gateway
+from bridgeway.serving import Settings
+from bridgeway.serving.worker import Lifespan, Worker
+from tests.support.events import unique_name
+from tests.support.procs import HOST
 from tests.support.sink import Sink
 
 NAME = "hook"
@@ -98,3 +109,89 @@ async def test_a_letter_replayed_and_refused_while_it_is_being_moved_stays_dead(
     assert await keys(kv, DEAD_NS) == [key] and await keys(kv, REPLAY_NS) == []
     letter = DeadLetter.decode((await kv.get(DEAD_NS + NAME, key)).value)
     assert letter.attempts == 1  # the replay's failure, not the first one's
+
+
+# -- through the API, on a gateway served in this loop -----------------------------------------
+
+
+@pytest.fixture
+async def gateway(tmp_path):
+    config = {
+        "listen": f"{HOST}:1",  # not used: the test binds its own socket
+        "admin": {"token": TOKEN},
+        "state": f"sqlite:///{tmp_path / 'state.db'}",
+        "events": {
+            "log": unique_name(),
+            "delivery": {"backoff": "10ms", "max_backoff": "20ms", "lease": "3s", "max_attempts": 1},
+        },
+    }
+    path = tmp_path / "bridgeway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gw = Gateway(load_config(str(path)), str(path))
+    lifespan = Lifespan(gw)
+    assert await lifespan.startup()
+    worker = Worker(gw, Settings(), asyncio.get_running_loop())
+    sock = socket.socket()
+    sock.bind((HOST, 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    await worker.start(sock)
+    base = f"http://{HOST}:{sock.getsockname()[1]}/api/v1"
+
+    async def call(method: str, path: str, body: object = None) -> tuple[int, object]:
+        data = None if body is None else orjson.dumps(body)
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        async with session.request(method, base + path, data=data, headers=headers) as r:
+            raw = await r.read()
+            return r.status, orjson.loads(raw) if r.content_type == "application/json" else raw
+
+    async with aiohttp.ClientSession() as session:
+        yield gw, call
+    await worker.stop()
+    await lifespan.shutdown()
+
+
+async def until(predicate, what: str, timeout: float = 10.0):
+    async with asyncio.timeout(timeout):
+        while not (found := await predicate()):
+            await asyncio.sleep(0.02)
+    assert found, what
+    return found
+
+
+def event(i: int) -> dict:
+    return {"event_type": "job.done", "source_service": "test", "payload": {"i": i}}
+
+
+async def test_replaying_all_moves_each_dead_letter_once_while_the_receiver_stays_down(
+    gateway, refusing, monkeypatch
+):
+    gw, call = gateway
+    status, _ = await call(
+        "PUT", f"/events/webhooks/{NAME}", {"types": ["*"], "url": refusing.url, "secret": SECRET}
+    )
+    assert status == 201
+    assert (await call("POST", "/events", [event(i) for i in range(3)]))[0] == 200
+
+    async def three_dead():
+        return len(await keys(gw.state, DEAD_NS)) == 3
+
+    await until(three_dead, "three dead letters")
+    moved = []
+    real_replay = api._replay
+
+    async def replay_and_wait_until_refused_again(gateway, name, key, entry):
+        moved.append(key)
+        assert len(moved) <= 6, "the same dead letters moved again and again"
+        await real_replay(gateway, name, key, entry)
+
+        async def buried_again():
+            return await gateway.state.get(REPLAY_NS + name, key) is None
+
+        await until(buried_again, "the deliverer refused the replay")
+
+    monkeypatch.setattr(api, "_replay", replay_and_wait_until_refused_again)
+    status, body = await call("POST", f"/events/webhooks/{NAME}/dead-letters/replay")
+    assert (status, body) == (202, {"replaying": 3})
+    assert moved == sorted(set(moved)) and len(moved) == 3
+    assert len(await keys(gw.state, DEAD_NS)) == 3 and await keys(gw.state, REPLAY_NS) == []

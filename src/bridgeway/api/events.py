@@ -404,11 +404,14 @@ async def replay_dead_letter(request: Request, name: WebhookName, id: DeadLetter
 )
 async def replay_dead_letters(request: Request, name: WebhookName) -> Response:
     gateway = await _webhook(request, name)
-    count = 0
-    while page := await gateway.state.list(DEAD_NS + name, limit=500):
+    count, after = 0, None
+    # one pass in key order: a letter refused again while this runs is not moved (or counted)
+    # twice, and a receiver still down does not keep the loop going
+    while page := await gateway.state.list(DEAD_NS + name, limit=500, after=after):
         for key, entry in page:
             await _replay(gateway, name, key, entry)
-            count += 1
+        count += len(page)
+        after = page[-1][0]
     audit(request, "webhook.replayed", webhook=name, events=count)
     return _json({"replaying": count}, 202)
 
