@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import types
 
 import aiohttp
@@ -20,6 +21,7 @@ from bridgeway.config.loader import load_config
 from bridgeway.config.models import EventDeliveryConfig
 from bridgeway.jobs.events.log import StoredEvent
 from bridgeway.jobs.events.webhooks import (
+    CURSORS_NS,
     DEAD_NS,
     REPLAY_NS,
     DeadLetter,
@@ -195,3 +197,33 @@ async def test_replaying_all_moves_each_dead_letter_once_while_the_receiver_stay
     assert (status, body) == (202, {"replaying": 3})
     assert moved == sorted(set(moved)) and len(moved) == 3
     assert len(await keys(gw.state, DEAD_NS)) == 3 and await keys(gw.state, REPLAY_NS) == []
+
+
+async def test_a_webhook_deleted_mid_post_leaves_nothing_to_its_namesake(gateway):
+    """Deleted while its post is in flight, refused after: the deliverer must not bury it (nor
+    write its cursor) after the purge, where a webhook made again under the name would find it."""
+    gw, call = gateway
+    received, answer = threading.Event(), threading.Event()
+
+    def slow_refusal(req):
+        received.set()
+        answer.wait(10)
+        return 500
+
+    sink = Sink(slow_refusal)
+    try:
+        hook = {"types": ["*"], "url": sink.url, "secret": SECRET}
+        assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
+        assert (await call("POST", "/events", [event(0)]))[0] == 200
+        assert await asyncio.to_thread(received.wait, 10)
+        assert (await call("DELETE", f"/events/webhooks/{NAME}"))[0] == 204
+        answer.set()
+        await asyncio.sleep(0.5)  # time for a post still in flight to be refused and buried
+        assert await keys(gw.state, DEAD_NS) == []
+        assert await gw.state.get(CURSORS_NS, NAME) is None
+        assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
+        status, body = await call("GET", f"/events/webhooks/{NAME}/dead-letters")
+        assert (status, body["dead_letters"]) == (200, [])
+    finally:
+        answer.set()
+        sink.close()

@@ -328,6 +328,8 @@ async def delete_webhook(request: Request, name: WebhookName) -> Response:
         raise GatewayError("CONFLICT", f"webhook {name!r} is declared in the config; remove it there")
     if not await gateway.state.delete(WEBHOOKS_NS, name):
         raise GatewayError("NOT_FOUND", f"no webhook named {name!r}")
+    # a post in flight here would write its dead letter or cursor back after the purge
+    await gateway.webhooks.forget(name)
     await gateway.state.delete(CURSORS_NS, name)
     await purge(gateway.state, REPLAY_NS + name)
     await purge(gateway.state, DEAD_NS + name)
