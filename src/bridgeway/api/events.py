@@ -38,6 +38,7 @@ from bridgeway.jobs.events.webhooks import (
 )
 from bridgeway.observability.tracing import new_trace_id
 from bridgeway.security import outbound
+from bridgeway.state import VersionMismatch
 
 router = APIRouter(tags=["events"])
 WebhookName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -327,6 +328,8 @@ async def delete_webhook(request: Request, name: WebhookName) -> Response:
         raise GatewayError("CONFLICT", f"webhook {name!r} is declared in the config; remove it there")
     if not await gateway.state.delete(WEBHOOKS_NS, name):
         raise GatewayError("NOT_FOUND", f"no webhook named {name!r}")
+    # a post in flight here would write its dead letter or cursor back after the purge
+    await gateway.webhooks.forget(name)
     await gateway.state.delete(CURSORS_NS, name)
     await purge(gateway.state, REPLAY_NS + name)
     await purge(gateway.state, DEAD_NS + name)
@@ -377,7 +380,9 @@ async def _replay(gateway, name: str, key: str, entry) -> None:
     """Hand a dead letter to the subscription's deliverer: in the replay list first, then out
     of the dead letters, so a crash in between leaves it in both, never in neither."""
     await gateway.state.put(REPLAY_NS + name, key, entry.value)
-    await gateway.state.delete(DEAD_NS + name, key)
+    # only the version copied: the deliverer may already have replayed it and buried it again
+    with contextlib.suppress(VersionMismatch):
+        await gateway.state.delete(DEAD_NS + name, key, if_version=entry.version)
 
 
 @router.post(
@@ -401,11 +406,14 @@ async def replay_dead_letter(request: Request, name: WebhookName, id: DeadLetter
 )
 async def replay_dead_letters(request: Request, name: WebhookName) -> Response:
     gateway = await _webhook(request, name)
-    count = 0
-    while page := await gateway.state.list(DEAD_NS + name, limit=500):
+    count, after = 0, None
+    # one pass in key order: a letter refused again while this runs is not moved (or counted)
+    # twice, and a receiver still down does not keep the loop going
+    while page := await gateway.state.list(DEAD_NS + name, limit=500, after=after):
         for key, entry in page:
             await _replay(gateway, name, key, entry)
-            count += 1
+        count += len(page)
+        after = page[-1][0]
     audit(request, "webhook.replayed", webhook=name, events=count)
     return _json({"replaying": count}, 202)
 

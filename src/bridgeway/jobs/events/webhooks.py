@@ -144,6 +144,13 @@ async def start_cursor(state: KV, log: EventLog, sub: Subscription) -> None:
         await state.put(CURSORS_NS, sub.name, str(position).encode(), if_version=0)
 
 
+async def _end(task: asyncio.Task) -> None:
+    """Cancel `task` and wait until it has ended (and released its lease). `wait` rather than
+    `await task`, so a cancellation of the caller is not taken for the task's and swallowed."""
+    task.cancel()
+    await asyncio.wait({task})
+
+
 class LeaseLost(Exception):
     pass
 
@@ -188,6 +195,7 @@ class WebhookDelivery:
         self.configured: dict[str, Subscription] = {}
         self.owner = uuid.uuid4().hex.encode()
         self._running: dict[str, tuple[Subscription, asyncio.Task]] = {}
+        self._reconciling = asyncio.Lock()  # `forget` waits out a reconcile that may start a task
         self._loop: asyncio.Task | None = None
         self.policy = outbound.OutboundPolicy()  # the config's, from `configure`
         self._http = outbound.PolicySession(lambda: self.policy)
@@ -242,17 +250,26 @@ class WebhookDelivery:
             await asyncio.sleep(RECONCILE_EVERY)
 
     async def _reconcile(self) -> None:
-        subs = await self.subscriptions()
-        for name, (sub, task) in list(self._running.items()):
-            if task.done() or subs.get(name) != sub:  # gone, changed, or its lease was lost
-                task.cancel()
-                del self._running[name]
-        for name, sub in subs.items():
-            if name in self._running:
-                continue
-            lease = _Lease(self.state, name, self.owner, self.delivery.lease)
-            if await lease.acquire():
-                self._running[name] = (sub, asyncio.create_task(self._deliver(sub, lease)))
+        async with self._reconciling:
+            subs = await self.subscriptions()
+            for name, (sub, task) in list(self._running.items()):
+                if task.done() or subs.get(name) != sub:  # gone, changed, or its lease was lost
+                    del self._running[name]
+                    await _end(task)
+            for name, sub in subs.items():
+                if name in self._running:
+                    continue
+                lease = _Lease(self.state, name, self.owner, self.delivery.lease)
+                if await lease.acquire():
+                    self._running[name] = (sub, asyncio.create_task(self._deliver(sub, lease)))
+
+    async def forget(self, name: str) -> None:
+        """Stop delivering `name` in this worker and wait until its task has ended, so nothing
+        it was doing (a dead letter, a cursor) is written after the caller purges its state.
+        The subscription must be gone already, or the next reconcile starts it again."""
+        async with self._reconciling:
+            if (running := self._running.pop(name, None)) is not None:
+                await _end(running[1])
 
     async def _deliver(self, sub: Subscription, lease: _Lease) -> None:
         accept = event_filter(list(sub.types), sub.service, None)
@@ -309,7 +326,10 @@ class WebhookDelivery:
                 self.logger.info("webhook_replayed", subscription=sub.name, seq=letter.event.seq)
             else:
                 await self._bury(sub, dead)
-            await self.state.delete(REPLAY_NS + sub.name, key)
+            # only the entry posted: the API may have moved the letter just buried back in
+            # meanwhile, and that request is still to be served
+            with contextlib.suppress(VersionMismatch):
+                await self.state.delete(REPLAY_NS + sub.name, key, if_version=entry.version)
 
     async def _bury(self, sub: Subscription, dead: DeadLetter) -> None:
         await self.state.put(DEAD_NS + sub.name, dead_key(dead.event.seq), dead.encode())
