@@ -40,7 +40,11 @@ async def test_a_bridge_answer_without_the_respond_extension_is_two_asgi_message
     finally:
         await gateway.shutdown()
     start, body = sent
-    assert (start["type"], start["status"], body["type"]) == ("http.response.start", 200, "http.response.body")
+    assert (start["type"], start["status"], body["type"]) == (
+        "http.response.start",
+        200,
+        "http.response.body",
+    )
     assert not body.get("more_body")
     seen = orjson.loads(body["body"])
     assert seen["path"] == "/hello" and seen["query"] == "a=1"
