@@ -388,6 +388,25 @@ async def test_a_body_still_due_after_an_early_answer_times_out(serve):
     writer.close()
 
 
+async def test_an_early_answer_on_a_closing_connection_is_not_lost_to_a_reset(serve):
+    # HTTP/1.0 without keep-alive: the connection closes after the answer. Closed while the body
+    # still arrives, the kernel answers the client's next bytes with a reset, which throws away
+    # the answer the client has not read yet; so the rest of the body is read out first.
+    _, port = await serve(body_timeout=2.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /hello HTTP/1.0\r\nContent-Length: 300000\r\n\r\n" + b"a" * 1000)
+    await asyncio.sleep(0.3)  # answered by now, the body not yet read
+    for _ in range(30):  # the rest of the body, as a client that sends before it reads does
+        writer.write(b"a" * 9900)
+        await writer.drain()
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(0.2)
+    status, headers, body = await asyncio.wait_for(read_response(reader), 5)
+    assert (status, body) == (200, b"hello") and headers["connection"] == "close"
+    assert await closed_by_server(reader, 4)  # ... and closed once the body is in
+    writer.close()
+
+
 async def test_a_body_the_app_waits_for_times_out_between_reads(serve):
     _, port = await serve(body_timeout=2.0)
     # A body that arrives in pieces, each well within the time-out, is read whole ...

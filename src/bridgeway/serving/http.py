@@ -626,7 +626,10 @@ class HttpProtocol(asyncio.Protocol):
         exchange.complete = True
         exchange.wake()
         if self.current is None and not self.pipeline and exchange.finished:
-            self._await_head()
+            if exchange.keep_alive and not self.closing:
+                self._await_head()
+            else:
+                self.transport.close()  # the body of an answer that closes, read out (`response_done`)
 
     # -- dispatch ------------------------------------------------------------------------------------
 
@@ -642,7 +645,14 @@ class HttpProtocol(asyncio.Protocol):
         self.current = None
         exchange.wake()  # a receive() waiting for the disconnect: the request is over
         if not exchange.keep_alive or self.closing:
-            self.transport.close()
+            if exchange.complete or exchange.expect_continue:
+                self.transport.close()
+            else:
+                # Closed with the body still arriving, the kernel would answer its next bytes
+                # with a reset, which can destroy the answer before the client reads it: the
+                # rest is read and dropped first (`on_message_complete` closes; `timed_out` bounds
+                # it). A client that expected 100-continue and was not told to send closes now.
+                self.head_since = self.server.now
             return
         if self.pipeline:
             self._start(self.pipeline.pop(0))
