@@ -47,7 +47,7 @@ HOP_BY_HOP = frozenset(
 NOT_RELAYED = HOP_BY_HOP | {b"server"}
 BRIDGE = "/bridge/"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-NO_EXTENSIONS: dict = {}
+NO_EXTENSIONS: dict = {}  # a scope from a server that offers none (`RESPOND` is ours)
 # Small bodies are read whole: they can be retried and go upstream in one write.
 BUFFER_LIMIT = 1 << 20
 

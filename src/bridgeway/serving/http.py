@@ -626,7 +626,7 @@ class HttpProtocol(asyncio.Protocol):
         exchange.complete = True
         exchange.wake()
         if self.current is None and not self.pipeline and exchange.finished:
-            if exchange.keep_alive and not self.closing:
+            if self._keeps(exchange):
                 self._await_head()
             else:
                 self.transport.close()  # the body of an answer that closes, read out (`response_done`)
@@ -644,7 +644,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.current = None
         exchange.wake()  # a receive() waiting for the disconnect: the request is over
-        if not exchange.keep_alive or self.closing:
+        if not self._keeps(exchange):
             if exchange.complete or exchange.expect_continue:
                 self.transport.close()
             else:
@@ -662,6 +662,10 @@ class HttpProtocol(asyncio.Protocol):
             self.head_since = self.server.now  # answered before its body arrived: see `timed_out`
         if self.reading_paused and len(self.pipeline) < PIPELINE_HIGH_WATER:
             self.resume_reading()
+
+    def _keeps(self, exchange: Exchange) -> bool:
+        """The connection stays open for another request after `exchange`."""
+        return exchange.keep_alive and not self.closing
 
     def _await_head(self) -> None:
         self.head_started = False
