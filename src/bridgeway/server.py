@@ -22,7 +22,16 @@ from bridgeway.api.app import queue_call, serve_queue_call
 from bridgeway.api.auth import credential_kind
 from bridgeway.config import Config, ConfigError, load_config
 from bridgeway.dataplane.health import HealthChecker
-from bridgeway.dataplane.proxy import BRIDGE, Call, ClientGone, StreamCut, proxy_http, read_head
+from bridgeway.dataplane.proxy import (
+    BRIDGE,
+    Call,
+    ClientGone,
+    StreamCut,
+    failing,
+    proxy_http,
+    proxy_now,
+    read_head,
+)
 from bridgeway.dataplane.service import Registry
 from bridgeway.dataplane.websocket import proxy_websocket
 from bridgeway.errors import GatewayError, error_body
@@ -42,6 +51,7 @@ from bridgeway.security.jwt import JwtVerifier, SigningKeys
 from bridgeway.security.keys import KeyStore, public_id
 from bridgeway.security.limits import RedisLimiter
 from bridgeway.security.oauth import TokenIssuer
+from bridgeway.serving.http import RUN
 from bridgeway.state import KV, open_state
 from bridgeway.workers import shared_dir
 
@@ -260,6 +270,8 @@ class Gateway:
         if kind == "http":
             path = scope["path"]
             if path.startswith(BRIDGE):
+                if RUN in scope.get("extensions", ()):  # our own server: callbacks where they do
+                    return self._bridge_now(scope, receive, send)
                 return self._bridge(scope, receive, send)
             if path.startswith("/v1/"):
                 return self._llm(scope, receive, send)
@@ -308,59 +320,27 @@ class Gateway:
         return self.registry.services.get(name), name
 
     async def _bridge(self, scope, receive, send) -> None:
-        started = time.perf_counter()
-        service, name = self._service_for(scope["path"])
-        service_metrics = service.metrics if service else metrics.UNMATCHED
-        service_metrics.inflight += 1
-        call = Call()
-        reply_headers: list[tuple[bytes, bytes]] = []
-        status = 500
+        await Bridged(self, scope, send).serve(receive)
+
+    def _bridge_now(self, scope, receive, send):
+        """`_bridge` on this gateway's own server: None when the request is answered from
+        callbacks (`proxy_now`), else the coroutine that serves it."""
+        request = Bridged(self, scope, send)
         try:
-            read_head(scope, call)
-            span = traceparent(call.trace_id, new_span_id(), call.trace_flags)
-            call.headers.append((b"traceparent", span))
-            reply_headers.append((b"traceparent", span))
-            if call.request_id is not None:
-                reply_headers.append((b"x-request-id", call.request_id))
-            if service is None:
-                raise GatewayError("UNKNOWN_SERVICE", f"no service named {name[:100]!r}")
-            status = await proxy_http(service, scope, receive, send, call, reply_headers, self.access)
-        except GatewayError as exc:
-            status = exc.status
-            if status in (401, 403):
-                self._audit_refusal(exc, scope, name, call)
-            if not reply_headers:  # the head itself was refused, after its trace was known
-                reply_headers.append(
-                    (b"traceparent", traceparent(call.trace_id, new_span_id(), call.trace_flags))
-                )
-            await send_error(send, exc, call.trace_id, reply_headers)
-        except ClientGone:
-            status = 499  # as nginx logs it: the client closed the request
-        except StreamCut as exc:
-            status = exc.status
-            self.log.warning("stream_cut", service=name, code=exc.code, trace_id=call.trace_id)
-        except Exception:
-            status = 500
-            self.log.exception("internal_error", service=name, trace_id=call.trace_id)
-            # If the response had already started this send fails, and the server cuts the stream.
-            with contextlib.suppress(Exception):
-                await send_error(
-                    send, GatewayError("INTERNAL", "internal error"), call.trace_id, reply_headers
-                )
-        finally:
-            service_metrics.inflight -= 1
-            seconds = time.perf_counter() - started
-            service_metrics.answered(status, seconds)
-            if self.access_log:
-                self.log.info(
-                    "request",
-                    service=name,
-                    method=scope["method"],
-                    route=f"/bridge/{name}",
-                    status=status,
-                    duration_ms=round(seconds * 1000, 3),
-                    trace_id=call.trace_id,
-                )
+            request.prepare()
+            step = proxy_now(
+                request.service,
+                scope,
+                receive,
+                send,
+                request.call,
+                request.reply_headers,
+                self.access,
+                request,
+            )
+        except Exception as exc:  # a refusal (or a bug): answered by `serve`, as on the coroutine path
+            step = failing(exc)
+        return None if step is None else request.serve(receive, step)
 
     async def _llm(self, scope, receive, send) -> None:
         """The OpenAI-compatible endpoint, with the trace and the errors of every route."""
@@ -475,6 +455,92 @@ class Gateway:
 
 async def _nothing() -> None:
     """What an ASGI scope type the gateway does not serve gets."""
+
+
+class Bridged:
+    """One /bridge request's account (its trace, errors, metrics and log line), the same whether
+    a coroutine serves it (`serve`) or callbacks do (`proxy_now`, which calls `finish`)."""
+
+    __slots__ = ("gateway", "scope", "send", "service", "name", "metrics", "call", "reply_headers", "started")
+
+    def __init__(self, gateway: Gateway, scope: dict, send):
+        self.started = time.perf_counter()
+        self.gateway = gateway
+        self.scope = scope
+        self.send = send
+        self.service, self.name = gateway._service_for(scope["path"])
+        self.metrics = self.service.metrics if self.service else metrics.UNMATCHED
+        self.metrics.inflight += 1
+        self.call = Call()
+        self.reply_headers: list[tuple[bytes, bytes]] = []
+
+    def prepare(self) -> None:
+        """Read the head, continue or start the trace; refuse an unknown service."""
+        call = self.call
+        read_head(self.scope, call)
+        span = traceparent(call.trace_id, new_span_id(), call.trace_flags)
+        call.headers.append((b"traceparent", span))
+        self.reply_headers.append((b"traceparent", span))
+        if call.request_id is not None:
+            self.reply_headers.append((b"x-request-id", call.request_id))
+        if self.service is None:
+            raise GatewayError("UNKNOWN_SERVICE", f"no service named {self.name[:100]!r}")
+
+    async def serve(self, receive, step=None) -> None:
+        """Serve the request by `step` (by default: prepare it and `proxy_http`), answering what
+        it raises."""
+        scope, send, call, reply_headers = self.scope, self.send, self.call, self.reply_headers
+        status = 500
+        try:
+            if step is None:
+                self.prepare()
+                step = proxy_http(
+                    self.service, scope, receive, send, call, reply_headers, self.gateway.access
+                )
+            status = await step
+        except GatewayError as exc:
+            status = exc.status
+            if status in (401, 403):
+                self.gateway._audit_refusal(exc, scope, self.name, call)
+            if not reply_headers:  # the head itself was refused, after its trace was known
+                reply_headers.append(
+                    (b"traceparent", traceparent(call.trace_id, new_span_id(), call.trace_flags))
+                )
+            await send_error(send, exc, call.trace_id, reply_headers)
+        except ClientGone:
+            status = 499  # as nginx logs it: the client closed the request
+        except StreamCut as exc:
+            status = exc.status
+            self.gateway.log.warning("stream_cut", service=self.name, code=exc.code, trace_id=call.trace_id)
+        except Exception:
+            status = 500
+            self.gateway.log.exception("internal_error", service=self.name, trace_id=call.trace_id)
+            # If the response had already started this send fails, and the server cuts the stream.
+            with contextlib.suppress(Exception):
+                await send_error(
+                    send, GatewayError("INTERNAL", "internal error"), call.trace_id, reply_headers
+                )
+        finally:
+            self.finish(status)
+
+    def go_on(self, step) -> None:
+        """The rest of a request `proxy_now` began, as the server's task for it."""
+        self.scope["extensions"][RUN](self.send, self.serve(None, step))
+
+    def finish(self, status: int) -> None:
+        self.metrics.inflight -= 1
+        seconds = time.perf_counter() - self.started
+        self.metrics.answered(status, seconds)
+        if self.gateway.access_log:
+            self.gateway.log.info(
+                "request",
+                service=self.name,
+                method=self.scope["method"],
+                route=f"/bridge/{self.name}",
+                status=status,
+                duration_ms=round(seconds * 1000, 3),
+                trace_id=self.call.trace_id,
+            )
 
 
 def _limited(receive, limit: int):

@@ -82,6 +82,7 @@ def raw_upstreams() -> Iterator[dict[str, RawServer]]:
         "eof": RawServer(
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n" + EOF_BODY
         ),
+        "stale": RawServer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh", answers=1),
     }
     yield servers
     for server in servers.values():
@@ -156,6 +157,7 @@ def gw(
         },
         "hop": base | {"instances": [raw_upstreams["hop"].url]},
         "eof": base | {"instances": [raw_upstreams["eof"].url]},
+        "stale": base | {"instances": [raw_upstreams["stale"].url], "retries": {"attempts": 1}},
         "patient": base | {"instances": [echo.url], "timeout": "500ms", "read_timeout": "3s"},
     }
     proc = start_gateway({"services": services})
@@ -216,6 +218,16 @@ def test_body_delimited_by_connection_close_arrives_whole(gw: GatewayProc):
     for _ in range(2):
         r = gw.request("GET", "/bridge/eof/x")
         assert r.status == 200 and r.body == EOF_BODY
+
+
+def test_a_keep_alive_connection_gone_stale_is_sent_again_not_failed(gw: GatewayProc, raw_upstreams):
+    """The upstream closes a pooled connection as the next request reaches it, with nothing
+    answered: that request goes again on a new connection, even with no retries configured."""
+    stale = raw_upstreams["stale"]
+    for _ in range(3):
+        r = gw.request("GET", "/bridge/stale/x")
+        assert r.status == 200 and r.body == b"fresh"
+    assert stale.connections >= 2  # each pooled connection died unanswered when it was reused
 
 
 def test_upstream_closing_without_answer_is_502_closed(gw: GatewayProc, closer: RawServer):

@@ -137,6 +137,29 @@ async def test_the_respond_extension_answers_whole_and_keeps_the_connection(serv
     writer.close()
 
 
+async def test_an_app_may_answer_from_callbacks_without_a_task(serve):
+    """An app that returns None answers later by RESPOND, or hands the request to a coroutine
+    by RUN; pipelined requests still get their answers in order, on the one connection."""
+    _, port = await serve()
+    requests = (
+        b"GET /later?ms=100 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /handover HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    (s1, h1, b1), (s2, _, b2), (s3, _, b3) = await exchange(port, requests, responses=3)
+    assert (s1, b1, h1["content-length"]) == (200, b"later", "5")
+    assert (s2, b2) == (200, b"handed over")
+    assert (s3, b3) == (200, b"hello")
+
+
+async def test_an_app_whose_call_raises_is_answered_500_and_the_server_goes_on(serve):
+    _, port = await serve()
+    ((status, _, body),) = await exchange(port, b"GET /raise-now HTTP/1.1\r\nHost: x\r\n\r\n", responses=1)
+    assert status == 500 and b"INTERNAL" in body
+    ((status, _, body),) = await exchange(port, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n", responses=1)
+    assert (status, body) == (200, b"hello")
+
+
 async def test_a_client_pipelining_faster_than_answers_is_held_in_its_socket(serve):
     worker, port = await serve()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

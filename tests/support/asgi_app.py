@@ -12,6 +12,9 @@ WebSockets, a lifespan, and a SIGHUP handler. In-process tests read `EVENTS` and
     GET  /sleep?ms=N            answers after N ms
     GET  /pid                   the worker's pid
     GET  /boom                  raises before answering
+    GET  /later?ms=N            answered N ms later from a timer (no task: RESPOND)
+    GET  /handover              begun with no task, then served by a coroutine (RUN)
+    GET  /raise-now             the app's call itself raises
     WS   /ws                    echo; "close:CODE" closes with CODE; "?refuse" refuses
 $STARTUP_FAIL makes the start-up fail; $HUP_DIR gets a file per worker pid on each SIGHUP;
 $CRASH_LOG makes each worker note its start's time there and exit at once (a crash, status 1).
@@ -169,7 +172,25 @@ async def _lifespan(receive, send) -> None:
             return
 
 
-async def app(scope, receive, send) -> None:
+def app(scope, receive, send):
+    """A plain function, as the gateway is: a few paths return None and answer from callbacks."""
+    if scope["type"] == "http":
+        extensions = scope["extensions"]
+        path = scope["path"]
+        loop = asyncio.get_running_loop()
+        if path == "/later":  # answered by RESPOND from a timer: no task at all
+            ms = int(parse_qs(scope["query_string"].decode())["ms"][0])
+            loop.call_later(ms / 1000, extensions["bridgeway.respond"], send, 200, [], b"later")
+            return None
+        if path == "/handover":  # begun without a task, then handed to a coroutine by RUN
+            loop.call_soon(extensions["bridgeway.run"], send, _reply(send, 200, b"handed over"))
+            return None
+        if path == "/raise-now":
+            raise RuntimeError("raised before any coroutine")
+    return _app(scope, receive, send)
+
+
+async def _app(scope, receive, send) -> None:
     if scope["type"] == "http":
         await _http(scope, receive, send)
     elif scope["type"] == "websocket":

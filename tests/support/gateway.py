@@ -208,11 +208,14 @@ class GatewayProc(Proc):
 class RawServer:
     """A misbehaving upstream on loopback: for each connection it reads the request head, then
     sends ``reply`` and closes; closes without a word when ``reply`` is None; or, with
-    ``hang=True``, never answers (until ``close()``, or 30 s)."""
+    ``hang=True``, never answers (until ``close()``, or 30 s). With ``answers=N`` it keeps each
+    connection open for N answers, and closes it unanswered when the next request comes (a
+    keep-alive connection that went stale as it was reused)."""
 
-    def __init__(self, reply: bytes | None = None, *, hang: bool = False) -> None:
+    def __init__(self, reply: bytes | None = None, *, hang: bool = False, answers: int | None = None) -> None:
         self.reply = reply
         self.hang = hang
+        self.answers = answers
         self.connections = 0
         self.sock = socket.socket()
         self.sock.bind((HOST, 0))
@@ -240,17 +243,24 @@ class RawServer:
 
     def _handle(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
-            conn.settimeout(2.0)
+            conn.settimeout(2.0 if self.answers is None else 30.0)
             data = b""
-            while b"\r\n\r\n" not in data and len(data) < 65536:
-                chunk = conn.recv(65536)
-                if not chunk:
+            answered = 0
+            while True:
+                while b"\r\n\r\n" not in data and len(data) < 65536:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data.partition(b"\r\n\r\n")[2]
+                if self.hang:
+                    self._stop.wait(30)
+                if self.hang or self.reply is None or answered == self.answers:
                     return
-                data += chunk
-            if self.hang:
-                self._stop.wait(30)
-            elif self.reply is not None:
                 conn.sendall(self.reply)
+                answered += 1
+                if self.answers is None:
+                    return  # one answer, then the close
 
     def close(self) -> None:
         self._stop.set()

@@ -627,6 +627,65 @@ async def test_stale_connection_not_retried_for_streamed_body() -> None:
         assert srv.accepted == 1
 
 
+async def test_send_now_writes_on_an_idle_connection_and_settle_gives_the_response() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(reader)) is not None:
+            writer.write(respond(request[0][0].split(b" ")[1]))  # the target, as the body
+            await writer.drain()
+
+    async with Server(handler) as srv, pool_for(srv) as pool:
+        assert pool.send_now(b"GET", b"/first", [], 5.0) is None  # no idle connection yet
+        resp = await pool.request(b"GET", b"/", [])
+        assert await resp.read() == b"/"
+        sent = pool.send_now(b"GET", b"/now", [(b"x-a", b"1")], 5.0)
+        assert sent is not None and pool.stats["busy"] == 1
+        await sent.head
+        resp = pool.settle(sent)
+        assert (resp.status, resp.complete, resp.body()) == (200, True, b"/now")
+        assert pool.stats == {"open": 1, "idle": 1, "busy": 0, "waiting": 0} and srv.accepted == 1
+
+
+async def test_settle_tells_a_stale_connection_from_a_failed_request() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            if served:
+                return  # the next request on this connection is dropped: it was stale
+            served.append(1)
+            writer.write(respond(b"ok"))
+            await writer.drain()
+
+    served: list[int] = []
+    async with Server(handler) as srv, pool_for(srv) as pool:
+        resp = await pool.request(b"GET", b"/", [])
+        assert await resp.read() == b"ok"
+        sent = pool.send_now(b"GET", b"/", [], 5.0)
+        with contextlib.suppress(UpstreamClosed):
+            await sent.head
+        with pytest.raises(UpstreamClosed) as info:
+            pool.settle(sent)
+        assert info.value.stale  # nothing came back on a reused connection: safe to send again
+        assert pool.stats["open"] == 0
+
+
+async def test_send_now_times_out_a_head_that_never_comes() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(respond(b"ok"))
+        await writer.drain()
+        await read_request(reader)
+        await asyncio.sleep(5)  # the second request hangs
+
+    async with Server(handler) as srv, pool_for(srv) as pool:
+        resp = await pool.request(b"GET", b"/", [])
+        assert await resp.read() == b"ok"
+        sent = pool.send_now(b"GET", b"/", [], 0.2)
+        with contextlib.suppress(UpstreamTimeout):
+            await asyncio.wait_for(sent.head, 3)
+        with pytest.raises(UpstreamTimeout):
+            pool.settle(sent)
+        assert pool.stats["open"] == 0  # a connection whose answer is late is never reused
+
+
 async def test_unsolicited_data_on_idle_connection_closes_it() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await read_request(reader) is not None:

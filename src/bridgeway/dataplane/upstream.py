@@ -33,6 +33,7 @@ from typing import Final
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 __all__ = [
+    "Sent",
     "UpstreamClosed",
     "UpstreamConnectError",
     "UpstreamError",
@@ -512,6 +513,16 @@ def _reads_until_eof(headers: list[tuple[bytes, bytes]]) -> bool:
 # ----------------------------------------------------------------------------------------- pool
 
 
+class Sent:
+    """A request `UpstreamPool.send_now` wrote: its connection, and the future of its head."""
+
+    __slots__ = ("conn", "head")
+
+    def __init__(self, conn: _Connection, head: asyncio.Future[UpstreamResponse]) -> None:
+        self.conn = conn
+        self.head = head
+
+
 @functools.cache
 def default_ssl_context() -> _ssl.SSLContext:
     """The system's trusted CAs, hostname checks on, HTTP/1.1 offered by ALPN. One per process:
@@ -657,6 +668,44 @@ class UpstreamPool:
                 else:
                     conn.abort()
                 raise
+
+    def send_now(
+        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], read_timeout: float
+    ) -> Sent | None:
+        """`request` without a coroutine, for a request with no body: written at once on the
+        hottest idle connection, or None when there is none (the caller then awaits `request`).
+        The caller waits on `Sent.head` (a future, timed out after `read_timeout`) and then takes
+        the response from `settle`."""
+        idle = self._idle
+        if not idle:
+            return None
+        conn = idle.pop()
+        conn._state = _BUSY
+        if conn.transport.is_closing():
+            conn.abort()
+            return None
+        head = conn.begin(method == b"HEAD", read_timeout, True)
+        conn.transport.write(self._head(method, target, headers, 0, None))
+        deadline = self._head_due[head] = self._loop.time() + read_timeout
+        if deadline < self._head_timer_at:
+            self._arm_head_timer(deadline)
+        return Sent(conn, head)
+
+    def settle(self, sent: Sent) -> UpstreamResponse:
+        """The response of a `send_now` whose head future is done; raises its UpstreamError (the
+        connection is then closed). A stale keep-alive connection raises UpstreamClosed with
+        `stale` set, and the request may be sent again (`request` does that by itself)."""
+        head = sent.head
+        self._head_due.pop(head, None)
+        try:
+            return head.result()
+        except UpstreamClosed as exc:
+            exc.stale = exc.stale and sent.conn.reused
+            sent.conn.abort()
+            raise
+        except BaseException:
+            sent.conn.abort()
+            raise
 
     def _head(
         self,

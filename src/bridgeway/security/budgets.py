@@ -85,6 +85,12 @@ class Held:
                 await limiter.release(key, token)
         self.slots.clear()
 
+    def release_now(self) -> None:
+        """`release` for slots that are all in-process (the only kind `draw_now` takes)."""
+        for limiter, key, _ in self.slots:
+            limiter.release(key)
+        self.slots.clear()
+
 
 class Budgets:
     __slots__ = ("owner", "budgets", "limiter", "local", "lease", "_logged_at")

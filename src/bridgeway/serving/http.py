@@ -35,12 +35,17 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT = {"type": "http.disconnect"}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 EMPTY_BODY = {"type": "http.request", "body": b"", "more_body": False}
-# An extension of this server's HTTP scopes: `scope["extensions"][RESPOND](send, status, headers,
-# body)` answers the request of that `send` whole, as `http.response.start` and a final
-# `http.response.body` would, without a coroutine and a message for each (the proxy's common
-# answer). One shared dict for every scope: nothing per request, and no reference from the scope
-# back to its exchange (a cycle only the garbage collector would free).
+# Extensions of this server's HTTP scopes, for an app that answers from callbacks (the proxy's
+# common request, with no task and no coroutine):
+# - `scope["extensions"][RESPOND](send, status, headers, body)` answers the request of that `send`
+#   whole, as `http.response.start` and a final `http.response.body` would, in one write.
+# - An app that finds RESPOND may return None from its call instead of an awaitable: it answers
+#   later, by RESPOND from a callback, or hands the request to a coroutine with
+#   `scope["extensions"][RUN](send, coroutine)`, which the server runs as the request's task.
+# One shared dict for every scope: nothing per request, and no reference from the scope back to
+# its exchange (a cycle only the garbage collector would free).
 RESPOND = "bridgeway.respond"
+RUN = "bridgeway.run"
 # Response headers the server writes unless the app gave its own (a proxied answer's Date, say).
 GIVEN_SERVER, GIVEN_DATE = 1, 2
 # The lengths of the response header names the server acts on (a cheap test before lowercasing).
@@ -318,7 +323,13 @@ def respond(send, status: int, headers, body: bytes) -> None:
     send.__self__.respond(status, headers, body)
 
 
-HTTP_EXTENSIONS = {RESPOND: respond}
+def run(send, coroutine) -> None:
+    """The `RUN` extension: the request of `send`, answered by no one yet, goes on in `coroutine`."""
+    exchange = send.__self__
+    exchange.conn._run(exchange, coroutine)
+
+
+HTTP_EXTENSIONS = {RESPOND: respond, RUN: run}
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -635,7 +646,16 @@ class HttpProtocol(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self.current = exchange
-        self.task = task = self.loop.create_task(self.app(exchange.scope, exchange.receive, exchange.send))
+        try:
+            coroutine = self.app(exchange.scope, exchange.receive, exchange.send)
+        except Exception as exc:
+            log.error("ASGI app raised on %s", exchange.scope.get("path"), exc_info=exc)
+            coroutine = _nothing()  # its task ends at once, unanswered: `app_done` answers 500
+        if coroutine is not None:  # None: the app answers from callbacks (see `RUN`)
+            self._run(exchange, coroutine)
+
+    def _run(self, exchange: Exchange, coroutine) -> None:
+        self.task = task = self.loop.create_task(coroutine)
         task.add_done_callback(exchange.app_done)
 
     def response_done(self, exchange: Exchange) -> None:
@@ -686,6 +706,10 @@ class HttpProtocol(asyncio.Protocol):
 
         self.ws = WebSocketSession(self, scope)
         self.ws.start(rest)
+
+
+async def _nothing() -> None:
+    pass
 
 
 def _is_websocket(headers) -> bool:
