@@ -583,20 +583,27 @@ async def test_server_closing_idle_connection_is_handled() -> None:
         assert srv.accepted == 2
 
 
-async def test_stale_connection_is_retried_once_for_bytes_body() -> None:
+def stale_after_one():
+    """A handler whose first connection answers once, then reads the next request and drops it
+    (the server closed its side just as the client reused it); later connections answer all."""
+    connections = 0
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # First connection: one answer, then the next request is read and dropped (the server
-        # closed its side just as we reused it). Later connections answer normally.
-        first = srv.accepted == 1
+        nonlocal connections
+        connections += 1
+        first, answered = connections == 1, 0
         while await read_request(reader) is not None:
-            if first and served:
+            if first and answered:
                 return
-            served.append(1)
+            answered += 1
             writer.write(respond(b"ok"))
             await writer.drain()
 
-    served: list[int] = []
-    async with Server(handler) as srv, pool_for(srv) as pool:
+    return handler
+
+
+async def test_stale_connection_is_retried_once_for_bytes_body() -> None:
+    async with Server(stale_after_one()) as srv, pool_for(srv) as pool:
         resp = await pool.request(b"GET", b"/", [])
         assert await resp.read() == b"ok"
         resp = await pool.request(b"POST", b"/", [], b"body")  # reused, dies, retried
@@ -605,20 +612,10 @@ async def test_stale_connection_is_retried_once_for_bytes_body() -> None:
 
 
 async def test_stale_connection_not_retried_for_streamed_body() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = srv.accepted == 1
-        while await read_request(reader) is not None:
-            if first and served:
-                return
-            served.append(1)
-            writer.write(respond(b"ok"))
-            await writer.drain()
-
     async def gen() -> AsyncIterator[bytes]:
         yield b"a"
 
-    served: list[int] = []
-    async with Server(handler) as srv, pool_for(srv) as pool:
+    async with Server(stale_after_one()) as srv, pool_for(srv) as pool:
         resp = await pool.request(b"GET", b"/", [])
         assert await resp.read() == b"ok"
         with pytest.raises(UpstreamClosed) as info:
@@ -646,16 +643,7 @@ async def test_send_now_writes_on_an_idle_connection_and_settle_gives_the_respon
 
 
 async def test_settle_tells_a_stale_connection_from_a_failed_request() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await read_request(reader) is not None:
-            if served:
-                return  # the next request on this connection is dropped: it was stale
-            served.append(1)
-            writer.write(respond(b"ok"))
-            await writer.drain()
-
-    served: list[int] = []
-    async with Server(handler) as srv, pool_for(srv) as pool:
+    async with Server(stale_after_one()) as srv, pool_for(srv) as pool:
         resp = await pool.request(b"GET", b"/", [])
         assert await resp.read() == b"ok"
         sent = pool.send_now(b"GET", b"/", [], 5.0)
