@@ -27,7 +27,6 @@ from bridgeway.dataplane.proxy import (
     Call,
     ClientGone,
     StreamCut,
-    failing,
     proxy_http,
     proxy_now,
     read_head,
@@ -51,7 +50,7 @@ from bridgeway.security.jwt import JwtVerifier, SigningKeys
 from bridgeway.security.keys import KeyStore, public_id
 from bridgeway.security.limits import RedisLimiter
 from bridgeway.security.oauth import TokenIssuer
-from bridgeway.serving.http import RUN
+from bridgeway.serving.http import RUN, failing
 from bridgeway.state import KV, open_state
 from bridgeway.workers import shared_dir
 

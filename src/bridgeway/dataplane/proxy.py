@@ -31,7 +31,7 @@ from bridgeway.observability.tracing import new_trace_id, parse_traceparent
 from bridgeway.security.access import UNKNOWN, Access, Principal
 from bridgeway.security.budgets import Budgets, Held, Tightest
 from bridgeway.security.limits import ratelimit_headers
-from bridgeway.serving.http import RESPOND
+from bridgeway.serving.http import RESPOND, failing
 
 # RFC 9110 7.6.1: hop-by-hop headers end at the gateway.
 HOP_BY_HOP = frozenset(
@@ -254,7 +254,8 @@ async def call_upstream(
     first: Attempt | None = None,
 ) -> tuple[UpstreamResponse, Instance]:
     """Try instances until one answers acceptably, within the deadline, retries and budget.
-    `first`: a try `proxy_now` already sent (its head has come); its outcome is the first one."""
+    `first`: the try `proxy_now` began (sent and its head come, or not yet sent for want of an
+    idle connection): this call's first."""
     retries = service.retries
     deadline = started + service.timeout
     method_b = method.encode()
@@ -405,11 +406,11 @@ async def _admitted(
         if caller is UNKNOWN:  # not authenticated within the last second: look the credential up
             caller = await access.check(call.credential, service.name, scope["method"], call.target)
     limits = service.limits
-    budgets = access.client_budgets.get(caller.client) if caller is not None and caller.client else None
+    budgets = _budgets_of(access, caller)
     held = Held() if limits is not None or budgets is not None else None
     try:
         if held is not None:
-            if (limits is None or limits.local) and (budgets is None or budgets.local):
+            if _in_process(limits, budgets):
                 # The in-process limiter answers at once: no coroutine per request for it.
                 _draw_now(service, scope, call, caller, budgets, held, reply_headers)
             else:
@@ -425,6 +426,16 @@ async def _admitted(
     finally:
         if held is not None and held.slots:
             await held.release()
+
+
+def _budgets_of(access: Access, caller: Principal | None) -> Budgets | None:
+    """The caller's client's own budgets, if it has any."""
+    return access.client_budgets.get(caller.client) if caller is not None and caller.client else None
+
+
+def _in_process(limits, budgets: Budgets | None) -> bool:
+    """The limits and budgets all answer at once (`_draw_now`), none over the network."""
+    return (limits is None or limits.local) and (budgets is None or budgets.local)
 
 
 def _draw_now(
@@ -463,27 +474,22 @@ def proxy_now(
     call.target = parse_target(scope, len(BRIDGE) + len(service.name))
     if call.content_length or call.chunked or service.cache is not None:
         return proxy_http(service, scope, receive, send, call, reply_headers, access)
+    caller = None
+    if call.credential is not None or access.required:
+        caller = access.check_now(call.credential, service.name, scope["method"], call.target)
+        if caller is UNKNOWN:
+            return _admitted(service, scope, receive, send, call, reply_headers, access)
+    limits = service.limits
+    budgets = None if caller is None else _budgets_of(access, caller)
     held = None
-    if call.credential is not None or access.required or service.limits is not None:
-        caller = None
-        if call.credential is not None or access.required:
-            caller = access.check_now(call.credential, service.name, scope["method"], call.target)
-            if caller is UNKNOWN:
-                return _admitted(service, scope, receive, send, call, reply_headers, access)
-        limits = service.limits
-        budgets = access.client_budgets.get(caller.client) if caller is not None and caller.client else None
-        if limits is not None or budgets is not None:
-            if not ((limits is None or limits.local) and (budgets is None or budgets.local)):
-                return _admitted(service, scope, receive, send, call, reply_headers, access)
-            held = Held()
-            try:
-                _draw_now(service, scope, call, caller, budgets, held, reply_headers)
-            except BaseException:
-                held.release_now()
-                raise
-    forwarding = Forwarding(service, scope, receive, send, call, reply_headers, held, request)
+    if limits is not None or budgets is not None:
+        if not _in_process(limits, budgets):
+            return _admitted(service, scope, receive, send, call, reply_headers, access)
+        held = Held()
     try:
-        return forwarding.start()
+        if held is not None:
+            _draw_now(service, scope, call, caller, budgets, held, reply_headers)
+        return Forwarding(service, scope, receive, send, call, reply_headers, held, request).start()
     except BaseException:
         if held is not None:
             held.release_now()
@@ -539,7 +545,7 @@ class Forwarding:
         inst.inflight += 1
         self.attempt = attempt = Attempt(inst, ticket, now, sent)
         if sent is None:  # a connection to open first: the coroutine does that, to this instance
-            return self._forward(attempt)
+            return self._rest(attempt)
         sent.head.add_done_callback(self.on_head)
         return None
 
@@ -549,12 +555,12 @@ class Forwarding:
         service = self.service
         attempt = self.attempt
         if head.cancelled() or head.exception() is not None:
-            self.request.go_on(self._forward(attempt))
+            self.request.go_on(self._rest(attempt))
             return
         resp = head.result()
         retries = service.retries
         if not resp.complete or (retries.attempts > 1 and resp.status in retries.on_status):
-            self.request.go_on(self._forward(attempt))
+            self.request.go_on(self._rest(attempt))
             return
         inst = attempt.inst
         try:
@@ -572,7 +578,8 @@ class Forwarding:
                 self.held.release_now()
         self.request.finish(resp.status)
 
-    def _forward(self, first: Attempt | None) -> Coroutine[None, None, int]:
+    def _rest(self, first: Attempt) -> Coroutine[None, None, int]:
+        """The rest of the request, from `first` on, as `_forward`'s coroutine."""
         step = _forward(
             self.service, self.scope, self.receive, self.send, self.call, self.reply_headers, first=first
         )
@@ -584,11 +591,6 @@ async def _holding(held: Held, step: Coroutine[None, None, int]) -> int:
         return await step
     finally:
         await held.release()
-
-
-async def failing(exc: BaseException) -> int:
-    """A step that raises `exc`: a request's error, answered where the coroutine path answers it."""
-    raise exc
 
 
 async def _draw_budgets(
@@ -616,7 +618,7 @@ async def _forward(
     limit = service.max_body
     length = call.content_length
     body: bytes | AsyncIterator[bytes]
-    if first is not None:  # `proxy_now` sent it: a request without a body
+    if first is not None:  # `proxy_now` began it: a request without a body
         body = b""
     elif length is not None:
         if length > limit:

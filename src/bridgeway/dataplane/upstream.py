@@ -615,17 +615,11 @@ class UpstreamPool:
             body = b""
         is_head = method == b"HEAD"
 
-        idle = self._idle
         retried = False
         while True:
-            # Fast path inline: the hottest idle connection, unless the server already closed it.
-            if idle and not retried:
-                conn = idle.pop()
-                conn._state = _BUSY
-                if conn.transport.is_closing():
-                    conn.abort()
-                    conn = await self._acquire()
-            else:
+            # The hottest idle connection first; a retry prefers a new one (`_acquire(fresh)`).
+            conn = None if retried else self._take_idle()
+            if conn is None:
                 try:
                     conn = await self._acquire(fresh=retried)
                 except UpstreamConnectError as exc:
@@ -642,16 +636,13 @@ class UpstreamPool:
                 if read_timeout is None:
                     return await fut
                 # The pool's one head timer instead of asyncio.wait_for (no extra task) or a timer
-                # per request; armed here, not in a helper coroutine: one await level less to
+                # per request; awaited here, not in a helper coroutine: one await level less to
                 # pass on the resume.
-                due = self._head_due
-                deadline = due[fut] = self._loop.time() + read_timeout
-                if deadline < self._head_timer_at:
-                    self._arm_head_timer(deadline)
+                self._time_head(fut, read_timeout)
                 try:
                     return await fut
                 finally:
-                    due.pop(fut, None)
+                    self._head_due.pop(fut, None)
             except UpstreamClosed as exc:
                 conn.abort()
                 # A reused keep-alive connection the server had closed: nothing of the response
@@ -676,19 +667,12 @@ class UpstreamPool:
         hottest idle connection, or None when there is none (the caller then awaits `request`).
         The caller waits on `Sent.head` (a future, timed out after `read_timeout`) and then takes
         the response from `settle`."""
-        idle = self._idle
-        if not idle:
-            return None
-        conn = idle.pop()
-        conn._state = _BUSY
-        if conn.transport.is_closing():
-            conn.abort()
+        conn = self._take_idle()
+        if conn is None:
             return None
         head = conn.begin(method == b"HEAD", read_timeout, True)
         conn.transport.write(self._head(method, target, headers, 0, None))
-        deadline = self._head_due[head] = self._loop.time() + read_timeout
-        if deadline < self._head_timer_at:
-            self._arm_head_timer(deadline)
+        self._time_head(head, read_timeout)
         return Sent(conn, head)
 
     def settle(self, sent: Sent) -> UpstreamResponse:
@@ -780,15 +764,11 @@ class UpstreamPool:
     async def _acquire(self, fresh: bool = False) -> _Connection:
         """An idle connection (LIFO), a new one if under max_connections, else wait (FIFO).
         `fresh` prefers a new connection over possibly stale idle ones (used for the retry)."""
-        idle = self._idle
         while True:
-            if idle and not (fresh and self._open < self.max_connections):
-                conn = idle.pop()
-                conn._state = _BUSY
-                if conn.transport.is_closing():
-                    conn.abort()
-                    continue
-                return conn
+            if not (fresh and self._open < self.max_connections):
+                conn = self._take_idle()
+                if conn is not None:
+                    return conn
             if self._closed:
                 raise UpstreamConnectError(f"upstream pool for {self._origin} is closed")
             if self._loop is None:
@@ -868,6 +848,24 @@ class UpstreamPool:
         self._idle.append(conn)
         if self._sweep_handle is None:
             self._sweep_handle = self._loop.call_at(conn.idle_since + self.idle_timeout, self._sweep)
+
+    def _take_idle(self) -> _Connection | None:
+        """The hottest idle connection the server has not closed, or None (closed ones found on
+        the way are dropped)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            conn._state = _BUSY
+            if not conn.transport.is_closing():
+                return conn
+            conn.abort()
+        return None
+
+    def _time_head(self, head: asyncio.Future[UpstreamResponse], timeout: float) -> None:
+        """Fail `head` if it has not come within `timeout`, on the pool's one head timer."""
+        deadline = self._head_due[head] = self._loop.time() + timeout
+        if deadline < self._head_timer_at:
+            self._arm_head_timer(deadline)
 
     def _arm_head_timer(self, at: float) -> None:
         if self._head_timer is not None:

@@ -332,6 +332,12 @@ def run(send, coroutine) -> None:
 HTTP_EXTENSIONS = {RESPOND: respond, RUN: run}
 
 
+async def failing(exc: BaseException):
+    """A coroutine that raises `exc`: an error met before any coroutine ran, raised where a
+    coroutine's own would be handled."""
+    raise exc
+
+
 class HttpProtocol(asyncio.Protocol):
     """One client connection: parse, dispatch to the app, write its answers in request order."""
 
@@ -649,8 +655,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             coroutine = self.app(exchange.scope, exchange.receive, exchange.send)
         except Exception as exc:
-            log.error("ASGI app raised on %s", exchange.scope.get("path"), exc_info=exc)
-            coroutine = _nothing()  # its task ends at once, unanswered: `app_done` answers 500
+            coroutine = failing(exc)  # its task fails at once: `app_done` logs it and answers 500
         if coroutine is not None:  # None: the app answers from callbacks (see `RUN`)
             self._run(exchange, coroutine)
 
@@ -706,10 +711,6 @@ class HttpProtocol(asyncio.Protocol):
 
         self.ws = WebSocketSession(self, scope)
         self.ws.start(rest)
-
-
-async def _nothing() -> None:
-    pass
 
 
 def _is_websocket(headers) -> bool:
