@@ -407,9 +407,9 @@ async def _admitted(
             caller = await access.check(call.credential, service.name, scope["method"], call.target)
     limits = service.limits
     budgets = _budgets_of(access, caller)
-    held = Held() if limits is not None or budgets is not None else None
+    held = _held_for(limits, budgets)
     try:
-        if held is not None:
+        if limits is not None or budgets is not None:
             if _in_process(limits, budgets):
                 # The in-process limiter answers at once: no coroutine per request for it.
                 _draw_now(service, scope, call, caller, budgets, held, reply_headers)
@@ -438,13 +438,20 @@ def _in_process(limits, budgets: Budgets | None) -> bool:
     return (limits is None or limits.local) and (budgets is None or budgets.local)
 
 
+def _held_for(limits: Budgets | None, budgets: Budgets | None) -> Held | None:
+    """Where a request keeps the concurrency slots it takes: only where some budget counts them."""
+    return (
+        Held() if (limits is not None and limits.holds) or (budgets is not None and budgets.holds) else None
+    )
+
+
 def _draw_now(
     service: Service,
     scope: dict,
     call: Call,
     caller: Principal | None,
     budgets,
-    held: Held,
+    held: Held | None,
     reply_headers: list,
 ) -> None:
     """Draw from the service's limits and the caller's budgets, all in-process; 429 when spent."""
@@ -481,13 +488,12 @@ def proxy_now(
             return _admitted(service, scope, receive, send, call, reply_headers, access)
     limits = service.limits
     budgets = None if caller is None else _budgets_of(access, caller)
-    held = None
-    if limits is not None or budgets is not None:
-        if not _in_process(limits, budgets):
-            return _admitted(service, scope, receive, send, call, reply_headers, access)
-        held = Held()
+    drawn = limits is not None or budgets is not None
+    if drawn and not _in_process(limits, budgets):
+        return _admitted(service, scope, receive, send, call, reply_headers, access)
+    held = _held_for(limits, budgets) if drawn else None
     try:
-        if held is not None:
+        if drawn:
             _draw_now(service, scope, call, caller, budgets, held, reply_headers)
         return Forwarding(service, scope, receive, send, call, reply_headers, held, request).start()
     except BaseException:

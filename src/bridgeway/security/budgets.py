@@ -93,7 +93,7 @@ class Held:
 
 
 class Budgets:
-    __slots__ = ("owner", "budgets", "limiter", "local", "lease", "_logged_at")
+    __slots__ = ("owner", "budgets", "limiter", "local", "holds", "lease", "_logged_at")
 
     def __init__(self, owner: str, configs, limiter, lease: float = 300.0):
         """`owner` names the budgets in keys, messages and logs: "service 'sim'", "client 'agi'"."""
@@ -101,6 +101,8 @@ class Budgets:
         self.budgets = [_Budget(owner, i, c) for i, c in enumerate(configs)]
         self.limiter = limiter
         self.local = isinstance(limiter, MemoryLimiter)  # answers without I/O: `draw_now`
+        # Some budget counts requests in flight: a request then holds slots (`Held`) until it ends.
+        self.holds = any(budget.concurrency is not None for budget in self.budgets)
         self.lease = lease  # a Redis slot outlives a crashed holder by at most this long
         self._logged_at = float("-inf")
 
@@ -110,7 +112,7 @@ class Budgets:
         path: bytes,
         client_ip: str,
         caller: str | None,
-        held: Held,
+        held: Held | None,
         tightest: Tightest = None,
     ) -> Tightest:
         """`draw` for the in-process limiter (`self.local`), without an await: a MemoryLimiter
@@ -141,12 +143,12 @@ class Budgets:
         client_ip: str,
         caller: str | None,
         metrics: ServiceMetrics,
-        held: Held,
+        held: Held | None,
         tightest: Tightest = None,
     ) -> Tightest:
         """Draw from every applicable budget; raise RATE_LIMITED, or return the tightest rate
         budget so far (its headers go on the response). Slots taken go into `held`, which the
-        caller releases when the response has ended."""
+        caller releases when the response has ended (None where no budget `holds` any)."""
         if self.local:
             return self.draw_now(service, path, client_ip, caller, held, tightest)
         limiter = self.limiter
