@@ -27,6 +27,7 @@ from bridgeway.jobs.events.webhooks import (
     DeadLetter,
     Subscription,
     WebhookDelivery,
+    _Cursor,
     _Lease,
     dead_key,
 )
@@ -51,13 +52,15 @@ def refusing():
 
 @pytest.fixture
 async def deliverer(kv, refusing):
-    """A started deliverer on `kv` holding NAME's lease, and NAME's subscription to `refusing`."""
+    """A started deliverer on `kv` holding NAME's lease and cursor, and NAME's subscription to
+    `refusing`."""
     delivery = WebhookDelivery(None, kv, EventDeliveryConfig(max_attempts=1))
     await delivery.start()
     lease = _Lease(kv, NAME, delivery.owner, 15.0)
     assert await lease.acquire()
+    entry = await kv.put(CURSORS_NS, NAME, b"0")
     sub = Subscription(NAME, ("*",), refusing.url, b"k", None, "latest", 5.0)
-    yield delivery, sub, lease
+    yield delivery, sub, lease, _Cursor(kv, NAME, 0, entry.version)
     await delivery.stop()
 
 
@@ -74,27 +77,27 @@ async def keys(kv, namespace: str) -> list[str]:
 async def test_a_letter_asked_again_while_its_replay_is_refused_stays_to_be_replayed(kv, deliverer):
     """The replay is refused, the deliverer buries the letter again, the admin replays it again
     before the deliverer clears its replay entry: that entry is the new request, not the old."""
-    delivery, sub, lease = deliverer
+    delivery, sub, lease, cursor = deliverer
     gateway = types.SimpleNamespace(state=kv)
     key = await bury(kv, 7)
     await api._replay(gateway, NAME, key, await kv.get(DEAD_NS + NAME, key))
 
     real_bury = delivery._bury
 
-    async def bury_then_replayed_again(sub, dead):
-        await real_bury(sub, dead)
+    async def bury_then_replayed_again(sub, cursor, dead, position):
+        await real_bury(sub, cursor, dead, position)
         # POST .../dead-letters/7/replay, answered between the deliverer's two writes
         await api._replay(gateway, NAME, key, await kv.get(DEAD_NS + NAME, key))
 
     delivery._bury = bury_then_replayed_again
-    await delivery._replay(sub, lease)
+    await delivery._replay(sub, lease, cursor)
     assert await keys(kv, DEAD_NS) == [] and await keys(kv, REPLAY_NS) == [key]  # not in neither
 
 
 async def test_a_letter_replayed_and_refused_while_it_is_being_moved_stays_dead(kv, deliverer):
     """The deliverer replays the letter, is refused and buries it again between the API putting
     it in the replay list and taking it out of the dead letters: it stays a dead letter."""
-    delivery, sub, lease = deliverer
+    delivery, sub, lease, cursor = deliverer
     gateway = types.SimpleNamespace(state=kv)
     key = await bury(kv, 8)
     real_put = kv.put
@@ -103,7 +106,7 @@ async def test_a_letter_replayed_and_refused_while_it_is_being_moved_stays_dead(
         entry = await real_put(namespace, *args, **kwargs)
         if namespace == REPLAY_NS + NAME:
             kv.put = real_put
-            await delivery._replay(sub, lease)  # the deliverer's next pass, in between
+            await delivery._replay(sub, lease, cursor)  # the deliverer's next pass, in between
         return entry
 
     kv.put = put_then_deliverer_runs
@@ -226,4 +229,40 @@ async def test_a_webhook_deleted_mid_post_leaves_nothing_to_its_namesake(gateway
         assert (status, body["dead_letters"]) == (200, [])
     finally:
         answer.set()
+        sink.close()
+
+
+async def test_a_webhook_deleted_mid_post_on_another_replica_leaves_nothing_to_its_namesake(gateway):
+    """As above, but the post in flight is another replica's, which the API's `forget` cannot
+    stop: its cursor moves by compare-and-set, so it finds the cursor gone, writes nothing back
+    and takes back the dead letter it wrote after the purge."""
+    gw, call = gateway
+    await gw.webhooks.stop()  # this replica delivers nothing: the other one does
+    other = WebhookDelivery(gw.webhooks.log, gw.state, gw.webhooks.delivery)
+    await other.start()
+    received, answer = threading.Event(), threading.Event()
+
+    def slow_refusal(req):
+        received.set()
+        answer.wait(10)
+        return 500
+
+    sink = Sink(slow_refusal)
+    try:
+        hook = {"types": ["*"], "url": sink.url, "secret": SECRET}
+        assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
+        assert (await call("POST", "/events", [event(0)]))[0] == 200
+        assert await asyncio.to_thread(received.wait, 10)
+        assert (await call("DELETE", f"/events/webhooks/{NAME}"))[0] == 204
+        answer.set()
+
+        async def ended():
+            return NAME not in other._running or other._running[NAME][1].done()
+
+        await until(ended, "the other replica's deliverer stopped")
+        assert await keys(gw.state, DEAD_NS) == []
+        assert await gw.state.get(CURSORS_NS, NAME) is None
+    finally:
+        answer.set()
+        await other.stop()
         sink.close()

@@ -18,7 +18,9 @@ letter asked to be replayed (through the API) is posted again by the subscriptio
 before the events after its cursor, with the same attempts; refused again, it is a dead letter
 again. At least once: the cursor is saved after the post, so a worker that dies between the
 two, or loses its lease mid-post, makes the next owner post that event again. Receivers dedupe
-by `X-Bridgeway-Event-Id`.
+by `X-Bridgeway-Event-Id`. The cursor moves by compare-and-set on the version its deliverer
+last wrote: a deliverer that finds it deleted (its webhook was, on some replica, while it
+posted) or moved (another took the lease over meanwhile) stops and writes nothing back.
 
 Where it posts is vetted by the outbound policy (`bridgeway.security.outbound`): the URL before
 each post, every address its host resolves to at connect time; redirects are not followed.
@@ -155,6 +157,28 @@ class LeaseLost(Exception):
     pass
 
 
+class CursorMoved(Exception):
+    """The cursor is not as this deliverer last wrote it: deleted with its webhook (on any
+    replica), or moved by a deliverer that took the lease over while this one was posting."""
+
+
+class _Cursor:
+    """A subscription's cursor as its deliverer last wrote it. Each move is a compare-and-set on
+    that version, so a cursor deleted with its webhook is never written back."""
+
+    def __init__(self, state: KV, name: str, position: int, version: int) -> None:
+        self.state, self.name, self.position, self.version = state, name, position, version
+
+    async def move(self, position: int) -> None:
+        try:
+            entry = await self.state.put(
+                CURSORS_NS, self.name, str(position).encode(), if_version=self.version
+            )
+        except VersionMismatch:
+            raise CursorMoved(self.name) from None
+        self.position, self.version = position, entry.version
+
+
 class _Lease:
     def __init__(self, state: KV, name: str, owner: bytes, seconds: float) -> None:
         self.state, self.name, self.owner, self.seconds = state, name, owner, seconds
@@ -278,43 +302,49 @@ class WebhookDelivery:
             if entry is None:  # made through the API on another replica an instant ago
                 await start_cursor(self.state, self.log, sub)
                 entry = await self.state.get(CURSORS_NS, sub.name)
-            cursor = int(entry.value) if entry is not None else 0
+                if entry is None:  # ... and deleted since
+                    return
+            cursor = _Cursor(self.state, sub.name, int(entry.value), entry.version)
             while True:
                 await lease.keep()
-                await self._replay(sub, lease)
-                batch = await self.log.read(cursor, 100)
+                await self._replay(sub, lease, cursor)
+                batch = await self.log.read(cursor.position, 100)
                 if not batch:
                     newest = await self.log.last()
-                    if newest > cursor and not await self.log.read(cursor, 1):
+                    if newest > cursor.position and not await self.log.read(cursor.position, 1):
                         # appended after the cursor and trimmed by retention before delivery
                         self.logger.warning(
-                            "webhook_events_expired", subscription=sub.name, after=cursor, upto=newest
+                            "webhook_events_expired",
+                            subscription=sub.name,
+                            after=cursor.position,
+                            upto=newest,
                         )
-                        cursor = newest
-                        await self.state.put(CURSORS_NS, sub.name, str(cursor).encode())
+                        await cursor.move(newest)
                         continue
                     event_metrics.subscription_lag(sub.name, 0)
-                    await self.log.wait(cursor, min(REPLAY_POLL, self.delivery.lease / 3))
+                    await self.log.wait(cursor.position, min(REPLAY_POLL, self.delivery.lease / 3))
                     continue
-                event_metrics.subscription_lag(sub.name, max(0, await self.log.last() - cursor))
+                event_metrics.subscription_lag(sub.name, max(0, await self.log.last() - cursor.position))
                 for event in batch:
                     if accept(event):
                         dead = await self._post_until_done(sub, lease, event)
                         if dead is None:
                             event_metrics.delivered(sub.name)
+                            await cursor.move(event.seq)
                         else:
-                            await self._bury(sub, dead)  # before the cursor moves past it
-                        await self.state.put(CURSORS_NS, sub.name, str(event.seq).encode())
-                    cursor = event.seq
+                            await self._bury(sub, cursor, dead, event.seq)
                 # past the events it does not want, too, so a restart does not read them again
-                await self.state.put(CURSORS_NS, sub.name, str(cursor).encode())
+                if batch[-1].seq != cursor.position:
+                    await cursor.move(batch[-1].seq)
         except LeaseLost:
             self.logger.info("webhook_lease_lost", subscription=sub.name)
+        except CursorMoved:
+            self.logger.info("webhook_cursor_moved", subscription=sub.name)
         finally:
             event_metrics.subscription_lag(sub.name, None)
             await lease.release()
 
-    async def _replay(self, sub: Subscription, lease: _Lease) -> None:
+    async def _replay(self, sub: Subscription, lease: _Lease, cursor: _Cursor) -> None:
         """Post the dead letters asked to be replayed, oldest first; each leaves the replay list
         once accepted (and its dead letter goes) or given up on again (a dead letter again)."""
         for key, entry in await self.state.list(REPLAY_NS + sub.name, limit=100):
@@ -325,14 +355,25 @@ class WebhookDelivery:
                 await self.state.delete(DEAD_NS + sub.name, key)
                 self.logger.info("webhook_replayed", subscription=sub.name, seq=letter.event.seq)
             else:
-                await self._bury(sub, dead)
+                await self._bury(sub, cursor, dead, cursor.position)
             # only the entry posted: the API may have moved the letter just buried back in
             # meanwhile, and that request is still to be served
             with contextlib.suppress(VersionMismatch):
                 await self.state.delete(REPLAY_NS + sub.name, key, if_version=entry.version)
 
-    async def _bury(self, sub: Subscription, dead: DeadLetter) -> None:
-        await self.state.put(DEAD_NS + sub.name, dead_key(dead.event.seq), dead.encode())
+    async def _bury(self, sub: Subscription, cursor: _Cursor, dead: DeadLetter, position: int) -> None:
+        """Keep `dead` as a dead letter, then move the cursor to `position` (where it is, for a
+        replay). The letter goes first, so the cursor never passes an event that is neither
+        delivered nor kept; if the cursor was deleted meanwhile, so was the webhook, whose
+        purge may have run before the letter was written: it is taken back."""
+        key = dead_key(dead.event.seq)
+        await self.state.put(DEAD_NS + sub.name, key, dead.encode())
+        try:
+            await cursor.move(position)
+        except CursorMoved:
+            if await self.state.get(CURSORS_NS, sub.name) is None:
+                await self.state.delete(DEAD_NS + sub.name, key)
+            raise
         event_metrics.dead_lettered(sub.name)
         self.logger.error(
             "webhook_dead_lettered",
