@@ -70,7 +70,7 @@ def _tour(base: str, token: str) -> None:
     console.print(f"\n[bold green]Bridgeway demo is up[/] at {base}\n")
     console.print("Try:", style="bold")
     lines = [
-        f"curl -s {base}/bridge/echo/hello?x=1 -H 'X-Request-Id: demo-1'",
+        f"curl -s '{base}/bridge/echo/hello?x=1' -H 'X-Request-Id: demo-1'",  # quoted: zsh globs `?`
         f"curl -s '{base}/bridge/sim/simulate?laps=50&iterations=20000&tyre_wear=0.08&pit_loss=21'",
         f"curl -s -X POST {base}/bridge/sim/simulate -H 'content-type: application/json' "
         '-d \'{"laps": 57, "iterations": 50000, "pit_loss": 22.5}\'',
@@ -81,7 +81,8 @@ def _tour(base: str, token: str) -> None:
         f"open {base}/docs   # the management API",
     ]
     for line in lines:
-        console.print(f"  {line}", markup=False, highlight=False)
+        # never wrapped by rich: a command broken over two lines does not paste
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.\n")
 
 
