@@ -49,8 +49,12 @@ def demo():
         proc.kill()
         pytest.fail("the demo did not print its tour:\n" + "".join(output))
     yield proc, output
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:  # the test failed before its Ctrl-C: the demo still stops its samples
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_the_demo_tour_works_pasted_and_ctrl_c_stops_everything(demo):
