@@ -202,10 +202,9 @@ async def test_replaying_all_moves_each_dead_letter_once_while_the_receiver_stay
     assert len(await keys(gw.state, DEAD_NS)) == 3 and await keys(gw.state, REPLAY_NS) == []
 
 
-async def test_a_webhook_deleted_mid_post_leaves_nothing_to_its_namesake(gateway):
-    """Deleted while its post is in flight, refused after: the deliverer must not bury it (nor
-    write its cursor) after the purge, where a webhook made again under the name would find it."""
-    gw, call = gateway
+@pytest.fixture
+def holding():
+    """A receiver that holds each post until `answer` is set, then refuses it."""
     received, answer = threading.Event(), threading.Event()
 
     def slow_refusal(req):
@@ -214,25 +213,38 @@ async def test_a_webhook_deleted_mid_post_leaves_nothing_to_its_namesake(gateway
         return 500
 
     sink = Sink(slow_refusal)
-    try:
-        hook = {"types": ["*"], "url": sink.url, "secret": SECRET}
-        assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
-        assert (await call("POST", "/events", [event(0)]))[0] == 200
-        assert await asyncio.to_thread(received.wait, 10)
-        assert (await call("DELETE", f"/events/webhooks/{NAME}"))[0] == 204
-        answer.set()
-        await asyncio.sleep(0.5)  # time for a post still in flight to be refused and buried
-        assert await keys(gw.state, DEAD_NS) == []
-        assert await gw.state.get(CURSORS_NS, NAME) is None
-        assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
-        status, body = await call("GET", f"/events/webhooks/{NAME}/dead-letters")
-        assert (status, body["dead_letters"]) == (200, [])
-    finally:
-        answer.set()
-        sink.close()
+    yield sink, received, answer
+    answer.set()
+    sink.close()
 
 
-async def test_a_webhook_deleted_mid_post_on_another_replica_leaves_nothing_to_its_namesake(gateway):
+async def delete_mid_post(call, holding) -> dict:
+    """Make NAME, publish an event, delete NAME while the event's post is held, then let the
+    post be refused. Returns the webhook, to make it again."""
+    sink, received, answer = holding
+    hook = {"types": ["*"], "url": sink.url, "secret": SECRET}
+    assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
+    assert (await call("POST", "/events", [event(0)]))[0] == 200
+    assert await asyncio.to_thread(received.wait, 10)
+    assert (await call("DELETE", f"/events/webhooks/{NAME}"))[0] == 204
+    answer.set()
+    return hook
+
+
+async def test_a_webhook_deleted_mid_post_leaves_nothing_to_its_namesake(gateway, holding):
+    """Deleted while its post is in flight, refused after: the deliverer must not bury it (nor
+    write its cursor) after the purge, where a webhook made again under the name would find it."""
+    gw, call = gateway
+    hook = await delete_mid_post(call, holding)
+    await asyncio.sleep(0.5)  # time for a post still in flight to be refused and buried
+    assert await keys(gw.state, DEAD_NS) == []
+    assert await gw.state.get(CURSORS_NS, NAME) is None
+    assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
+    status, body = await call("GET", f"/events/webhooks/{NAME}/dead-letters")
+    assert (status, body["dead_letters"]) == (200, [])
+
+
+async def test_a_webhook_deleted_mid_post_on_another_replica_leaves_nothing_to_its_namesake(gateway, holding):
     """As above, but the post in flight is another replica's, which the API's `forget` cannot
     stop: its cursor moves by compare-and-set, so it finds the cursor gone, writes nothing back
     and takes back the dead letter it wrote after the purge."""
@@ -240,21 +252,8 @@ async def test_a_webhook_deleted_mid_post_on_another_replica_leaves_nothing_to_i
     await gw.webhooks.stop()  # this replica delivers nothing: the other one does
     other = WebhookDelivery(gw.webhooks.log, gw.state, gw.webhooks.delivery)
     await other.start()
-    received, answer = threading.Event(), threading.Event()
-
-    def slow_refusal(req):
-        received.set()
-        answer.wait(10)
-        return 500
-
-    sink = Sink(slow_refusal)
     try:
-        hook = {"types": ["*"], "url": sink.url, "secret": SECRET}
-        assert (await call("PUT", f"/events/webhooks/{NAME}", hook))[0] == 201
-        assert (await call("POST", "/events", [event(0)]))[0] == 200
-        assert await asyncio.to_thread(received.wait, 10)
-        assert (await call("DELETE", f"/events/webhooks/{NAME}"))[0] == 204
-        answer.set()
+        await delete_mid_post(call, holding)
 
         async def ended():
             return NAME not in other._running or other._running[NAME][1].done()
@@ -263,6 +262,4 @@ async def test_a_webhook_deleted_mid_post_on_another_replica_leaves_nothing_to_i
         assert await keys(gw.state, DEAD_NS) == []
         assert await gw.state.get(CURSORS_NS, NAME) is None
     finally:
-        answer.set()
         await other.stop()
-        sink.close()
