@@ -305,6 +305,9 @@ class WebhookDelivery:
                 if entry is None:  # ... and deleted since
                     return
             cursor = _Cursor(self.state, sub.name, int(entry.value), entry.version)
+            # A cursor made again under the name starts at version 1: from here on this one's
+            # is at least 2, so it never matches a namesake's first.
+            await cursor.move(cursor.position)
             while True:
                 await lease.keep()
                 await self._replay(sub, lease, cursor)
