@@ -32,6 +32,8 @@ from typing import Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from bridgeway.serving.outbox import HeldWrites, outbox
+
 __all__ = [
     "Sent",
     "UpstreamClosed",
@@ -238,13 +240,15 @@ class UpstreamResponse:
 # ----------------------------------------------------------------------------------- connection
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(HeldWrites, asyncio.Protocol):
     """One keep-alive socket to the origin. Parser callbacks build the current response."""
 
     __slots__ = (
         "_pool",
         "_loop",
         "transport",
+        "outbox",
+        "held",
         "_parser",
         "_state",
         "reused",
@@ -271,6 +275,8 @@ class _Connection(asyncio.Protocol):
         self._pool = pool
         self._loop = pool._loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
+        self.outbox = outbox(self._loop)  # every write goes through it (`HeldWrites`)
+        self.held: list[bytes] | None = None
         self._parser = HttpResponseParser(self)
         self._state = _BUSY
         self.reused = False
@@ -341,6 +347,7 @@ class _Connection(asyncio.Protocol):
             if resp._error is None and not resp.complete:
                 resp._fail(UpstreamClosed("upstream connection closed before the body was complete"))
         self._wake_drain()
+        self.held = None
         if self.transport is not None:
             self.transport.abort()  # abort, not close: never flush half a request body
         pool._conn_closed(self)
@@ -627,10 +634,9 @@ class UpstreamPool:
                     raise
             fut = conn.begin(is_head, read_timeout, stream is None)
             try:
-                transport = conn.transport
-                transport.write(head)
+                conn.write(head)
                 if body:
-                    transport.write(body)
+                    conn.write(body)
                 if stream is not None:
                     await self._send_stream(conn, fut, stream, content_length, read_timeout)
                 if read_timeout is None:
@@ -671,7 +677,7 @@ class UpstreamPool:
         if conn is None:
             return None
         head = conn.begin(method == b"HEAD", read_timeout, True)
-        conn.transport.write(self._head(method, target, headers, 0, None))
+        conn.write(self._head(method, target, headers, 0, None))
         self._time_head(head, read_timeout)
         return Sent(conn, head)
 
@@ -733,9 +739,9 @@ class UpstreamPool:
     ) -> None:
         """Copy an async-iterator body to the socket, waiting on write flow control so memory
         stays bounded. Stops early if the upstream answers (or dies) before the body is sent."""
-        transport = conn.transport
         chunked = content_length is None
         sent = 0
+        conn.flush()  # the head first; the body goes out as it comes, under flow control
         async for chunk in stream:
             if conn._state == _CLOSED or fut.done():
                 return  # early response or connection gone: `await fut` tells which
@@ -743,18 +749,18 @@ class UpstreamPool:
             if not n:
                 continue
             if chunked:
-                transport.writelines((b"%x\r\n" % n, chunk, b"\r\n"))
+                conn.transport.writelines((b"%x\r\n" % n, chunk, b"\r\n"))
             else:
                 sent += n
                 if sent > content_length:  # type: ignore[operator]
                     raise ValueError("request body is longer than its declared content_length")
-                transport.write(chunk)
+                conn.transport.write(chunk)
             if conn._write_paused:
                 await conn.drain(read_timeout)
         if conn._state == _CLOSED or fut.done():
             return
         if chunked:
-            transport.write(b"0\r\n\r\n")
+            conn.transport.write(b"0\r\n\r\n")
         elif sent != content_length:
             raise ValueError("request body is shorter than its declared content_length")
         conn._req_done = True

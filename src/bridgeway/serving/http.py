@@ -20,6 +20,7 @@ import httptools
 
 from bridgeway.errors import error_body
 from bridgeway.observability.tracing import new_trace_id
+from bridgeway.serving.outbox import HeldWrites, outbox
 
 log = logging.getLogger("bridgeway.serving")
 
@@ -138,7 +139,7 @@ class Exchange:
             if self._wants_continue():
                 self.expect_continue = False
                 if not self.started:
-                    conn.transport.write(CONTINUE)
+                    conn.write(CONTINUE)
             conn.head_since = conn.server.now  # the body is waited for: see `timed_out`
             await self._wait()
             if conn.lost and not self.body:
@@ -207,11 +208,13 @@ class Exchange:
             if head is not None:
                 self._write_head(head, body)
             elif body:
-                conn.transport.write(body)
+                conn.write(body)
             if self.finished:
-                conn.response_done(self)
-            elif conn.write_paused:
-                await conn.drain()
+                conn.response_done(self)  # a whole answer waits for the turn's end (`Outbox`)
+            else:
+                conn.flush()  # a stream goes out as it comes, under the transport's flow control
+                if conn.write_paused:
+                    await conn.drain()
             return
         if kind == "http.response.start":
             if self.started:
@@ -238,10 +241,10 @@ class Exchange:
     def _write_head(self, head: bytes, body: bytes) -> None:
         """The head and the first body bytes: one write, unless the body is large (no copy)."""
         if len(body) < 65536:
-            self.conn.transport.write(head + body)
+            self.conn.write(head + body)
         else:
-            self.conn.transport.write(head)
-            self.conn.transport.write(body)
+            self.conn.write(head)
+            self.conn.write(body)
 
     def _head(self, status: int, headers) -> bytes:
         """The status line and the app's headers, checked; framing headers come in `_finish_head`."""
@@ -308,12 +311,12 @@ class Exchange:
             if not self.started and not conn.lost:
                 self.finished = True
                 self.keep_alive = False
-                conn.transport.write(plain_response(500, "INTERNAL", "internal error"))
+                conn.write(plain_response(500, "INTERNAL", "internal error"))
                 conn.response_done(self)
             elif not conn.lost:
                 if exc is None:
                     log.error("ASGI app returned before finishing its response on %s", self.scope.get("path"))
-                conn.transport.close()  # a cut stream: the client sees it end early
+                conn.close()  # a cut stream: the client sees it end early
         if conn.task is task:
             conn.task = None
 
@@ -338,7 +341,7 @@ async def failing(exc: BaseException):
     raise exc
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(HeldWrites, asyncio.Protocol):
     """One client connection: parse, dispatch to the app, write its answers in request order."""
 
     # Slots: thousands of idle keep-alive connections each hold one of these.
@@ -347,6 +350,8 @@ class HttpProtocol(asyncio.Protocol):
         "app",
         "loop",
         "transport",
+        "outbox",
+        "held",
         "parser",
         "client",
         "local",
@@ -376,6 +381,8 @@ class HttpProtocol(asyncio.Protocol):
         self.app = server.app
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
+        self.outbox = outbox(self.loop)  # every write goes through it (`HeldWrites`)
+        self.held: list[bytes] | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client = None
         self.local = None
@@ -437,6 +444,11 @@ class HttpProtocol(asyncio.Protocol):
             self.drain_waiter = self.loop.create_future()
             await self.drain_waiter
 
+    def close(self) -> None:
+        """Close after what is held is written (`transport.close` writes what it buffered)."""
+        self.flush()
+        self.transport.close()
+
     def pause_reading(self) -> None:
         if not self.reading_paused and not self.lost:
             self.reading_paused = True
@@ -476,10 +488,10 @@ class HttpProtocol(asyncio.Protocol):
             # Nothing answered yet on this connection's current request (its body may be what broke).
             if current is not None:
                 current.finished = True
-            self.transport.write(plain_response(status, code, message))
-            self.transport.close()
+            self.write(plain_response(status, code, message))
+            self.close()
         elif current is self.parsing:
-            self.transport.close()  # its body broke after the answer began: cut (the app sees a disconnect)
+            self.close()  # its body broke after the answer began: cut (the app sees a disconnect)
         else:
             # A pipelined request broke: the one in flight finishes, then the connection closes.
             self.pipeline.clear()
@@ -510,7 +522,7 @@ class HttpProtocol(asyncio.Protocol):
             limit = self.server.header_timeout if self.head_started else self.server.keepalive_timeout
         if now - since < limit:
             return False
-        self.transport.close()
+        self.close()
         return True
 
     def shutdown(self) -> None:
@@ -519,7 +531,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.shutdown()
         elif self.current is None:
-            self.transport.close()
+            self.close()
         else:
             self.pipeline.clear()
 
@@ -646,7 +658,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._keeps(exchange):
                 self._await_head()
             else:
-                self.transport.close()  # the body of an answer that closes, read out (`response_done`)
+                self.close()  # the body of an answer that closes, read out (`response_done`)
 
     # -- dispatch ------------------------------------------------------------------------------------
 
@@ -671,7 +683,7 @@ class HttpProtocol(asyncio.Protocol):
         exchange.wake()  # a receive() waiting for the disconnect: the request is over
         if not self._keeps(exchange):
             if exchange.complete or exchange.expect_continue:
-                self.transport.close()
+                self.close()
             else:
                 # Closed with the body still arriving, the kernel would answer its next bytes
                 # with a reset, which can destroy the answer before the client reads it: the
@@ -709,6 +721,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         from bridgeway.serving.websocket import WebSocketSession
 
+        self.flush()  # the answer before the upgrade goes first: the session writes directly
         self.ws = WebSocketSession(self, scope)
         self.ws.start(rest)
 
