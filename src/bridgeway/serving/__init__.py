@@ -4,7 +4,8 @@
     python -m bridgeway.serving module:app --host H --port P [--workers N] [--factory]
 
 Modules: `http` (one connection: parsing, keep-alive, pipelining, flow control), `websocket`
-(the upgrade and the ASGI websocket scope), `worker` (one process: loop, lifespan, time-outs,
+(the upgrade and the ASGI websocket scope), `outbox` (writes held to the end of the loop's turn,
+shared with the upstream client), `worker` (one process: loop, lifespan, time-outs,
 graceful stop), `supervisor` (the shared socket, the workers, signals).
 """
 
