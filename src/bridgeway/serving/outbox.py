@@ -4,9 +4,11 @@ A write to a peer asleep in `epoll_wait` on another core wakes it, and the wake-
 inter-processor interrupt; in a VM, an exit to the hypervisor) costs the writer more than the
 write: 15% of a proxied request's CPU, measured in `sock_def_readable`. One turn of the loop
 handles the requests of every connection that became readable; if each answer went out at once,
-each would wake its sleeping peer again. Held to the end of the turn, the writes go out back to
-back: the first wakes the peer, and the rest find it awake. A held write waits only for the
-callbacks of the current turn, a few microseconds.
+each would wake its sleeping peer again. So the turn's first write goes at once (alone in its
+turn, with one client, it would gain nothing by waiting, and its peer works while the turn goes
+on), and the rest are held to the end of the turn and go out back to back: the first of them
+wakes the peer, and the others find it awake. A held write waits only for the callbacks of the
+current turn, a few microseconds.
 
 A connection that writes through its `Outbox` writes only through it (`HeldWrites.write`) and
 flushes before it closes its transport, so its bytes keep their order.
@@ -21,18 +23,28 @@ from weakref import WeakKeyDictionary
 class Outbox:
     """One loop's connections holding bytes this turn, flushed by one callback."""
 
-    __slots__ = ("_loop", "_held")
+    __slots__ = ("_loop", "_held", "_turn")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._held: list[HeldWrites] = []  # in the order they first wrote this turn
+        self._turn = False  # a write was made this turn, and `_flush` will end it
+
+    def now(self) -> bool:
+        """Whether a write may go out at once: the turn's first does. Alone in its turn (one
+        client) it would gain nothing by waiting, and going now its peer works while this turn's
+        callbacks finish."""
+        if self._turn:
+            return False
+        self._turn = True
+        self._loop.call_soon(self._flush)  # runs after the turn's I/O callbacks
+        return True
 
     def hold(self, writer: HeldWrites) -> None:
-        if not self._held:
-            self._loop.call_soon(self._flush)  # runs after the turn's I/O callbacks
         self._held.append(writer)
 
     def _flush(self) -> None:
+        self._turn = False
         held = self._held
         self._held = []
         for writer in held:
@@ -61,11 +73,13 @@ class HeldWrites:
 
     def write(self, data: bytes) -> None:
         held = self.held
-        if held is None:
+        if held is not None:
+            held.append(data)
+        elif self.outbox.now():
+            self.transport.write(data)
+        else:
             self.held = [data]
             self.outbox.hold(self)
-        else:
-            held.append(data)
 
     def flush(self) -> None:
         """Write what is held now; a transport closed meanwhile (aborted, or lost) drops it."""
