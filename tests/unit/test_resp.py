@@ -228,6 +228,22 @@ async def test_silent_server_times_out_then_the_connection_is_dropped() -> None:
         await c.close()
 
 
+async def test_calls_time_out_each_at_its_own_deadline_whatever_the_order_sent() -> None:
+    async with server(silent) as srv:
+        c = RespClient(f"redis://127.0.0.1:{srv[0]}", timeout=0.8, dead_after=5.0)
+        start = time.monotonic()
+        slow = asyncio.ensure_future(c.execute("PING"))  # due at 0.8 s
+        await asyncio.sleep(0.05)
+        c.timeout = 0.2
+        fast = asyncio.ensure_future(c.execute("PING"))  # sent later, due sooner: at 0.25 s
+        later = asyncio.ensure_future(c.execute("PING"))  # due at 0.25 s too
+        for call, due in ((fast, 0.25), (later, 0.25), (slow, 0.8)):
+            with pytest.raises(TimeoutError):
+                await call
+            assert due - 0.05 < time.monotonic() - start < due + 0.25
+        await c.close()
+
+
 async def test_connect_to_a_dead_port_fails_fast() -> None:
     c = RespClient("redis://127.0.0.1:1/0", timeout=0.5)
     start = time.monotonic()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -90,6 +91,8 @@ class _Connection(asyncio.Protocol):
         "transport",
         "_reader",
         "_pending",
+        "_timer",
+        "_timer_at",
         "_buf",
         "_flushing",
         "heard",
@@ -101,8 +104,12 @@ class _Connection(asyncio.Protocol):
         self._loop = client._loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
         self._reader = Reader(replyError=RespError)
-        # (future, timer) per command sent and not yet answered, oldest first
-        self._pending: deque[tuple[asyncio.Future[Any], asyncio.TimerHandle | None]] = deque()
+        # (future, deadline or None) per command sent and not yet answered, oldest first, under one
+        # timer armed for the earliest deadline: a loop timer made and cancelled per command cost
+        # more than the rest of the client's work for it.
+        self._pending: deque[tuple[asyncio.Future[Any], float | None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._buf: list[bytes] = []
         self._flushing = False
         self.heard = 0.0  # loop time of the last reply, or of the first command owed since
@@ -115,11 +122,15 @@ class _Connection(asyncio.Protocol):
             fut.set_exception(RespConnectionError("connection to Redis lost"))
             return fut
         now = loop.time()
-        timer = None if timeout is None else loop.call_at(now + timeout, self._expire, fut)
+        deadline = None
+        if timeout is not None:
+            deadline = now + timeout
+            if deadline < self._timer_at:
+                self._arm(deadline)
         pending = self._pending
         if not pending:
             self.heard = now  # silence is counted from the first reply owed
-        pending.append((fut, timer))
+        pending.append((fut, deadline))
         self._buf.append(packed)
         if not self._flushing:
             self._flushing = True
@@ -134,15 +145,37 @@ class _Connection(asyncio.Protocol):
         self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
         buf.clear()
 
-    def _expire(self, fut: asyncio.Future[Any]) -> None:
-        if not fut.done():
-            fut.set_exception(TimeoutError("Redis did not answer in time"))
-        # The slot stays in the FIFO for the late reply. But a server silent for this long while
-        # owing replies is presumed gone: without this, a black-holed connection would be kept
-        # (and its FIFO would grow) until TCP itself gave up, minutes later.
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        """The earliest deadline passed: fail the calls past theirs, and wait for the next one.
+        Answered calls left the FIFO without touching the timer, so it may find none."""
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._loop.time()
+        expired = False
+        earliest = math.inf
+        for fut, deadline in self._pending:
+            if deadline is None:
+                continue
+            if deadline <= now:
+                expired = True
+                if not fut.done():
+                    fut.set_exception(TimeoutError("Redis did not answer in time"))
+            elif deadline < earliest:
+                earliest = deadline
+        # An expired call keeps its slot in the FIFO for the late reply. But a server silent for
+        # this long while owing replies is presumed gone: without this, a black-holed connection
+        # would be kept (and its FIFO would grow) until TCP itself gave up, minutes later.
         dead_after = self._client.dead_after
-        if not self.closed and self._loop.time() - self.heard >= dead_after:
+        if expired and now - self.heard >= dead_after:
             self.fail(RespConnectionError(f"no reply from Redis for {dead_after:g}s: connection dropped"))
+        elif earliest < math.inf:
+            self._arm(earliest)
 
     def fail(self, exc: BaseException) -> None:
         """Close now and fail every call still waiting on this connection. Idempotent."""
@@ -151,11 +184,12 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._client._connection_closed(self)
         self._buf.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         pending = self._pending
         while pending:
-            fut, timer = pending.popleft()
-            if timer is not None:
-                timer.cancel()
+            fut, _ = pending.popleft()
             if not fut.done():
                 fut.set_exception(exc)
         if self.transport is not None:
@@ -173,9 +207,7 @@ class _Connection(asyncio.Protocol):
         try:
             reply = reader.gets()
             while reply is not False:  # RESP2 has no booleans: False only means "need more bytes"
-                fut, timer = pending.popleft()
-                if timer is not None:
-                    timer.cancel()
+                fut, _ = pending.popleft()
                 if not fut.done():  # else timed out or cancelled: the reply is dropped
                     if type(reply) is RespError:
                         fut.set_exception(reply)
