@@ -6,9 +6,9 @@ write: 15% of a proxied request's CPU, measured in `sock_def_readable`. One turn
 handles the requests of every connection that became readable; if each answer went out at once,
 each would wake its sleeping peer again. So the turn's first write goes at once (alone in its
 turn, with one client, it would gain nothing by waiting, and its peer works while the turn goes
-on), and the rest are held to the end of the turn and go out back to back: the first of them
-wakes the peer, and the others find it awake. A held write waits only for the callbacks of the
-current turn, a few microseconds.
+on), and the rest of those made from callbacks are held to the end of the turn and go out back to
+back: the first of them wakes the peer, and the others find it awake. A held write waits only for
+the callbacks of the current turn. Writes from tasks go at once (`Outbox.now` says why).
 
 A connection that writes through its `Outbox` writes only through it (`HeldWrites.write`) and
 flushes before it closes its transport, so its bytes keep their order.
@@ -31,11 +31,15 @@ class Outbox:
         self._turn = False  # a write was made this turn, and `_flush` will end it
 
     def now(self) -> bool:
-        """Whether a write may go out at once: the turn's first does. Alone in its turn (one
-        client) it would gain nothing by waiting, and going now its peer works while this turn's
-        callbacks finish."""
+        """Whether a write may go out at once: the turn's first does (alone in its turn, with one
+        client, it would gain nothing by waiting, and going now its peer works while the turn
+        goes on), and so does a task's. A task runs among the loop's ready callbacks, and a
+        flush it scheduled would run only after the next batch of I/O callbacks: with work that
+        hops between tasks (an LLM request waiting on its budget's group commit) that cost more
+        latency than the batching saved. The hold is for the callbacks of the proxy's common
+        request, which answer from I/O callbacks and the futures they complete."""
         if self._turn:
-            return False
+            return asyncio.current_task(self._loop) is not None
         self._turn = True
         self._loop.call_soon(self._flush)  # runs after the turn's I/O callbacks
         return True
