@@ -347,7 +347,6 @@ class _Connection(HeldWrites, asyncio.Protocol):
             if resp._error is None and not resp.complete:
                 resp._fail(UpstreamClosed("upstream connection closed before the body was complete"))
         self._wake_drain()
-        self.held = None
         if self.transport is not None:
             self.transport.abort()  # abort, not close: never flush half a request body
         pool._conn_closed(self)

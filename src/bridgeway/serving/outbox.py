@@ -10,8 +10,9 @@ on), and the rest of those made from callbacks are held to the end of the turn a
 back: the first of them wakes the peer, and the others find it awake. A held write waits only for
 the callbacks of the current turn. Writes from tasks go at once (`Outbox.now` says why).
 
-A connection that writes through its `Outbox` writes only through it (`HeldWrites.write`) and
-flushes before it closes its transport, so its bytes keep their order.
+A connection that writes through its `Outbox` writes through `HeldWrites.write`, and flushes
+before it touches its transport itself: to close it, or to write a streamed body straight to it
+under the transport's flow control. So its bytes keep their order.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Outbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._held: list[HeldWrites] = []  # in the order they first wrote this turn
-        self._turn = False  # a write was made this turn, and `_flush` will end it
+        self._turn = False  # a write was made this turn; `_flush` ends the turn
 
     def now(self) -> bool:
         """Whether a write may go out at once: the turn's first does (alone in its turn, with one
